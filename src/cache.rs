@@ -1,0 +1,217 @@
+//! The two moka caches in front of Auth0 and the reads that fill them.
+//!
+//! * Management token: one entry, kept for its lifetime minus a margin;
+//!   concurrent misses share one `/oauth/token` call; a 401 from the users
+//!   endpoint drops exactly the rejected token and the read is retried once.
+//! * Users: all identities of a user, keyed by user id, bounded, kept for the
+//!   configured TTL but never past a known token expiry; concurrent misses for
+//!   one user share one `/api/v2/users` call; a 404 is remembered briefly.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use moka::future::Cache;
+use moka::ops::compute::Op;
+use moka::Expiry;
+
+use crate::auth0::{Auth0Client, Auth0Error, ManagementToken, UserIdentities};
+use crate::config::CacheSettings;
+use crate::error::BrokerError;
+use crate::user_id::UserId;
+
+/// A user as the cache holds it: found, or known not to exist.
+#[derive(Clone)]
+enum CachedUser {
+    Found(Arc<UserIdentities>),
+    NotFound,
+}
+
+/// What a lookup returns: the user and whether this RPC was served from cache.
+pub struct Lookup {
+    pub user: Arc<UserIdentities>,
+    /// True when the identities were read from Auth0 before this lookup began.
+    pub from_cache: bool,
+}
+
+/// Caches Management tokens and users' identities in front of one Auth0 tenant.
+pub struct IdentityStore {
+    auth0: Auth0Client,
+    management: Cache<(), Arc<ManagementToken>>,
+    users: Cache<UserId, CachedUser>,
+}
+
+/// Keeps a Management token for its reuse window.
+struct ManagementTokenExpiry;
+
+impl Expiry<(), Arc<ManagementToken>> for ManagementTokenExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &(),
+        token: &Arc<ManagementToken>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(token.reuse_window().saturating_sub(token.obtained_at.elapsed()))
+    }
+}
+
+/// Keeps users for the TTL, never past a known token expiry, and misses briefly.
+struct UserExpiry {
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl UserExpiry {
+    fn lifetime(&self, user: &CachedUser) -> Duration {
+        match user {
+            CachedUser::NotFound => self.negative_ttl,
+            CachedUser::Found(found) => match found.earliest_token_expiry() {
+                Some(expiry) => {
+                    let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
+                    self.ttl.min(left)
+                }
+                None => self.ttl,
+            },
+        }
+    }
+}
+
+impl Expiry<UserId, CachedUser> for UserExpiry {
+    fn expire_after_create(&self, _key: &UserId, user: &CachedUser, _at: Instant) -> Option<Duration> {
+        Some(self.lifetime(user))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &UserId,
+        user: &CachedUser,
+        _at: Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.lifetime(user))
+    }
+}
+
+impl IdentityStore {
+    /// Builds empty caches sized by `settings`.
+    pub fn new(auth0: Auth0Client, settings: CacheSettings) -> Self {
+        let management = Cache::builder()
+            .max_capacity(1)
+            .expire_after(ManagementTokenExpiry)
+            .build();
+        let users = Cache::builder()
+            .max_capacity(settings.user_capacity)
+            .expire_after(UserExpiry {
+                ttl: settings.user_ttl,
+                negative_ttl: settings.negative_ttl,
+            })
+            .build();
+        Self {
+            auth0,
+            management,
+            users,
+        }
+    }
+
+    /// The user's identities, from cache unless `bypass_cache`.
+    pub async fn lookup(&self, user_id: &UserId, bypass_cache: bool) -> Result<Lookup, BrokerError> {
+        let started = Instant::now();
+        let cached = if bypass_cache {
+            let fresh = self.read_user(user_id).await?;
+            self.users.insert(user_id.clone(), fresh.clone()).await;
+            fresh
+        } else {
+            self.users
+                .try_get_with_by_ref(user_id, self.read_user(user_id))
+                .await
+                .map_err(|shared| BrokerError::from((*shared).clone()))?
+        };
+        match cached {
+            CachedUser::Found(user) => Ok(Lookup {
+                from_cache: user.fetched_instant < started,
+                user,
+            }),
+            CachedUser::NotFound => Err(BrokerError::UserNotFound),
+        }
+    }
+
+    /// Drops the cached user, so the next lookup reads Auth0.
+    pub async fn invalidate(&self, user_id: &UserId) {
+        self.users.invalidate(user_id).await;
+    }
+
+    /// Obtains a Management token now; used to tell readiness and to fail
+    /// fast on bad credentials.
+    pub async fn warm_up(&self) -> Result<(), BrokerError> {
+        self.management_token().await.map(|_| ()).map_err(BrokerError::from)
+    }
+
+    /// Reads the user with a shared Management token; one retry with a new
+    /// token when Auth0 rejects the cached one.
+    async fn read_user(&self, user_id: &UserId) -> Result<CachedUser, Auth0Error> {
+        let token = self.management_token().await?;
+        let result = match self.auth0.fetch_user(&token, user_id).await {
+            Err(Auth0Error::ManagementTokenRejected) => {
+                tracing::warn!("Auth0 rejected the cached Management token; fetching a new one");
+                self.drop_management_token(token.generation).await;
+                let fresh = self.management_token().await?;
+                self.auth0.fetch_user(&fresh, user_id).await
+            }
+            other => other,
+        };
+        match result {
+            Ok(user) => Ok(CachedUser::Found(Arc::new(user))),
+            Err(Auth0Error::UserNotFound) => Ok(CachedUser::NotFound),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn management_token(&self) -> Result<Arc<ManagementToken>, Auth0Error> {
+        self.management
+            .try_get_with((), self.fetch_management_token())
+            .await
+            .map_err(|shared| (*shared).clone())
+    }
+
+    async fn fetch_management_token(&self) -> Result<Arc<ManagementToken>, Auth0Error> {
+        match self.auth0.fetch_management_token().await {
+            Ok(token) => {
+                tracing::info!(
+                    expires_in_secs = token.lifetime.as_secs(),
+                    reuse_secs = token.reuse_window().as_secs(),
+                    can_read_idp_tokens = token.can_read_idp_tokens(),
+                    "obtained a Management API token"
+                );
+                if !token.can_read_idp_tokens() {
+                    tracing::error!(
+                        scope = %token.scope,
+                        "the Management API token lacks read:user_idp_tokens: Auth0 will omit every IdP token; grant the scope to the broker's application"
+                    );
+                }
+                Ok(Arc::new(token))
+            }
+            Err(error) => {
+                if matches!(error, Auth0Error::CredentialsRejected { .. }) {
+                    tracing::error!(tenant = self.auth0.base_url(), %error, "cannot obtain a Management API token");
+                } else {
+                    tracing::warn!(tenant = self.auth0.base_url(), %error, "cannot obtain a Management API token");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Removes the token only if it is still the one that was rejected, so
+    /// concurrent 401s do not throw away a token another request just fetched.
+    async fn drop_management_token(&self, rejected_generation: u64) {
+        self.management
+            .entry(())
+            .and_compute_with(|current| {
+                let op = match current {
+                    Some(entry) if entry.value().generation == rejected_generation => Op::Remove,
+                    _ => Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+    }
+}

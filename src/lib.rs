@@ -1,0 +1,38 @@
+//! tokenbroker: hands internal callers a user's identity-provider token from
+//! Auth0, over mutual TLS, so that no browser, app or other service ever needs
+//! the Management API secret.
+//!
+//! Codemap:
+//! * [`config`] — flags and environment, validated once at start.
+//! * [`auth0`] — the only HTTP client: client-credentials grant, `/api/v2/users/{id}`.
+//! * [`cache`] — moka caches for the Management token and users' identities.
+//! * [`selection`] — which identity a request means (pure).
+//! * [`service`] — the gRPC service: proto types, deadlines, audit events.
+//! * [`error`] — the broker's error enum and its mapping to gRPC status.
+//! * [`tls`] — the mTLS listener (rustls) and the caller's identity.
+//! * [`server`] — wires services, reflection and health onto a bound listener.
+//! * [`emulator`] — an in-process Auth0 tenant for `tokenbroker dev` and tests.
+//! * [`pki`] — dev and test certificates (rcgen).
+//! * [`dev`] — `tokenbroker dev`: emulator, PKI and broker in one command.
+//! * [`telemetry`] — tracing subscriber setup.
+//!
+//! Invariants: only `auth0` does outbound HTTP; only `service` and `error`
+//! touch proto types and `tonic::Status`; tokens and the client secret are
+//! `secrecy` types and never enter a log line or span field.
+
+pub mod auth0;
+pub mod cache;
+pub mod config;
+pub mod emulator;
+pub mod error;
+pub mod selection;
+pub mod user_id;
+
+/// Generated gRPC code and the descriptor set that reflection serves.
+pub mod proto {
+    tonic::include_proto!("tokenbroker.v1");
+
+    /// Encoded `FileDescriptorSet` of the API, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("tokenbroker_descriptor");
+}

@@ -1,0 +1,166 @@
+//! Which of a user's identities a request means. Pure functions: no IO, no
+//! policy, so the rules are easy to test and to read.
+
+use crate::auth0::{Identity, UserIdentities};
+use crate::error::BrokerError;
+
+/// What the caller asked for, from `provider` and `connection` of the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// An identity of this provider (and connection, when given).
+    Provider {
+        provider: String,
+        connection: Option<String>,
+    },
+    /// An identity of this connection, any provider.
+    Connection(String),
+    /// The first identity that has a token.
+    FirstWithToken,
+}
+
+impl Selector {
+    /// Provider wins over connection; both empty means "the first with a token".
+    pub fn from_request(provider: &str, connection: &str) -> Self {
+        let connection = (!connection.is_empty()).then(|| connection.to_owned());
+        match (provider.is_empty(), connection) {
+            (false, connection) => Self::Provider {
+                provider: provider.to_owned(),
+                connection,
+            },
+            (true, Some(connection)) => Self::Connection(connection),
+            (true, None) => Self::FirstWithToken,
+        }
+    }
+
+    fn matches(&self, identity: &Identity) -> bool {
+        match self {
+            Self::Provider {
+                provider,
+                connection,
+            } => {
+                identity.provider == *provider
+                    && connection.as_ref().is_none_or(|c| identity.connection == *c)
+            }
+            Self::Connection(connection) => identity.connection == *connection,
+            Self::FirstWithToken => true,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Provider {
+                provider,
+                connection: None,
+            } => format!("provider {provider:?}"),
+            Self::Provider {
+                provider,
+                connection: Some(connection),
+            } => format!("provider {provider:?} and connection {connection:?}"),
+            Self::Connection(connection) => format!("connection {connection:?}"),
+            Self::FirstWithToken => "any of the user's identities".to_owned(),
+        }
+    }
+}
+
+/// The identity the selector means, preferring one that has a token.
+pub fn select<'a>(user: &'a UserIdentities, selector: &Selector) -> Result<&'a Identity, BrokerError> {
+    let mut candidates = user.identities.iter().filter(|i| selector.matches(i)).peekable();
+    let Some(first) = candidates.peek().copied() else {
+        return Err(BrokerError::NoIdentity {
+            wanted: selector.describe(),
+        });
+    };
+    let with_token = candidates.find(|identity| identity.access_token.is_some());
+    with_token.ok_or_else(|| BrokerError::NoToken {
+        wanted: if *selector == Selector::FirstWithToken {
+            selector.describe()
+        } else {
+            format!("the {} identity", first.provider)
+        },
+        scope_missing: !user.idp_tokens_readable,
+    })
+}
+
+/// Every identity that has a token, in Auth0's order.
+pub fn with_tokens(user: &UserIdentities) -> impl Iterator<Item = &Identity> {
+    user.identities.iter().filter(|identity| identity.access_token.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+    use std::time::{Instant, SystemTime};
+
+    fn identity(provider: &str, connection: &str, token: bool) -> Identity {
+        Identity {
+            provider: provider.into(),
+            connection: connection.into(),
+            idp_user_id: "1".into(),
+            access_token: token.then(|| SecretString::from("t")),
+            access_token_secret: None,
+            expires_at: None,
+        }
+    }
+
+    fn user(identities: Vec<Identity>) -> UserIdentities {
+        UserIdentities {
+            user_id: "u".into(),
+            identities,
+            fetched_at: SystemTime::now(),
+            fetched_instant: Instant::now(),
+            idp_tokens_readable: true,
+        }
+    }
+
+    fn linked() -> UserIdentities {
+        user(vec![
+            identity("auth0", "Username-Password-Authentication", false),
+            identity("github", "github", true),
+            identity("oauth2", "corp-sso", true),
+        ])
+    }
+
+    #[test]
+    fn provider_picks_its_identity() {
+        let u = linked();
+        let chosen = select(&u, &Selector::from_request("oauth2", "")).unwrap();
+        assert_eq!(chosen.connection, "corp-sso");
+    }
+
+    #[test]
+    fn connection_is_used_when_provider_is_empty() {
+        let u = linked();
+        let chosen = select(&u, &Selector::from_request("", "github")).unwrap();
+        assert_eq!(chosen.provider, "github");
+    }
+
+    #[test]
+    fn neither_means_the_first_identity_with_a_token() {
+        let u = linked();
+        let chosen = select(&u, &Selector::from_request("", "")).unwrap();
+        assert_eq!(chosen.provider, "github");
+    }
+
+    #[test]
+    fn unknown_provider_is_no_identity_and_tokenless_identity_is_no_token() {
+        let u = linked();
+        assert!(matches!(
+            select(&u, &Selector::from_request("twitter", "")),
+            Err(BrokerError::NoIdentity { .. })
+        ));
+        assert!(matches!(
+            select(&u, &Selector::from_request("auth0", "")),
+            Err(BrokerError::NoToken { scope_missing: false, .. })
+        ));
+    }
+
+    #[test]
+    fn provider_and_connection_must_both_match() {
+        let u = linked();
+        assert!(matches!(
+            select(&u, &Selector::from_request("github", "corp-sso")),
+            Err(BrokerError::NoIdentity { .. })
+        ));
+    }
+}
