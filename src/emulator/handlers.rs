@@ -1,0 +1,465 @@
+//! HTTP side of the emulator: the axum router, its three handlers (`/oauth/token`,
+//! `/api/v2/users/{id}`, everything else) and the Auth0-shaped responses they send.
+//!
+//! Nothing here logs a token, a client secret or an `Authorization` header: the request log
+//! line carries only the method, the raw path and the status.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::state::{Grant, Shared, TokenCheck};
+use super::{Endpoint, Fault};
+
+/// Scope that lets a Management token read user profiles.
+const SCOPE_READ_USERS: &str = "read:users";
+/// Scope that additionally reveals the IdP tokens stored on identities.
+const SCOPE_READ_IDP_TOKENS: &str = "read:user_idp_tokens";
+/// Identity fields Auth0 hides from tokens without [`SCOPE_READ_IDP_TOKENS`].
+const IDP_SECRET_FIELDS: [&str; 3] = ["access_token", "access_token_secret", "refresh_token"];
+/// Value of `x-ratelimit-limit` on emulated 429 answers.
+const RATE_LIMIT: u64 = 50;
+
+type AppState = State<Arc<Shared>>;
+
+/// Builds the emulator's router around `state`.
+pub(crate) fn router(state: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/oauth/token", post(token).fallback(other))
+        .route("/api/v2/users/{id}", get(user).fallback(other))
+        .fallback(other)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Records the raw path, adds the configured latency and logs method, path and status.
+async fn observe(State(state): AppState, request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    state.record_path(&path);
+    let response = next.run(request).await;
+    let latency = state.latency();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let status = response.status().as_u16();
+    tracing::debug!(%method, %path, status, "auth0 emulator request");
+    response
+}
+
+/// Any route or method Auth0 would not serve here.
+async fn other(State(state): AppState) -> Response {
+    state.count(None);
+    management_error(StatusCode::NOT_FOUND, "Not Found", None).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// POST /oauth/token
+// ---------------------------------------------------------------------------------------------
+
+/// Body of a client-credentials request; deliberately not `Debug` (it holds the secret).
+#[derive(Deserialize, Default)]
+struct TokenRequest {
+    grant_type: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    audience: Option<String>,
+}
+
+/// The client-credentials grant.
+async fn token(State(state): AppState, headers: HeaderMap, body: Bytes) -> Response {
+    state.count(Some(Endpoint::Token));
+    if let Some(response) = take_fault(&state, Endpoint::Token).await {
+        return response;
+    }
+    let request = match parse_token_request(&headers, &body) {
+        Ok(request) => request,
+        Err(reject) => return reject.into_response(),
+    };
+    match check_token_request(&state, &request) {
+        Ok(()) => grant_response(state.issue_token()),
+        Err(reject) => reject.into_response(),
+    }
+}
+
+/// Reads a form or JSON body, as Auth0 accepts both.
+fn parse_token_request(headers: &HeaderMap, body: &[u8]) -> Result<TokenRequest, Reject> {
+    let parsed = match media_type(headers).as_deref() {
+        Some("application/json") => serde_json::from_slice(body).ok(),
+        Some("application/x-www-form-urlencoded") => serde_urlencoded::from_bytes(body).ok(),
+        _ => {
+            let message =
+                "Content-Type must be application/json or application/x-www-form-urlencoded";
+            return Err(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                message,
+            ));
+        }
+    };
+    parsed.ok_or_else(|| {
+        oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Malformed request body",
+        )
+    })
+}
+
+/// The media type of the request, lower-cased and without parameters.
+fn media_type(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(CONTENT_TYPE)?.to_str().ok()?;
+    let media = value.split(';').next()?.trim();
+    Some(media.to_ascii_lowercase())
+}
+
+/// Checks grant type, client credentials and audience, in Auth0's order.
+fn check_token_request(state: &Shared, request: &TokenRequest) -> Result<(), Reject> {
+    let grant_type = request.grant_type.as_deref().unwrap_or_default();
+    if grant_type != "client_credentials" {
+        let message = format!("Unsupported grant type: {grant_type}");
+        return Err(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            &message,
+        ));
+    }
+    let client_id = request.client_id.as_deref().unwrap_or_default();
+    let client_secret = request.client_secret.as_deref().unwrap_or_default();
+    if !state.client_matches(client_id, client_secret) {
+        return Err(oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "access_denied",
+            "Unauthorized",
+        ));
+    }
+    check_audience(state, request.audience.as_deref())
+}
+
+fn check_audience(state: &Shared, audience: Option<&str>) -> Result<(), Reject> {
+    let message = match audience {
+        Some(audience) if audience == state.audience() => return Ok(()),
+        Some(audience) => format!("Service not enabled within domain: {audience}"),
+        None => "No audience parameter was provided, and no default audience has been configured"
+            .to_owned(),
+    };
+    Err(oauth_error(
+        StatusCode::FORBIDDEN,
+        "access_denied",
+        &message,
+    ))
+}
+
+fn grant_response(grant: Grant) -> Response {
+    let body = json!({
+        "access_token": grant.access_token,
+        "expires_in": grant.expires_in,
+        "scope": grant.scope,
+        "token_type": "Bearer",
+    });
+    (StatusCode::OK, Json(body)).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /api/v2/users/{id}
+// ---------------------------------------------------------------------------------------------
+
+/// Which top-level user fields to return (`fields` / `include_fields`).
+struct Projection {
+    fields: Vec<String>,
+    include: bool,
+}
+
+/// Returns one user profile, like the Management API.
+async fn user(
+    State(state): AppState,
+    id: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    state.count(Some(Endpoint::Users));
+    let Ok(Path(user_id)) = id else {
+        return management_error(
+            StatusCode::BAD_REQUEST,
+            "Invalid user id",
+            Some("invalid_uri"),
+        )
+        .into_response();
+    };
+    state.count_user(&user_id);
+    if let Some(response) = take_fault(&state, Endpoint::Users).await {
+        return response;
+    }
+    match user_response(&state, &user_id, query.as_deref(), &headers) {
+        Ok(user) => (StatusCode::OK, Json(user)).into_response(),
+        Err(reject) => reject.into_response(),
+    }
+}
+
+/// Authorises the caller, then looks the user up and shapes the answer.
+fn user_response(
+    state: &Shared,
+    user_id: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Value, Reject> {
+    let scope = authorize(state, headers)?;
+    let projection = parse_projection(query)?;
+    let mut user = state.user(user_id).ok_or_else(|| {
+        let message = "The user does not exist.";
+        management_error(StatusCode::NOT_FOUND, message, Some("inexistent_user"))
+    })?;
+    if !has_scope(&scope, SCOPE_READ_IDP_TOKENS) {
+        strip_idp_tokens(&mut user);
+    }
+    Ok(match projection {
+        Some(projection) => project(user, &projection),
+        None => user,
+    })
+}
+
+/// Checks the bearer token and its scope; returns the scope on success.
+fn authorize(state: &Shared, headers: &HeaderMap) -> Result<String, Reject> {
+    let check = bearer(headers).map_or(TokenCheck::Invalid, |token| state.check_token(token));
+    let scope = match check {
+        TokenCheck::Valid { scope } => scope,
+        TokenCheck::Expired => return Err(unauthorized("Expired token")),
+        TokenCheck::Invalid => return Err(unauthorized("Invalid token")),
+    };
+    // Auth0 accepts either scope for this endpoint ("expected any of").
+    if has_scope(&scope, SCOPE_READ_USERS) || has_scope(&scope, SCOPE_READ_IDP_TOKENS) {
+        return Ok(scope);
+    }
+    let message = "Insufficient scope, expected any of: read:users,read:user_idp_tokens";
+    Err(management_error(
+        StatusCode::FORBIDDEN,
+        message,
+        Some("insufficient_scope"),
+    ))
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn has_scope(scope: &str, wanted: &str) -> bool {
+    scope.split_whitespace().any(|s| s == wanted)
+}
+
+fn unauthorized(message: &str) -> Reject {
+    management_error(StatusCode::UNAUTHORIZED, message, Some("invalid_token"))
+}
+
+/// Parses `fields` and `include_fields`; `None` means "return every field".
+fn parse_projection(query: Option<&str>) -> Result<Option<Projection>, Reject> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or_default())
+        .map_err(|_| bad_query("Query validation error: malformed query string"))?;
+    let mut fields = String::new();
+    let mut include = true;
+    for (key, value) in pairs {
+        match key.as_str() {
+            "fields" => fields = value,
+            "include_fields" => include = parse_bool(&value)?,
+            _ => {}
+        }
+    }
+    let fields: Vec<String> = fields
+        .split(',')
+        .map(str::trim)
+        .filter(|field| !field.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Ok((!fields.is_empty()).then_some(Projection { fields, include }))
+}
+
+fn parse_bool(value: &str) -> Result<bool, Reject> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(bad_query(
+            "Query validation error: 'Expected type boolean but found type string' on property include_fields",
+        )),
+    }
+}
+
+fn bad_query(message: &str) -> Reject {
+    management_error(
+        StatusCode::BAD_REQUEST,
+        message,
+        Some("invalid_query_string"),
+    )
+}
+
+/// Keeps (or drops, when `include` is false) the listed top-level fields.
+fn project(user: Value, projection: &Projection) -> Value {
+    let Value::Object(map) = user else {
+        return user;
+    };
+    let listed = |key: &str| projection.fields.iter().any(|field| field == key);
+    let kept = map
+        .into_iter()
+        .filter(|(key, _)| listed(key) == projection.include)
+        .collect();
+    Value::Object(kept)
+}
+
+/// Removes IdP tokens from every identity, as Auth0 does without `read:user_idp_tokens`.
+fn strip_idp_tokens(user: &mut Value) {
+    let Some(identities) = user.get_mut("identities").and_then(Value::as_array_mut) else {
+        return;
+    };
+    for identity in identities.iter_mut().filter_map(Value::as_object_mut) {
+        for field in IDP_SECRET_FIELDS {
+            identity.remove(field);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults and error bodies
+// ---------------------------------------------------------------------------------------------
+
+/// Applies the next queued fault of `endpoint`: an answer to send, or a delay then `None`.
+async fn take_fault(state: &Shared, endpoint: Endpoint) -> Option<Response> {
+    match state.next_fault(endpoint)? {
+        Fault::Status(code) => Some(status_fault(endpoint, code)),
+        Fault::RateLimited {
+            retry_after,
+            reset_in_secs,
+        } => Some(rate_limited(retry_after, reset_in_secs)),
+        Fault::Delay(delay) => {
+            tokio::time::sleep(delay).await;
+            None
+        }
+    }
+}
+
+/// An error answer with the given status, in the body style of `endpoint`.
+fn status_fault(endpoint: Endpoint, code: u16) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let reason = reason(status);
+    match endpoint {
+        Endpoint::Token => oauth_error(status, oauth_error_code(status), reason).into_response(),
+        Endpoint::Users => management_error(status, reason, None).into_response(),
+    }
+}
+
+fn oauth_error_code(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "invalid_request",
+        401 | 403 => "access_denied",
+        429 => "too_many_requests",
+        _ => "server_error",
+    }
+}
+
+/// Auth0's 429 answer with its rate-limit headers.
+fn rate_limited(retry_after: Option<u64>, reset_in_secs: u64) -> Response {
+    let body = json!({
+        "statusCode": 429,
+        "error": "Too Many Requests",
+        "message": "Global limit has been reached",
+        "errorCode": "too_many_requests",
+    });
+    let mut response = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+    let headers = response.headers_mut();
+    let reset = epoch_secs().saturating_add(reset_in_secs);
+    headers.insert("x-ratelimit-limit", HeaderValue::from(RATE_LIMIT));
+    headers.insert("x-ratelimit-remaining", HeaderValue::from(0u64));
+    headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
+    if let Some(seconds) = retry_after {
+        headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
+}
+
+fn epoch_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+fn reason(status: StatusCode) -> &'static str {
+    status.canonical_reason().unwrap_or("Error")
+}
+
+/// An error answer in one of Auth0's two body styles, turned into a response at the edge.
+enum Reject {
+    /// Authentication API style: `{error, error_description}`.
+    OAuth {
+        status: StatusCode,
+        error: String,
+        description: String,
+    },
+    /// Management API style: `{statusCode, error, message, errorCode?}`.
+    Management {
+        status: StatusCode,
+        message: String,
+        error_code: Option<String>,
+    },
+}
+
+impl IntoResponse for Reject {
+    fn into_response(self) -> Response {
+        match self {
+            Reject::OAuth {
+                status,
+                error,
+                description,
+            } => {
+                let body = json!({ "error": error, "error_description": description });
+                (status, Json(body)).into_response()
+            }
+            Reject::Management {
+                status,
+                message,
+                error_code,
+            } => management_body(status, &message, error_code.as_deref()),
+        }
+    }
+}
+
+/// Error of the authentication API (`/oauth/token`).
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Reject {
+    Reject::OAuth {
+        status,
+        error: error.to_owned(),
+        description: description.to_owned(),
+    }
+}
+
+/// Error of the Management API.
+fn management_error(status: StatusCode, message: &str, error_code: Option<&str>) -> Reject {
+    Reject::Management {
+        status,
+        message: message.to_owned(),
+        error_code: error_code.map(str::to_owned),
+    }
+}
+
+/// Body of a Management API error: `{statusCode, error, message, errorCode?}`.
+fn management_body(status: StatusCode, message: &str, error_code: Option<&str>) -> Response {
+    let mut body = json!({
+        "statusCode": status.as_u16(),
+        "error": reason(status),
+        "message": message,
+    });
+    if let Some(code) = error_code {
+        body["errorCode"] = Value::from(code);
+    }
+    (status, Json(body)).into_response()
+}

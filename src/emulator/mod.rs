@@ -1,0 +1,285 @@
+//! An in-process Auth0 tenant emulator.
+//!
+//! `tokenbroker dev` and the integration tests need an Auth0 tenant without an Auth0 account.
+//! This module serves the part of Auth0 the broker uses, over plain HTTP/1.1 on loopback:
+//!
+//! * `POST /oauth/token` — the client-credentials grant (form or JSON body);
+//! * `GET /api/v2/users/{id}` — one user profile, with Auth0's scope rules (IdP tokens are
+//!   silently omitted without `read:user_idp_tokens`) and `fields`/`include_fields`;
+//! * anything else — a counted 404, so tests can prove a user id such as `../clients` never
+//!   reaches another endpoint.
+//!
+//! It starts with the users of [`seed`]. Tests steer it through [`Emulator`]: expire or revoke
+//! Management tokens, change scope, add latency, queue [`Fault`]s, and read call counters and
+//! the raw paths it saw. Each emulator owns its state, so many can run in one process.
+
+mod handlers;
+pub mod seed;
+mod state;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use state::Shared;
+
+/// Lifetime of issued Management tokens unless configured otherwise (Auth0's default).
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(86_400);
+/// Scope of issued Management tokens unless configured otherwise: all the broker needs.
+const DEFAULT_SCOPE: &str = "read:users read:user_idp_tokens";
+/// How long [`Emulator::shutdown`] waits for open connections before abandoning them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How the emulated tenant is set up: which client may get Management tokens, and what
+/// those tokens look like.
+#[derive(Clone, Debug)]
+pub struct EmulatorConfig {
+    /// Client id the client-credentials grant accepts.
+    pub client_id: String,
+    /// Client secret the client-credentials grant accepts.
+    pub client_secret: SecretString,
+    /// Audience the grant accepts; `None` means `{base_url}/api/v2/`, like a real tenant.
+    /// Set it to emulate a custom domain, where the audience differs from the domain.
+    pub audience: Option<String>,
+    /// Lifetime (`expires_in`) of issued Management tokens.
+    pub token_lifetime: Duration,
+    /// Space-separated scope of issued Management tokens.
+    pub scope: String,
+}
+
+impl EmulatorConfig {
+    /// A tenant accepting these client credentials, with default audience, a 24 h token
+    /// lifetime and the scope `read:users read:user_idp_tokens`.
+    pub fn new(client_id: impl Into<String>, client_secret: impl Into<String>) -> Self {
+        EmulatorConfig {
+            client_id: client_id.into(),
+            client_secret: SecretString::from(client_secret.into()),
+            audience: None,
+            token_lifetime: DEFAULT_TOKEN_LIFETIME,
+            scope: DEFAULT_SCOPE.to_owned(),
+        }
+    }
+}
+
+/// An emulated endpoint, to aim [`Fault`]s at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `POST /oauth/token`.
+    Token,
+    /// `GET /api/v2/users/{id}`.
+    Users,
+}
+
+/// A misbehaviour to inject, so tests can exercise the broker's error handling.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Answer with this status and an Auth0-style error body (OAuth style
+    /// `{error, error_description}` on `/oauth/token`, Management style
+    /// `{statusCode, error, message}` on `/api/v2/users`). An invalid code gives 500.
+    Status(u16),
+    /// Answer 429 with `x-ratelimit-limit`, `x-ratelimit-remaining: 0`, `x-ratelimit-reset`
+    /// (epoch seconds, now + `reset_in_secs`) and, when set, `Retry-After`.
+    RateLimited {
+        /// Value of the `Retry-After` header, in seconds; `None` omits the header.
+        retry_after: Option<u64>,
+        /// Seconds from now until the rate-limit window resets.
+        reset_in_secs: u64,
+    },
+    /// Slow this one call down by the duration, then answer it normally.
+    Delay(Duration),
+}
+
+/// How many requests reached each handler since start (or the last reset).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallCounts {
+    /// Calls to `/oauth/token`, failed and faulted ones included.
+    pub token: u64,
+    /// Calls to `/api/v2/users/{id}`, whatever their answer.
+    pub users: u64,
+    /// Calls to any other path or method (all answered 404).
+    pub other: u64,
+}
+
+/// A running emulator. Dropping it, or calling [`Emulator::shutdown`], stops the server.
+pub struct Emulator {
+    state: Arc<Shared>,
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Emulator {
+    /// Starts an emulator on an ephemeral loopback port (`127.0.0.1:0`).
+    pub async fn start(config: EmulatorConfig) -> std::io::Result<Emulator> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        Self::start_on(listener, config).await
+    }
+
+    /// Starts an emulator on an already bound listener (e.g. a fixed port for `tokenbroker dev`).
+    pub async fn start_on(
+        listener: TcpListener,
+        config: EmulatorConfig,
+    ) -> std::io::Result<Emulator> {
+        let addr = connectable(listener.local_addr()?);
+        let base_url = format!("http://{addr}");
+        let audience = config
+            .audience
+            .unwrap_or_else(|| format!("{base_url}/api/v2/"));
+        let state = Arc::new(Shared::new(
+            config.client_id,
+            config.client_secret,
+            audience,
+            config.token_lifetime,
+            config.scope,
+            seed::users(),
+        ));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let app = handlers::router(state.clone());
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                // An error means the handle was dropped: stop as well.
+                let _ = stopped.await;
+            };
+            if let Err(error) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::warn!(%error, "auth0 emulator stopped with an error");
+            }
+        });
+        tracing::debug!(%base_url, "auth0 emulator listening");
+        Ok(Emulator {
+            state,
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Where to reach the emulator, e.g. `http://127.0.0.1:40123` (no trailing slash); use it
+    /// as the broker's Auth0 domain.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The audience `/oauth/token` accepts.
+    pub fn audience(&self) -> String {
+        self.state.audience().to_owned()
+    }
+
+    /// A snapshot of the call counters, to assert how often the broker called Auth0.
+    pub fn calls(&self) -> CallCounts {
+        self.state.calls()
+    }
+
+    /// How many `/api/v2/users/{id}` calls named this (decoded) user id, to check caching.
+    pub fn user_calls_for(&self, user_id: &str) -> u64 {
+        self.state.user_calls_for(user_id)
+    }
+
+    /// Every request path received, raw (still percent-encoded), in arrival order.
+    pub fn seen_paths(&self) -> Vec<String> {
+        self.state.seen_paths()
+    }
+
+    /// Zeroes the counters and forgets the seen paths; tokens, users and faults are kept.
+    pub fn reset_counters(&self) {
+        self.state.reset_counters();
+    }
+
+    /// Sets the lifetime of Management tokens issued from now on.
+    pub fn set_token_lifetime(&self, d: Duration) {
+        self.state.set_token_lifetime(d);
+    }
+
+    /// Sets the scope of Management tokens issued from now on (space-separated).
+    pub fn set_scope(&self, scope: &str) {
+        self.state.set_scope(scope);
+    }
+
+    /// Makes every Management token issued so far expired (`401 Expired token`).
+    pub fn expire_management_tokens(&self) {
+        self.state.expire_tokens();
+    }
+
+    /// Makes every Management token issued so far invalid (`401 Invalid token`).
+    pub fn revoke_management_tokens(&self) {
+        self.state.revoke_tokens();
+    }
+
+    /// Adds this latency to every response, to test timeouts and deadlines.
+    pub fn set_latency(&self, d: Duration) {
+        self.state.set_latency(d);
+    }
+
+    /// Queues faults for `endpoint`: its next calls get them in order, then behave normally.
+    /// Calls appending to a non-empty queue add behind the faults already queued.
+    pub fn inject_faults(&self, endpoint: Endpoint, faults: Vec<Fault>) {
+        self.state.push_faults(endpoint, faults);
+    }
+
+    /// Adds or replaces a user, keyed by its string `"user_id"`. A value without one is
+    /// ignored (and logged), since Auth0 has no such user.
+    pub fn upsert_user(&self, user: serde_json::Value) {
+        if !self.state.upsert_user(user) {
+            tracing::warn!("auth0 emulator: ignoring a user without a string \"user_id\"");
+        }
+    }
+
+    /// Deletes a user, so the next fetch answers 404.
+    pub fn remove_user(&self, user_id: &str) {
+        self.state.remove_user(user_id);
+    }
+
+    /// Stops the server gracefully: no new connections once it returns. Open connections get
+    /// a few seconds to finish before they are abandoned.
+    pub async fn shutdown(mut self) {
+        self.signal_stop();
+        let Some(task) = self.task.take() else {
+            return;
+        };
+        let abort = task.abort_handle();
+        if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {
+            abort.abort();
+        }
+    }
+
+    fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            // The server may already be gone; nothing to stop then.
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.signal_stop();
+    }
+}
+
+impl std::fmt::Debug for Emulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emulator")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The address clients should dial: a wildcard bind is reached over loopback.
+fn connectable(addr: SocketAddr) -> SocketAddr {
+    let ip = match addr {
+        SocketAddr::V4(v4) if v4.ip().is_unspecified() => Ipv4Addr::LOCALHOST.into(),
+        SocketAddr::V6(v6) if v6.ip().is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        other => other.ip(),
+    };
+    SocketAddr::new(ip, addr.port())
+}

@@ -1,0 +1,275 @@
+//! Shared, mutable state of one emulator: issued Management tokens, users, queued faults and
+//! call counters. Everything sits behind one `std::sync::Mutex` that is never held across an
+//! `.await`, and nothing is global, so many emulators can run in one process.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rand::distr::Alphanumeric;
+use rand::Rng;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+use super::{CallCounts, Endpoint, Fault};
+
+/// Length of the random part of an issued Management token.
+const TOKEN_RANDOM_LEN: usize = 48;
+
+/// What the emulator remembers about one Management token it issued.
+struct IssuedToken {
+    /// `None` means the lifetime was too large to represent: the token never expires.
+    expires_at: Option<Instant>,
+    scope: String,
+    revoked: bool,
+}
+
+/// Result of checking a bearer token presented to the Management API.
+pub(crate) enum TokenCheck {
+    /// Issued, unexpired and not revoked; carries the token's scope.
+    Valid { scope: String },
+    /// Issued but past its expiry.
+    Expired,
+    /// Never issued, or revoked.
+    Invalid,
+}
+
+/// A freshly issued Management token, as `/oauth/token` reports it.
+pub(crate) struct Grant {
+    pub access_token: String,
+    pub expires_in: u64,
+    pub scope: String,
+}
+
+/// Everything that changes while the emulator runs.
+struct Inner {
+    token_lifetime: Duration,
+    scope: String,
+    latency: Duration,
+    tokens: HashMap<String, IssuedToken>,
+    users: HashMap<String, Value>,
+    faults: HashMap<Endpoint, VecDeque<Fault>>,
+    counts: CallCounts,
+    user_counts: HashMap<String, u64>,
+    seen_paths: Vec<String>,
+}
+
+/// State shared by the HTTP handlers and the [`super::Emulator`] handle.
+pub(crate) struct Shared {
+    client_id: String,
+    client_secret: SecretString,
+    audience: String,
+    inner: Mutex<Inner>,
+}
+
+impl Shared {
+    /// Builds the state for a tenant with the given credentials, audience and users.
+    pub(crate) fn new(
+        client_id: String,
+        client_secret: SecretString,
+        audience: String,
+        token_lifetime: Duration,
+        scope: String,
+        users: Vec<Value>,
+    ) -> Self {
+        let inner = Inner {
+            token_lifetime,
+            scope,
+            latency: Duration::ZERO,
+            tokens: HashMap::new(),
+            users: HashMap::new(),
+            faults: HashMap::new(),
+            counts: CallCounts::default(),
+            user_counts: HashMap::new(),
+            seen_paths: Vec::new(),
+        };
+        let shared = Shared {
+            client_id,
+            client_secret,
+            audience,
+            inner: Mutex::new(inner),
+        };
+        for user in users {
+            shared.upsert_user(user);
+        }
+        shared
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The audience `/oauth/token` accepts.
+    pub(crate) fn audience(&self) -> &str {
+        &self.audience
+    }
+
+    /// True when both the client id and the secret match the configured ones.
+    pub(crate) fn client_matches(&self, client_id: &str, client_secret: &str) -> bool {
+        let id_ok = constant_time_eq(client_id.as_bytes(), self.client_id.as_bytes());
+        let secret = self.client_secret.expose_secret().as_bytes();
+        let secret_ok = constant_time_eq(client_secret.as_bytes(), secret);
+        id_ok & secret_ok
+    }
+
+    /// Issues and remembers a new Management token with the current lifetime and scope.
+    pub(crate) fn issue_token(&self) -> Grant {
+        let access_token = random_token();
+        let mut inner = self.lock();
+        let lifetime = inner.token_lifetime;
+        let scope = inner.scope.clone();
+        let issued = IssuedToken {
+            expires_at: Instant::now().checked_add(lifetime),
+            scope: scope.clone(),
+            revoked: false,
+        };
+        inner.tokens.insert(access_token.clone(), issued);
+        Grant {
+            access_token,
+            expires_in: lifetime.as_secs(),
+            scope,
+        }
+    }
+
+    /// Says whether `token` may be used against the Management API right now.
+    pub(crate) fn check_token(&self, token: &str) -> TokenCheck {
+        let inner = self.lock();
+        let Some(issued) = inner.tokens.get(token) else {
+            return TokenCheck::Invalid;
+        };
+        if issued.revoked {
+            return TokenCheck::Invalid;
+        }
+        match issued.expires_at {
+            Some(at) if Instant::now() >= at => TokenCheck::Expired,
+            _ => TokenCheck::Valid {
+                scope: issued.scope.clone(),
+            },
+        }
+    }
+
+    /// Marks every issued token as expired.
+    pub(crate) fn expire_tokens(&self) {
+        let now = Instant::now();
+        for token in self.lock().tokens.values_mut() {
+            token.expires_at = Some(now);
+        }
+    }
+
+    /// Marks every issued token as revoked.
+    pub(crate) fn revoke_tokens(&self) {
+        for token in self.lock().tokens.values_mut() {
+            token.revoked = true;
+        }
+    }
+
+    pub(crate) fn set_token_lifetime(&self, lifetime: Duration) {
+        self.lock().token_lifetime = lifetime;
+    }
+
+    pub(crate) fn set_scope(&self, scope: &str) {
+        self.lock().scope = scope.to_owned();
+    }
+
+    pub(crate) fn set_latency(&self, latency: Duration) {
+        self.lock().latency = latency;
+    }
+
+    pub(crate) fn latency(&self) -> Duration {
+        self.lock().latency
+    }
+
+    /// Appends faults to the queue of `endpoint`.
+    pub(crate) fn push_faults(&self, endpoint: Endpoint, faults: Vec<Fault>) {
+        self.lock()
+            .faults
+            .entry(endpoint)
+            .or_default()
+            .extend(faults);
+    }
+
+    /// Takes the next queued fault for `endpoint`, if any.
+    pub(crate) fn next_fault(&self, endpoint: Endpoint) -> Option<Fault> {
+        self.lock().faults.get_mut(&endpoint)?.pop_front()
+    }
+
+    /// Adds or replaces a user keyed by its `user_id`; returns false when it has none.
+    pub(crate) fn upsert_user(&self, user: Value) -> bool {
+        let Some(id) = user.get("user_id").and_then(Value::as_str) else {
+            return false;
+        };
+        let id = id.to_owned();
+        self.lock().users.insert(id, user);
+        true
+    }
+
+    pub(crate) fn remove_user(&self, user_id: &str) {
+        self.lock().users.remove(user_id);
+    }
+
+    pub(crate) fn user(&self, user_id: &str) -> Option<Value> {
+        self.lock().users.get(user_id).cloned()
+    }
+
+    /// Counts one call that reached the handler of `endpoint` (`None` = any other route).
+    pub(crate) fn count(&self, endpoint: Option<Endpoint>) {
+        let mut inner = self.lock();
+        let counter = match endpoint {
+            Some(Endpoint::Token) => &mut inner.counts.token,
+            Some(Endpoint::Users) => &mut inner.counts.users,
+            None => &mut inner.counts.other,
+        };
+        *counter += 1;
+    }
+
+    /// Counts one `/api/v2/users/{id}` call for the decoded `user_id`.
+    pub(crate) fn count_user(&self, user_id: &str) {
+        *self
+            .lock()
+            .user_counts
+            .entry(user_id.to_owned())
+            .or_default() += 1;
+    }
+
+    pub(crate) fn record_path(&self, path: &str) {
+        self.lock().seen_paths.push(path.to_owned());
+    }
+
+    pub(crate) fn calls(&self) -> CallCounts {
+        self.lock().counts
+    }
+
+    pub(crate) fn user_calls_for(&self, user_id: &str) -> u64 {
+        self.lock().user_counts.get(user_id).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn seen_paths(&self) -> Vec<String> {
+        self.lock().seen_paths.clone()
+    }
+
+    /// Zeroes the call counters and forgets the seen paths (tokens, users and faults stay).
+    pub(crate) fn reset_counters(&self) {
+        let mut inner = self.lock();
+        inner.counts = CallCounts::default();
+        inner.user_counts.clear();
+        inner.seen_paths.clear();
+    }
+}
+
+/// A fresh opaque Management token.
+fn random_token() -> String {
+    let random: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(TOKEN_RANDOM_LEN)
+        .map(char::from)
+        .collect();
+    format!("emu_mgmt_{random}")
+}
+
+/// Compares two byte strings without stopping at the first difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

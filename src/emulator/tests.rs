@@ -1,0 +1,346 @@
+//! Unit tests of the emulator, driven over real HTTP with reqwest.
+
+use std::time::Duration;
+
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use reqwest::header::CONTENT_TYPE;
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+
+use super::seed;
+use super::{CallCounts, Emulator, EmulatorConfig, Endpoint, Fault};
+
+const CLIENT_ID: &str = "test-client";
+const CLIENT_SECRET: &str = "test-secret";
+
+fn client() -> Client {
+    Client::builder()
+        .no_proxy()
+        .build()
+        .expect("reqwest client")
+}
+
+async fn emulator() -> Emulator {
+    Emulator::start(EmulatorConfig::new(CLIENT_ID, CLIENT_SECRET))
+        .await
+        .expect("emulator starts")
+}
+
+fn form(emu: &Emulator, secret: &str) -> String {
+    serde_urlencoded::to_string([
+        ("grant_type", "client_credentials"),
+        ("client_id", CLIENT_ID),
+        ("client_secret", secret),
+        ("audience", emu.audience().as_str()),
+    ])
+    .expect("form encodes")
+}
+
+async fn post_form(emu: &Emulator, body: String) -> reqwest::Response {
+    client()
+        .post(format!("{}/oauth/token", emu.base_url()))
+        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .expect("token request")
+}
+
+async fn management_token(emu: &Emulator) -> String {
+    let response = post_form(emu, form(emu, CLIENT_SECRET)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.expect("json");
+    body["access_token"].as_str().expect("token").to_owned()
+}
+
+async fn get_user(emu: &Emulator, token: &str, user_id: &str, query: &str) -> reqwest::Response {
+    let encoded = utf8_percent_encode(user_id, NON_ALPHANUMERIC);
+    client()
+        .get(format!("{}/api/v2/users/{encoded}{query}", emu.base_url()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("user request")
+}
+
+#[tokio::test]
+async fn issues_token_for_form_body() {
+    let emu = emulator().await;
+    let response = post_form(&emu, form(&emu, CLIENT_SECRET)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 86_400);
+    assert_eq!(body["scope"], "read:users read:user_idp_tokens");
+    assert!(body["access_token"].as_str().is_some_and(|t| t.len() > 20));
+    assert_eq!(emu.audience(), format!("{}/api/v2/", emu.base_url()));
+}
+
+#[tokio::test]
+async fn issues_token_for_json_body() {
+    let emu = emulator().await;
+    emu.set_token_lifetime(Duration::from_secs(120));
+    let body = json!({
+        "grant_type": "client_credentials",
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "audience": emu.audience(),
+    });
+    let response = client()
+        .post(format!("{}/oauth/token", emu.base_url()))
+        .json(&body)
+        .send()
+        .await
+        .expect("token request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["expires_in"], 120);
+}
+
+#[tokio::test]
+async fn rejects_wrong_secret_grant_and_audience() {
+    let emu = emulator().await;
+    let response = post_form(&emu, form(&emu, "wrong")).await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(
+        body,
+        json!({"error": "access_denied", "error_description": "Unauthorized"})
+    );
+
+    let bad_grant = form(&emu, CLIENT_SECRET).replace("client_credentials", "password");
+    assert_eq!(
+        post_form(&emu, bad_grant).await.status(),
+        StatusCode::BAD_REQUEST
+    );
+
+    let bad_audience = serde_urlencoded::to_string([
+        ("grant_type", "client_credentials"),
+        ("client_id", CLIENT_ID),
+        ("client_secret", CLIENT_SECRET),
+        ("audience", "https://login.example.com/api/v2/"),
+    ])
+    .expect("form encodes");
+    let response = post_form(&emu, bad_audience).await;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(
+        body["error_description"],
+        "Service not enabled within domain: https://login.example.com/api/v2/"
+    );
+    assert_eq!(emu.calls().token, 3);
+}
+
+#[tokio::test]
+async fn fetches_user_with_encoded_odd_id() {
+    let emu = emulator().await;
+    let token = management_token(&emu).await;
+    let response = get_user(&emu, &token, seed::ODD_ID_USER, "").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let user: Value = response.json().await.expect("json");
+    assert_eq!(user["user_id"], seed::ODD_ID_USER);
+    assert_eq!(
+        user["identities"][0]["access_token"],
+        seed::ODD_ID_ACCESS_TOKEN
+    );
+    assert_eq!(emu.user_calls_for(seed::ODD_ID_USER), 1);
+    assert!(emu.seen_paths().iter().any(|p| p.contains("%2F")));
+}
+
+#[tokio::test]
+async fn keeps_numeric_github_id_and_applies_fields() {
+    let emu = emulator().await;
+    let token = management_token(&emu).await;
+    let query = "?fields=user_id,identities&include_fields=true";
+    let user: Value = get_user(&emu, &token, seed::GITHUB_USER, query)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        user["identities"][0]["user_id"],
+        json!(seed::GITHUB_IDP_USER_ID)
+    );
+    assert!(user["identities"][0]["user_id"].is_u64());
+    let keys: Vec<&String> = user.as_object().expect("object").keys().collect();
+    assert_eq!(keys.len(), 2);
+
+    let query = "?fields=identities&include_fields=false";
+    let user: Value = get_user(&emu, &token, seed::GITHUB_USER, query)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(user.get("identities").is_none());
+    assert_eq!(user["email"], "octo@example.com");
+}
+
+#[tokio::test]
+async fn strips_idp_tokens_without_scope() {
+    let emu = emulator().await;
+    emu.set_scope("read:users");
+    let token = management_token(&emu).await;
+    let response = get_user(&emu, &token, seed::LINKED_USER, "").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.expect("body");
+    for secret in seed::planted_secrets() {
+        assert!(!text.contains(secret), "{secret} leaked");
+    }
+    let user: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(user["identities"].as_array().map(Vec::len), Some(4));
+
+    emu.set_scope("read:clients");
+    let token = management_token(&emu).await;
+    let response = get_user(&emu, &token, seed::LINKED_USER, "").await;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn rejects_bad_expired_and_revoked_tokens() {
+    let emu = emulator().await;
+    let response = get_user(&emu, "nope", seed::GITHUB_USER, "").await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let token = management_token(&emu).await;
+    emu.expire_management_tokens();
+    let body: Value = get_user(&emu, &token, seed::GITHUB_USER, "")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["message"], "Expired token");
+    let token = management_token(&emu).await;
+    emu.revoke_management_tokens();
+    let body: Value = get_user(&emu, &token, seed::GITHUB_USER, "")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["message"], "Invalid token");
+    assert_eq!(body["errorCode"], "invalid_token");
+}
+
+#[tokio::test]
+async fn unknown_user_is_404_and_path_tricks_hit_fallback() {
+    let emu = emulator().await;
+    let token = management_token(&emu).await;
+    let response = get_user(&emu, &token, "../clients", "").await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["errorCode"], "inexistent_user");
+
+    for path in ["/api/v2/clients", "/api/v2/users/a/b", "/api/v2/users/"] {
+        let response = client()
+            .get(format!("{}{path}", emu.base_url()))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
+    let response = client()
+        .get(format!("{}/oauth/token", emu.base_url()))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        emu.calls(),
+        CallCounts {
+            token: 1,
+            users: 1,
+            other: 4
+        }
+    );
+    assert_eq!(emu.seen_paths().len(), 6);
+}
+
+#[tokio::test]
+async fn faults_are_served_in_order_then_normal() {
+    let emu = emulator().await;
+    emu.inject_faults(
+        Endpoint::Token,
+        vec![
+            Fault::RateLimited {
+                retry_after: Some(2),
+                reset_in_secs: 5,
+            },
+            Fault::Status(503),
+            Fault::Delay(Duration::from_millis(10)),
+        ],
+    );
+    let response = post_form(&emu, form(&emu, CLIENT_SECRET)).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["retry-after"], "2");
+    assert_eq!(response.headers()["x-ratelimit-remaining"], "0");
+    assert!(response.headers().contains_key("x-ratelimit-reset"));
+    let response = post_form(&emu, form(&emu, CLIENT_SECRET)).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    management_token(&emu).await;
+    management_token(&emu).await;
+    assert_eq!(emu.calls().token, 4);
+}
+
+#[tokio::test]
+async fn upsert_remove_and_shutdown() {
+    let emu = emulator().await;
+    let token = management_token(&emu).await;
+    emu.upsert_user(json!({"user_id": "auth0|new", "identities": []}));
+    assert_eq!(
+        get_user(&emu, &token, "auth0|new", "").await.status(),
+        StatusCode::OK
+    );
+    emu.remove_user("auth0|new");
+    assert_eq!(
+        get_user(&emu, &token, "auth0|new", "").await.status(),
+        StatusCode::NOT_FOUND
+    );
+
+    let base_url = emu.base_url();
+    emu.shutdown().await;
+    let result = client().get(format!("{base_url}/oauth/token")).send().await;
+    assert!(result.is_err(), "connection refused after shutdown");
+}
+
+#[tokio::test]
+async fn raw_dot_dot_path_reaches_only_the_fallback() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = emulator().await;
+    let addr = emu.base_url().trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /api/v2/users/../clients HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read");
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert_eq!(
+        emu.calls(),
+        CallCounts {
+            token: 0,
+            users: 0,
+            other: 1
+        }
+    );
+    assert_eq!(
+        emu.seen_paths(),
+        vec!["/api/v2/users/../clients".to_owned()]
+    );
+}
+
+#[tokio::test]
+async fn latency_slows_answers_and_drop_stops_the_server() {
+    let emu = emulator().await;
+    emu.set_latency(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    management_token(&emu).await;
+    assert!(started.elapsed() >= Duration::from_millis(200));
+
+    let base_url = emu.base_url();
+    drop(emu);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let result = client().get(format!("{base_url}/")).send().await;
+    assert!(result.is_err(), "connection refused after drop");
+}

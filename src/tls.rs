@@ -1,0 +1,185 @@
+//! The mTLS listener: rustls with a client-certificate verifier, handshakes
+//! run concurrently off the accept loop, and the caller's identity read from
+//! the verified certificate.
+//!
+//! We serve with our own acceptor over `serve_with_incoming` rather than
+//! tonic's built-in TLS so that a slow or hostile handshake never blocks
+//! other connections.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::config::TlsFiles;
+
+/// A handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the TLS material could not be loaded; names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+fn file_error(path: &Path, reason: impl ToString) -> TlsError {
+    TlsError::File {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certificates = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(path, e))?;
+    if certificates.is_empty() {
+        return Err(file_error(path, "holds no PEM certificate"));
+    }
+    Ok(certificates)
+}
+
+fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, e))
+}
+
+fn load_client_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for certificate in load_certificates(path)? {
+        roots.add(certificate).map_err(|e| file_error(path, e))?;
+    }
+    Ok(roots)
+}
+
+/// Builds the server's rustls configuration: our certificate, and only
+/// clients whose certificate chains to the client CA (no anonymous clients).
+pub fn load_server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = load_client_roots(&files.client_ca)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| file_error(&files.client_ca, e))?;
+    let certificates = load_certificates(&files.cert)?;
+    let key = load_private_key(&files.key)?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certificates, key)
+        .map_err(|e| file_error(&files.key, format!("does not match the certificate: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A stream of connections that completed the mTLS handshake. Dropping it
+/// stops accepting.
+pub struct TlsIncoming {
+    connections: mpsc::Receiver<Result<TlsStream<TcpStream>, io::Error>>,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TlsIncoming {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+    }
+}
+
+impl futures::Stream for TlsIncoming {
+    type Item = Result<TlsStream<TcpStream>, io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.connections.poll_recv(cx)
+    }
+}
+
+/// Accepts TCP connections and runs each handshake on its own task; only
+/// connections that pass the handshake come out of the stream.
+pub fn incoming(listener: TcpListener, config: Arc<ServerConfig>) -> TlsIncoming {
+    let (sender, connections) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    let accept_task = tokio::spawn(accept_loop(listener, acceptor, sender));
+    TlsIncoming {
+        connections,
+        accept_task,
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    sender: mpsc::Sender<Result<TlsStream<TcpStream>, io::Error>>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    let _ = sender.send(Ok(tls)).await;
+                }
+                Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake refused"),
+                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+            }
+        });
+        if sender.is_closed() {
+            return;
+        }
+    }
+}
+
+/// The caller's identity from its verified leaf certificate: the URI SAN
+/// (SPIFFE id) if any, else the first DNS SAN, else the subject CN.
+pub fn caller_id(leaf: &CertificateDer<'_>) -> Option<String> {
+    let (_, certificate) = X509Certificate::from_der(leaf.as_ref()).ok()?;
+    let names: Vec<GeneralName<'_>> = certificate
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| san.value.general_names.clone())
+        .unwrap_or_default();
+    let uri = names.iter().find_map(|name| match name {
+        GeneralName::URI(uri) => Some(uri.to_string()),
+        _ => None,
+    });
+    let dns = || {
+        names.iter().find_map(|name| match name {
+            GeneralName::DNSName(dns) => Some(dns.to_string()),
+            _ => None,
+        })
+    };
+    let common_name = || {
+        certificate
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned)
+    };
+    uri.or_else(dns).or_else(common_name)
+}
