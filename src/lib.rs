@@ -23,9 +23,16 @@
 pub mod auth0;
 pub mod cache;
 pub mod config;
+pub mod dev;
 pub mod emulator;
 pub mod error;
+pub mod pki;
 pub mod selection;
+pub mod server;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
 pub mod user_id;
 
 /// Generated gRPC code and the descriptor set that reflection serves.

@@ -1,1 +1,42 @@
-fn main() {}
+//! The `tokenbroker` binary: parses the command line, sets up logging and
+//! hands over to `server::serve` or `dev::run`. Nothing else lives here.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokenbroker::config::{Cli, Command};
+use tokenbroker::{dev, server, shutdown, telemetry};
+
+/// Exit code for a configuration the broker cannot start with.
+const EXIT_CONFIG: u8 = 2;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            telemetry::init(args.common.log_format);
+            let config = match args.validate() {
+                Ok(config) => config,
+                Err(error) => return fail(&error, EXIT_CONFIG),
+            };
+            match server::serve(config, shutdown::signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => fail(&error, 1),
+            }
+        }
+        Command::Dev(args) => {
+            telemetry::init(args.common.log_format);
+            match dev::run(args, shutdown::signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => fail(&error, 1),
+            }
+        }
+    }
+}
+
+/// One clear line on stderr, then exit.
+fn fail(error: &dyn std::fmt::Display, code: u8) -> ExitCode {
+    eprintln!("tokenbroker: error: {error}");
+    ExitCode::from(code)
+}

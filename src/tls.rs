@@ -135,6 +135,9 @@ async fn accept_loop(
                 continue;
             }
         };
+        if sender.is_closed() {
+            return;
+        }
         let acceptor = acceptor.clone();
         let sender = sender.clone();
         tokio::spawn(async move {
@@ -147,9 +150,6 @@ async fn accept_loop(
                 Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
             }
         });
-        if sender.is_closed() {
-            return;
-        }
     }
 }
 

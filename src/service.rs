@@ -1,0 +1,283 @@
+//! The `tokenbroker.v1.TokenBroker` gRPC service: validates requests, applies
+//! the caller's deadline, turns cached identities into proto messages and
+//! records every release or refusal as an audit event (target `audit`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use secrecy::ExposeSecret;
+use tonic::{Request, Response, Status};
+
+use crate::auth0::{Identity, UserIdentities};
+use crate::cache::{IdentityStore, Lookup};
+use crate::error::BrokerError;
+use crate::proto::token_broker_server::{TokenBroker, TokenBrokerServer};
+use crate::proto::{
+    GetIdpTokenRequest, GetIdpTokenResponse, IdpToken, InvalidateUserRequest,
+    InvalidateUserResponse, ListIdpTokensRequest, ListIdpTokensResponse,
+};
+use crate::selection::{self, Selector};
+use crate::tls;
+use crate::user_id::UserId;
+
+/// Name used in logs when a request carries no verified certificate (only
+/// possible in tests that bypass the mTLS listener).
+const UNKNOWN_CALLER: &str = "unknown";
+
+/// How much earlier than the caller's deadline the broker gives up, so the
+/// caller gets DEADLINE_EXCEEDED from us rather than tonic's CANCELLED.
+const DEADLINE_HEADROOM: Duration = Duration::from_millis(5);
+
+/// Serves tokens from the [`IdentityStore`].
+pub struct TokenBrokerService {
+    store: Arc<IdentityStore>,
+}
+
+impl TokenBrokerService {
+    /// Wraps the store in the generated tonic server.
+    pub fn server(store: Arc<IdentityStore>) -> TokenBrokerServer<Self> {
+        TokenBrokerServer::new(Self { store })
+    }
+}
+
+/// What every RPC knows about itself, for deadlines and log lines.
+struct CallContext {
+    method: &'static str,
+    caller: String,
+    deadline: Option<Duration>,
+    started: Instant,
+}
+
+impl CallContext {
+    fn of<T>(method: &'static str, request: &Request<T>) -> Self {
+        let caller = request
+            .peer_certs()
+            .and_then(|certs| certs.first().and_then(tls::caller_id))
+            .unwrap_or_else(|| UNKNOWN_CALLER.to_owned());
+        let deadline = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|value| value.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        Self {
+            method,
+            caller,
+            deadline,
+            started: Instant::now(),
+        }
+    }
+
+    /// Runs `work`, giving up with DEADLINE_EXCEEDED just before the caller would.
+    async fn within_deadline<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, BrokerError>>,
+    ) -> Result<T, BrokerError> {
+        let Some(deadline) = self.deadline else {
+            return work.await;
+        };
+        let budget = deadline.saturating_sub(DEADLINE_HEADROOM.min(deadline / 10));
+        tokio::time::timeout(budget, work)
+            .await
+            .unwrap_or(Err(BrokerError::DeadlineExceeded))
+    }
+
+    fn latency_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// One audit event per decision to release or refuse tokens.
+    fn audit(&self, user_id: &str, wanted: &str, outcome: &Result<Released, BrokerError>) {
+        match outcome {
+            Ok(released) => tracing::info!(
+                target: "audit",
+                caller = %self.caller,
+                method = self.method,
+                user_id,
+                requested = wanted,
+                released = %released.providers,
+                from_cache = released.from_cache,
+                outcome = "released",
+                code = "OK",
+                latency_ms = self.latency_ms(),
+            ),
+            Err(error) => {
+                let code = format!("{:?}", error.code());
+                if error.needs_operator() {
+                    tracing::error!(target: "audit", caller = %self.caller, method = self.method, user_id, requested = wanted, outcome = "refused", code, reason = %error, latency_ms = self.latency_ms());
+                } else {
+                    tracing::info!(target: "audit", caller = %self.caller, method = self.method, user_id, requested = wanted, outcome = "refused", code, reason = %error, latency_ms = self.latency_ms());
+                }
+            }
+        }
+    }
+}
+
+/// What was released, for the audit event (providers only, never tokens).
+struct Released {
+    providers: String,
+    from_cache: bool,
+}
+
+#[tonic::async_trait]
+impl TokenBroker for TokenBrokerService {
+    async fn get_idp_token(
+        &self,
+        request: Request<GetIdpTokenRequest>,
+    ) -> Result<Response<GetIdpTokenResponse>, Status> {
+        let call = CallContext::of("GetIdpToken", &request);
+        let request = request.into_inner();
+        let selector = Selector::from_request(&request.provider, &request.connection);
+        let result = call
+            .within_deadline(self.get_token(&request, &selector))
+            .await;
+        let wanted = describe_request(&request.provider, &request.connection);
+        call.audit(&request.user_id, &wanted, &result.as_ref().map(|token| Released {
+            providers: token.provider.clone(),
+            from_cache: token.from_cache,
+        }).map_err(Clone::clone));
+        result
+            .map(|token| Response::new(GetIdpTokenResponse { token: Some(token) }))
+            .map_err(|error| error.to_status())
+    }
+
+    async fn list_idp_tokens(
+        &self,
+        request: Request<ListIdpTokensRequest>,
+    ) -> Result<Response<ListIdpTokensResponse>, Status> {
+        let call = CallContext::of("ListIdpTokens", &request);
+        let request = request.into_inner();
+        let result = call.within_deadline(self.list_tokens(&request)).await;
+        call.audit(&request.user_id, "all", &result.as_ref().map(|tokens| Released {
+            providers: tokens
+                .iter()
+                .map(|token| token.provider.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            from_cache: tokens.first().is_some_and(|token| token.from_cache),
+        }).map_err(Clone::clone));
+        result
+            .map(|tokens| Response::new(ListIdpTokensResponse { tokens }))
+            .map_err(|error| error.to_status())
+    }
+
+    async fn invalidate_user(
+        &self,
+        request: Request<InvalidateUserRequest>,
+    ) -> Result<Response<InvalidateUserResponse>, Status> {
+        let call = CallContext::of("InvalidateUser", &request);
+        let request = request.into_inner();
+        let result = match UserId::parse(&request.user_id) {
+            Ok(user_id) => {
+                self.store.invalidate(&user_id).await;
+                Ok(())
+            }
+            Err(error) => Err(BrokerError::from(error)),
+        };
+        tracing::info!(
+            target: "audit",
+            caller = %call.caller,
+            method = call.method,
+            user_id = %request.user_id,
+            outcome = if result.is_ok() { "invalidated" } else { "refused" },
+            latency_ms = call.latency_ms(),
+        );
+        result
+            .map(|()| Response::new(InvalidateUserResponse {}))
+            .map_err(|error| error.to_status())
+    }
+}
+
+impl TokenBrokerService {
+    async fn get_token(
+        &self,
+        request: &GetIdpTokenRequest,
+        selector: &Selector,
+    ) -> Result<IdpToken, BrokerError> {
+        let user_id = UserId::parse(&request.user_id)?;
+        let Lookup { user, from_cache } = self.store.lookup(&user_id, request.bypass_cache).await?;
+        let identity = selection::select(&user, selector)?;
+        Ok(to_proto(identity, &user, from_cache))
+    }
+
+    async fn list_tokens(&self, request: &ListIdpTokensRequest) -> Result<Vec<IdpToken>, BrokerError> {
+        let user_id = UserId::parse(&request.user_id)?;
+        let Lookup { user, from_cache } = self.store.lookup(&user_id, false).await?;
+        if !user.idp_tokens_readable && user.identities.iter().all(|i| i.access_token.is_none()) {
+            return Err(BrokerError::NoToken {
+                wanted: "any of the user's identities".to_owned(),
+                scope_missing: true,
+            });
+        }
+        Ok(selection::with_tokens(&user)
+            .map(|identity| to_proto(identity, &user, from_cache))
+            .collect())
+    }
+}
+
+fn describe_request(provider: &str, connection: &str) -> String {
+    match (provider.is_empty(), connection.is_empty()) {
+        (true, true) => "first".to_owned(),
+        (false, true) => provider.to_owned(),
+        (true, false) => format!("connection:{connection}"),
+        (false, false) => format!("{provider}/{connection}"),
+    }
+}
+
+fn to_proto(identity: &Identity, user: &UserIdentities, from_cache: bool) -> IdpToken {
+    let expose = |secret: &Option<secrecy::SecretString>| {
+        secret
+            .as_ref()
+            .map(|value| value.expose_secret().to_owned())
+            .unwrap_or_default()
+    };
+    IdpToken {
+        provider: identity.provider.clone(),
+        connection: identity.connection.clone(),
+        idp_user_id: identity.idp_user_id.clone(),
+        access_token: expose(&identity.access_token),
+        access_token_secret: expose(&identity.access_token_secret),
+        expires_at: identity.expires_at.map(timestamp),
+        fetched_at: Some(timestamp(user.fetched_at)),
+        from_cache,
+    }
+}
+
+fn timestamp(time: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(time)
+}
+
+/// Parses gRPC's `grpc-timeout` header: up to 8 digits and a unit
+/// (`H`, `M`, `S`, `m`, `u`, `n`).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    match unit {
+        "H" => Some(Duration::from_secs(amount * 3600)),
+        "M" => Some(Duration::from_secs(amount * 60)),
+        "S" => Some(Duration::from_secs(amount)),
+        "m" => Some(Duration::from_millis(amount)),
+        "u" => Some(Duration::from_micros(amount)),
+        "n" => Some(Duration::from_nanos(amount)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units_are_parsed() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("100u"), Some(Duration::from_micros(100)));
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+}
