@@ -1,0 +1,8 @@
+//! Integration tests: the real server over real mTLS against the in-process
+//! Auth0 emulator on loopback. One test binary keeps link time down.
+
+mod binary;
+mod caching;
+mod security;
+mod status_codes;
+mod support;
