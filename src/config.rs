@@ -64,6 +64,18 @@ pub struct CommonArgs {
     /// Timeout for one whole request to Auth0.
     #[arg(long, env = "TOKENBROKER_AUTH0_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub auth0_timeout: Duration,
+
+    /// Plaintext listener serving only gRPC health, for kubelet `grpc:` probes (which speak no mTLS).
+    #[arg(long, env = "TOKENBROKER_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
+    /// After SIGTERM, how long in-flight RPCs may run before they are answered UNAVAILABLE.
+    #[arg(long, env = "TOKENBROKER_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// How often the policy and TLS files are checked for changes (SIGHUP checks at once).
+    #[arg(long, env = "TOKENBROKER_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub reload_interval: Duration,
 }
 
 /// `tokenbroker serve`: every setting of a production broker.
@@ -104,6 +116,14 @@ pub struct ServeArgs {
     /// PEM bundle of the CA(s) that issue caller certificates; no other client gets past the handshake.
     #[arg(long, env = "TOKENBROKER_CLIENT_CA")]
     pub client_ca: PathBuf,
+
+    /// Caller policy (TOML): which caller ids may have which providers' tokens.
+    #[arg(long, env = "TOKENBROKER_POLICY")]
+    pub policy: Option<PathBuf>,
+
+    /// Run without a policy: every caller with a certificate from the client CA may call every RPC.
+    #[arg(long, env = "TOKENBROKER_ALLOW_ANY_CALLER")]
+    pub allow_any_caller: bool,
 
     #[command(flatten)]
     pub common: CommonArgs,
@@ -146,6 +166,19 @@ pub enum ConfigError {
     ZeroCapacity,
     #[error("{name} must be more than zero")]
     ZeroDuration { name: &'static str },
+    #[error("no caller policy: give TOKENBROKER_POLICY (a policy file) or, to let every caller with a client-CA certificate call every RPC, --allow-any-caller")]
+    NoPolicy,
+    #[error("give either TOKENBROKER_POLICY or --allow-any-caller, not both")]
+    PolicyAndAllowAny,
+}
+
+/// How the server behaves around shutdown and reloads.
+#[derive(Debug, Clone, Copy)]
+pub struct RunSettings {
+    /// How long in-flight RPCs may take after SIGTERM before they get UNAVAILABLE.
+    pub shutdown_grace: Duration,
+    /// How often the policy and TLS files are checked for changes.
+    pub reload_interval: Duration,
 }
 
 /// Where and how the broker reaches Auth0.
@@ -182,6 +215,10 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    pub health_listen: Option<SocketAddr>,
+    /// `None` means `--allow-any-caller`.
+    pub policy: Option<PathBuf>,
+    pub run: RunSettings,
     pub auth0: Auth0Settings,
     pub cache: CacheSettings,
     pub tls: TlsFiles,
@@ -210,8 +247,17 @@ impl ServeArgs {
             connect_timeout: self.common.auth0_connect_timeout,
             request_timeout: self.common.auth0_timeout,
         };
+        let policy = match (&self.policy, self.allow_any_caller) {
+            (Some(path), false) => Some(path.clone()),
+            (None, true) => None,
+            (None, false) => return Err(ConfigError::NoPolicy),
+            (Some(_), true) => return Err(ConfigError::PolicyAndAllowAny),
+        };
         Ok(ServeConfig {
             listen: self.listen,
+            health_listen: self.common.health_listen,
+            policy,
+            run: self.common.run_settings()?,
             auth0,
             cache: self.common.cache_settings()?,
             tls: TlsFiles {
@@ -224,6 +270,15 @@ impl ServeArgs {
 }
 
 impl CommonArgs {
+    /// Validated shutdown and reload settings.
+    pub fn run_settings(&self) -> Result<RunSettings, ConfigError> {
+        require_positive("TOKENBROKER_RELOAD_INTERVAL", self.reload_interval)?;
+        Ok(RunSettings {
+            shutdown_grace: self.shutdown_grace,
+            reload_interval: self.reload_interval,
+        })
+    }
+
     /// Validated cache settings.
     pub fn cache_settings(&self) -> Result<CacheSettings, ConfigError> {
         if self.user_cache_capacity == 0 {

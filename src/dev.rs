@@ -4,18 +4,18 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
 
 use crate::auth0::Auth0Client;
 use crate::cache::IdentityStore;
 use crate::config::{Auth0Settings, ConfigError, DevArgs, TlsFiles};
 use crate::emulator::{seed, Emulator, EmulatorConfig};
-use crate::pki::{DevPki, PkiError, DEV_CLIENT_ID};
-use crate::server::{self, ServerError};
-use crate::tls;
+use crate::pki::{write_file, DevPki, PkiError, DEV_CLIENT_ID};
+use crate::policy::PolicyStore;
+use crate::server::{self, Broker, Listeners, ServerError};
+use crate::tls::TlsStore;
 
 /// Client id the dev broker uses against the emulator.
 const DEV_CLIENT_ID_AUTH0: &str = "tokenbroker-dev";
@@ -36,6 +36,7 @@ pub enum DevError {
 /// Runs emulator and broker until `shutdown`, then stops both.
 pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Result<(), DevError> {
     let cache = args.common.cache_settings()?;
+    let run_settings = args.common.run_settings()?;
     let pki = DevPki::load_or_create(&args.dir)?;
     let client_secret = random_secret();
     let emulator = Emulator::start(EmulatorConfig::new(DEV_CLIENT_ID_AUTH0, client_secret.clone()))
@@ -49,26 +50,46 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Re
         connect_timeout: args.common.auth0_connect_timeout,
         request_timeout: args.common.auth0_timeout,
     };
-    let tls_config = tls::load_server_config(&TlsFiles {
+    let tls = TlsStore::open(TlsFiles {
         cert: pki.server_cert.clone(),
         key: pki.server_key.clone(),
         client_ca: pki.ca_cert.clone(),
     })
     .map_err(ServerError::from)?;
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: args.listen,
-            source,
-        })?;
-    let store = Arc::new(IdentityStore::new(
-        Auth0Client::new(auth0).map_err(ServerError::from)?,
-        cache,
-    ));
-    println!("{}", banner(&pki, args.listen, &emulator.base_url()));
-    let result = server::run(listener, tls_config, store, shutdown).await;
+    let policy_path = write_dev_policy(&pki.dir)?;
+    let listeners = Listeners {
+        mtls: server::bind(args.listen).await?,
+        health: match args.common.health_listen {
+            Some(addr) => Some(server::bind(addr).await?),
+            None => None,
+        },
+    };
+    let broker = Broker {
+        store: Arc::new(IdentityStore::new(
+            Auth0Client::new(auth0).map_err(ServerError::from)?,
+            cache,
+        )),
+        policy: Arc::new(PolicyStore::open(Some(&policy_path)).map_err(ServerError::from)?),
+        tls: Arc::new(tls),
+    };
+    println!("{}", banner(&pki, &policy_path, args.listen, &emulator.base_url()));
+    let result = server::run(listeners, broker, run_settings, shutdown).await;
     emulator.shutdown().await;
     result.map_err(DevError::from)
+}
+
+/// Writes the dev policy (the dev client may have everything) unless the
+/// developer already has one there, which is kept so they can experiment.
+fn write_dev_policy(dir: &Path) -> Result<PathBuf, DevError> {
+    let path = dir.join("policy.toml");
+    if !path.is_file() {
+        let policy = format!(
+            "# Written by `tokenbroker dev`; edit it while the broker runs: it is reloaded.\n\
+             [[caller]]\nid = \"{DEV_CLIENT_ID}\"\nproviders = [\"*\"]\ninvalidate = true\n"
+        );
+        write_file(&path, &policy, false)?;
+    }
+    Ok(path)
 }
 
 fn random_secret() -> String {
@@ -84,7 +105,7 @@ fn absolute(path: &Path) -> String {
 }
 
 /// What a newcomer needs to try the broker: where things are, and commands to paste.
-fn banner(pki: &DevPki, listen: SocketAddr, emulator_url: &str) -> String {
+fn banner(pki: &DevPki, policy: &Path, listen: SocketAddr, emulator_url: &str) -> String {
     let target = if listen.ip().is_unspecified() {
         format!("127.0.0.1:{}", listen.port())
     } else {
@@ -114,6 +135,7 @@ fn banner(pki: &DevPki, listen: SocketAddr, emulator_url: &str) -> String {
         format!("  Auth0 emulator:          {emulator_url}"),
         format!("  dev PKI (reused):        {}", absolute(&pki.dir)),
         format!("  client identity:         {DEV_CLIENT_ID}"),
+        format!("  caller policy (reloaded): {}", absolute(policy)),
         format!("  seeded users:            {}", seed::user_ids().join(", ")),
         String::new(),
         "Try it (grpcurl uses server reflection; no proto files needed):".to_owned(),

@@ -17,6 +17,8 @@ pub enum BrokerError {
     InvalidArgument(String),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("this caller may not receive {provider:?} tokens; ask the operator to extend the broker's policy")]
+    ProviderDenied { provider: String },
     #[error("Auth0 has no user with this user_id")]
     UserNotFound,
     #[error("the user has no identity for {wanted}")]
@@ -93,7 +95,7 @@ impl BrokerError {
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidArgument(_) => Code::InvalidArgument,
-            Self::PermissionDenied(_) => Code::PermissionDenied,
+            Self::PermissionDenied(_) | Self::ProviderDenied { .. } => Code::PermissionDenied,
             Self::UserNotFound | Self::NoIdentity { .. } => Code::NotFound,
             Self::NoToken { .. } | Self::ManagementScopeMissing(_) | Self::CredentialsRejected(_) => {
                 Code::FailedPrecondition

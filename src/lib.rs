@@ -27,6 +27,8 @@ pub mod dev;
 pub mod emulator;
 pub mod error;
 pub mod pki;
+pub mod policy;
+pub mod reload;
 pub mod selection;
 pub mod server;
 pub mod service;

@@ -20,19 +20,25 @@ async fn main() -> ExitCode {
                 Ok(config) => config,
                 Err(error) => return fail(&error, EXIT_CONFIG),
             };
-            match server::serve(config, shutdown::signal()).await {
+            match server::serve(config, first_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => fail(&error, 1),
             }
         }
         Command::Dev(args) => {
             telemetry::init(args.common.log_format);
-            match dev::run(args, shutdown::signal()).await {
+            match dev::run(args, first_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => fail(&error, 1),
             }
         }
     }
+}
+
+/// Completes on the first SIGTERM/SIGINT; a second one exits at once.
+async fn first_signal() {
+    shutdown::signal().await;
+    shutdown::exit_on_second_signal();
 }
 
 /// One clear line on stderr, then exit.

@@ -63,22 +63,45 @@ impl Selector {
 }
 
 /// The identity the selector means, preferring one that has a token.
-pub fn select<'a>(user: &'a UserIdentities, selector: &Selector) -> Result<&'a Identity, BrokerError> {
-    let mut candidates = user.identities.iter().filter(|i| selector.matches(i)).peekable();
-    let Some(first) = candidates.peek().copied() else {
+/// `allowed` says which providers the caller may receive: "the first with a
+/// token" skips the others, an explicit choice of one is PERMISSION_DENIED.
+pub fn select<'a>(
+    user: &'a UserIdentities,
+    selector: &Selector,
+    allowed: &dyn Fn(&str) -> bool,
+) -> Result<&'a Identity, BrokerError> {
+    let candidates: Vec<&Identity> = user.identities.iter().filter(|i| selector.matches(i)).collect();
+    let Some(first) = candidates.first().copied() else {
         return Err(BrokerError::NoIdentity {
             wanted: selector.describe(),
         });
     };
-    let with_token = candidates.find(|identity| identity.access_token.is_some());
-    with_token.ok_or_else(|| BrokerError::NoToken {
-        wanted: if *selector == Selector::FirstWithToken {
-            selector.describe()
-        } else {
-            format!("the {} identity", first.provider)
-        },
+    let no_token = |wanted: String| BrokerError::NoToken {
+        wanted,
         scope_missing: !user.idp_tokens_readable,
-    })
+    };
+    let with_token: Vec<&Identity> = candidates.into_iter().filter(|i| i.access_token.is_some()).collect();
+    if *selector == Selector::FirstWithToken {
+        if let Some(identity) = with_token.iter().find(|i| allowed(&i.provider)) {
+            return Ok(identity);
+        }
+        return match with_token.first() {
+            Some(denied) => Err(BrokerError::ProviderDenied {
+                provider: denied.provider.clone(),
+            }),
+            None => Err(no_token(selector.describe())),
+        };
+    }
+    let chosen = with_token.first().copied().unwrap_or(first);
+    if !allowed(&chosen.provider) {
+        return Err(BrokerError::ProviderDenied {
+            provider: chosen.provider.clone(),
+        });
+    }
+    if chosen.access_token.is_none() {
+        return Err(no_token(format!("the {} identity", chosen.provider)));
+    }
+    Ok(chosen)
 }
 
 /// Every identity that has a token, in Auth0's order.
@@ -113,6 +136,30 @@ mod tests {
         }
     }
 
+    fn select_any<'a>(user: &'a UserIdentities, selector: &Selector) -> Result<&'a Identity, BrokerError> {
+        select(user, selector, &|_| true)
+    }
+
+    #[test]
+    fn first_with_token_skips_providers_the_caller_may_not_have() {
+        let u = linked();
+        let chosen = select(&u, &Selector::FirstWithToken, &|p| p == "oauth2").unwrap();
+        assert_eq!(chosen.provider, "oauth2");
+        assert!(matches!(
+            select(&u, &Selector::FirstWithToken, &|_| false),
+            Err(BrokerError::ProviderDenied { .. })
+        ));
+    }
+
+    #[test]
+    fn connection_of_a_denied_provider_is_permission_denied() {
+        let u = linked();
+        assert!(matches!(
+            select(&u, &Selector::from_request("", "corp-sso"), &|p| p == "github"),
+            Err(BrokerError::ProviderDenied { provider }) if provider == "oauth2"
+        ));
+    }
+
     fn linked() -> UserIdentities {
         user(vec![
             identity("auth0", "Username-Password-Authentication", false),
@@ -124,21 +171,21 @@ mod tests {
     #[test]
     fn provider_picks_its_identity() {
         let u = linked();
-        let chosen = select(&u, &Selector::from_request("oauth2", "")).unwrap();
+        let chosen = select_any(&u, &Selector::from_request("oauth2", "")).unwrap();
         assert_eq!(chosen.connection, "corp-sso");
     }
 
     #[test]
     fn connection_is_used_when_provider_is_empty() {
         let u = linked();
-        let chosen = select(&u, &Selector::from_request("", "github")).unwrap();
+        let chosen = select_any(&u, &Selector::from_request("", "github")).unwrap();
         assert_eq!(chosen.provider, "github");
     }
 
     #[test]
     fn neither_means_the_first_identity_with_a_token() {
         let u = linked();
-        let chosen = select(&u, &Selector::from_request("", "")).unwrap();
+        let chosen = select_any(&u, &Selector::from_request("", "")).unwrap();
         assert_eq!(chosen.provider, "github");
     }
 
@@ -146,11 +193,11 @@ mod tests {
     fn unknown_provider_is_no_identity_and_tokenless_identity_is_no_token() {
         let u = linked();
         assert!(matches!(
-            select(&u, &Selector::from_request("twitter", "")),
+            select_any(&u, &Selector::from_request("twitter", "")),
             Err(BrokerError::NoIdentity { .. })
         ));
         assert!(matches!(
-            select(&u, &Selector::from_request("auth0", "")),
+            select_any(&u, &Selector::from_request("auth0", "")),
             Err(BrokerError::NoToken { scope_missing: false, .. })
         ));
     }
@@ -159,7 +206,7 @@ mod tests {
     fn provider_and_connection_must_both_match() {
         let u = linked();
         assert!(matches!(
-            select(&u, &Selector::from_request("github", "corp-sso")),
+            select_any(&u, &Selector::from_request("github", "corp-sso")),
             Err(BrokerError::NoIdentity { .. })
         ));
     }

@@ -1,35 +1,48 @@
-//! Puts the pieces together on an already-bound listener: the TokenBroker
-//! service, server reflection (v1 and v1alpha, for grpcurl) and gRPC health,
-//! all behind the mTLS acceptor. Taking a bound listener lets tests and
-//! `tokenbroker dev` run it on port 0.
+//! Puts the pieces together on already-bound listeners: the TokenBroker
+//! service, server reflection (v1 and v1alpha, for grpcurl) and gRPC health
+//! behind the mTLS acceptor, plus health alone on an optional plaintext
+//! listener for kubelet probes. Owns the shutdown sequence. Taking bound
+//! listeners lets tests and `tokenbroker dev` run it on port 0.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 use crate::auth0::{Auth0Client, Auth0Error};
 use crate::cache::IdentityStore;
-use crate::config::ServeConfig;
+use crate::config::{RunSettings, ServeConfig};
+use crate::policy::{PolicyError, PolicyStore};
 use crate::proto;
-use crate::proto::token_broker_server::TokenBrokerServer;
+use crate::reload;
 use crate::service::TokenBrokerService;
-use crate::tls::{self, TlsError};
+use crate::shutdown::{Drain, DrainControl};
+use crate::tls::{self, TlsError, TlsStore};
 
 /// Service name whose health status means "ready to hand out tokens".
 pub const READINESS_SERVICE: &str = "tokenbroker.v1.TokenBroker";
+
+/// After the grace period, how long in-flight RPCs get to send their
+/// UNAVAILABLE answers before the connections are closed.
+const FLUSH_AFTER_GRACE: Duration = Duration::from_secs(2);
 
 /// Why the broker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
         source: std::io::Error,
     },
     #[error("cannot build the Auth0 client: {0}")]
@@ -38,56 +51,167 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("gRPC server task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
-/// Builds the Auth0 client and caches, binds `config.listen` and serves until `shutdown`.
-pub async fn serve(
-    config: ServeConfig,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServerError> {
-    let tls = tls::load_server_config(&config.tls)?;
-    let store = Arc::new(IdentityStore::new(Auth0Client::new(config.auth0)?, config.cache));
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    tracing::info!(listen = %config.listen, "tokenbroker serving gRPC over mTLS");
-    run(listener, tls, store, shutdown).await
+/// The long-lived state the listeners serve.
+pub struct Broker {
+    pub store: Arc<IdentityStore>,
+    pub policy: Arc<PolicyStore>,
+    pub tls: Arc<TlsStore>,
 }
 
-/// Serves the broker on `listener` until `shutdown` completes, then lets
-/// in-flight RPCs finish.
+/// The bound sockets.
+pub struct Listeners {
+    /// mTLS: TokenBroker, reflection, health.
+    pub mtls: TcpListener,
+    /// Plaintext: health only, for kubelet's `grpc:` probes, which speak no mTLS.
+    pub health: Option<TcpListener>,
+}
+
+/// Opens policy, TLS and Auth0 client from `config`, binds the listeners and
+/// serves until `shutdown`.
+pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+    let broker = Broker {
+        store: Arc::new(IdentityStore::new(Auth0Client::new(config.auth0)?, config.cache)),
+        policy: Arc::new(PolicyStore::open(config.policy.as_deref())?),
+        tls: Arc::new(TlsStore::open(config.tls)?),
+    };
+    let listeners = Listeners {
+        mtls: bind(config.listen).await?,
+        health: match config.health_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        },
+    };
+    run(listeners, broker, config.run, shutdown).await
+}
+
+/// Binds `addr`, naming it on failure.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// Serves until `shutdown` completes. Then: both health services report
+/// NOT_SERVING, the listeners stop accepting, in-flight RPCs get
+/// `shutdown_grace` to finish, and those still running get UNAVAILABLE.
 pub async fn run(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    store: Arc<IdentityStore>,
+    listeners: Listeners,
+    broker: Broker,
+    settings: RunSettings,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    tracing::warn!(
-        "no caller policy yet: every caller with a certificate from the client CA may call every RPC"
-    );
+    announce(&listeners, &broker);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_service_status("", ServingStatus::Serving).await;
     health_reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .set_service_status(READINESS_SERVICE, ServingStatus::NotServing)
         .await;
-    health_reporter
-        .set_not_serving::<TokenBrokerServer<TokenBrokerService>>()
-        .await;
-    let readiness = tokio::spawn(become_ready(store.clone(), health_reporter.clone()));
+    let background = vec![
+        tokio::spawn(become_ready(broker.store.clone(), health_reporter.clone())),
+        watch_policy(&broker.policy, settings.reload_interval),
+        watch_tls(&broker.tls, settings.reload_interval),
+    ];
+    let (drain_control, drain) = Drain::new();
+    let (stop_accepting, accepting) = tokio::sync::watch::channel(false);
+    let until_stopped = move || {
+        let mut accepting = accepting.clone();
+        async move {
+            let _ = accepting.wait_for(|stopped| *stopped).await;
+        }
+    };
+    let mut mtls = tokio::spawn(
+        Server::builder()
+            .add_service(TokenBrokerService::server(broker.store.clone(), broker.policy.clone(), drain))
+            .add_service(health_service.clone())
+            .add_service(reflection_builder().build_v1()?)
+            .add_service(reflection_builder().build_v1alpha()?)
+            .serve_with_incoming_shutdown(tls::incoming(listeners.mtls, broker.tls.clone()), until_stopped()),
+    );
+    let plaintext_health = listeners.health.map(|listener| {
+        tokio::spawn(
+            Server::builder()
+                .add_service(health_service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), until_stopped()),
+        )
+    });
 
-    let reflection_v1 = reflection_builder().build_v1()?;
-    let reflection_v1alpha = reflection_builder().build_v1alpha()?;
-    let result = Server::builder()
-        .add_service(TokenBrokerService::server(store))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
+    let early_exit = tokio::select! {
+        () = shutdown => None,
+        result = &mut mtls => Some(result),
+    };
+    for task in &background {
+        task.abort();
+    }
+    if let Some(result) = early_exit {
+        return flatten(result);
+    }
+    health_reporter.set_service_status("", ServingStatus::NotServing).await;
+    health_reporter
+        .set_service_status(READINESS_SERVICE, ServingStatus::NotServing)
         .await;
-    readiness.abort();
-    result.map_err(ServerError::from)
+    let _ = stop_accepting.send(true);
+    tracing::info!(grace_secs = settings.shutdown_grace.as_secs_f64(), "draining in-flight RPCs");
+    let result = drain_in_flight(&mut mtls, settings.shutdown_grace, &drain_control).await;
+    if let Some(health) = plaintext_health {
+        health.abort();
+    }
+    tracing::info!("stopped");
+    result
+}
+
+/// Waits for in-flight RPCs; at the end of the grace period tells them to
+/// answer UNAVAILABLE, gives them a moment to send it, then closes.
+async fn drain_in_flight(
+    server: &mut JoinHandle<Result<(), tonic::transport::Error>>,
+    grace: Duration,
+    control: &DrainControl,
+) -> Result<(), ServerError> {
+    if let Ok(result) = tokio::time::timeout(grace, &mut *server).await {
+        return flatten(result);
+    }
+    tracing::warn!("grace period over: answering UNAVAILABLE to RPCs still in flight");
+    control.end_grace();
+    match tokio::time::timeout(FLUSH_AFTER_GRACE, &mut *server).await {
+        Ok(result) => flatten(result),
+        Err(_) => {
+            server.abort();
+            Ok(())
+        }
+    }
+}
+
+fn flatten(result: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>) -> Result<(), ServerError> {
+    Ok(result??)
+}
+
+fn announce(listeners: &Listeners, broker: &Broker) {
+    if let Ok(addr) = listeners.mtls.local_addr() {
+        tracing::info!(listen = %addr, "serving TokenBroker, reflection and health over mTLS");
+    }
+    if let Some(Ok(addr)) = listeners.health.as_ref().map(TcpListener::local_addr) {
+        tracing::info!(listen = %addr, "serving plaintext gRPC health for probes");
+    }
+    match broker.policy.current().listed_callers() {
+        None => tracing::warn!(
+            "--allow-any-caller: every caller with a certificate from the client CA may call every RPC"
+        ),
+        Some(callers) => tracing::info!(callers, "caller policy loaded"),
+    }
+}
+
+fn watch_policy(policy: &Arc<PolicyStore>, interval: Duration) -> JoinHandle<()> {
+    let Some(path) = policy.path() else {
+        return tokio::spawn(async {});
+    };
+    let policy_for_reload = policy.clone();
+    reload::watch_files(vec![path.to_owned()], interval, move || policy_for_reload.reload())
+}
+
+fn watch_tls(tls: &Arc<TlsStore>, interval: Duration) -> JoinHandle<()> {
+    let tls_for_reload = tls.clone();
+    reload::watch_files(tls.paths(), interval, move || tls_for_reload.reload())
 }
 
 fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
@@ -103,9 +227,7 @@ async fn become_ready(store: Arc<IdentityStore>, reporter: HealthReporter) {
     loop {
         match store.warm_up().await {
             Ok(()) => {
-                reporter
-                    .set_serving::<TokenBrokerServer<TokenBrokerService>>()
-                    .await;
+                reporter.set_service_status(READINESS_SERVICE, ServingStatus::Serving).await;
                 tracing::info!("ready: obtained the first Management API token");
                 return;
             }

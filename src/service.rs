@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use secrecy::ExposeSecret;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::auth0::{Identity, UserIdentities};
@@ -16,28 +17,58 @@ use crate::proto::{
     GetIdpTokenRequest, GetIdpTokenResponse, IdpToken, InvalidateUserRequest,
     InvalidateUserResponse, ListIdpTokensRequest, ListIdpTokensResponse,
 };
+use crate::policy::PolicyStore;
 use crate::selection::{self, Selector};
+use crate::shutdown::Drain;
 use crate::tls;
 use crate::user_id::UserId;
 
-/// Name used in logs when a request carries no verified certificate (only
-/// possible in tests that bypass the mTLS listener).
+/// Name used when a request carries no caller id (only possible without the interceptor).
 const UNKNOWN_CALLER: &str = "unknown";
 
 /// How much earlier than the caller's deadline the broker gives up, so the
 /// caller gets DEADLINE_EXCEEDED from us rather than tonic's CANCELLED.
 const DEADLINE_HEADROOM: Duration = Duration::from_millis(5);
 
-/// Serves tokens from the [`IdentityStore`].
+/// Serves tokens from the [`IdentityStore`] to the callers the policy allows.
 pub struct TokenBrokerService {
     store: Arc<IdentityStore>,
+    policy: Arc<PolicyStore>,
+    /// Ends in-flight RPCs with UNAVAILABLE when the shutdown grace period is over.
+    drain: Drain,
 }
 
+/// The tonic server type, with the interceptor that identifies callers.
+pub type TokenBrokerGrpc = InterceptedService<TokenBrokerServer<TokenBrokerService>, fn(Request<()>) -> Result<Request<()>, Status>>;
+
 impl TokenBrokerService {
-    /// Wraps the store in the generated tonic server.
-    pub fn server(store: Arc<IdentityStore>) -> TokenBrokerServer<Self> {
-        TokenBrokerServer::new(Self { store })
+    /// Wraps the service in the generated tonic server behind the caller-id interceptor.
+    pub fn server(store: Arc<IdentityStore>, policy: Arc<PolicyStore>, drain: Drain) -> TokenBrokerGrpc {
+        TokenBrokerServer::with_interceptor(
+            Self {
+                store,
+                policy,
+                drain,
+            },
+            attach_caller_id,
+        )
     }
+}
+
+/// The caller's identity from its verified client certificate, put in the
+/// request extensions once so every handler and log line uses the same value.
+#[derive(Debug, Clone)]
+pub struct CallerId(pub String);
+
+/// Reads the caller id from the verified certificate. A request without one
+/// (impossible through the mTLS listener) is refused.
+fn attach_caller_id(mut request: Request<()>) -> Result<Request<()>, Status> {
+    let caller = request
+        .peer_certs()
+        .and_then(|certs| certs.first().and_then(tls::caller_id))
+        .ok_or_else(|| Status::permission_denied("no verified client certificate identifies the caller"))?;
+    request.extensions_mut().insert(CallerId(caller));
+    Ok(request)
 }
 
 /// What every RPC knows about itself, for deadlines and log lines.
@@ -51,9 +82,9 @@ struct CallContext {
 impl CallContext {
     fn of<T>(method: &'static str, request: &Request<T>) -> Self {
         let caller = request
-            .peer_certs()
-            .and_then(|certs| certs.first().and_then(tls::caller_id))
-            .unwrap_or_else(|| UNKNOWN_CALLER.to_owned());
+            .extensions()
+            .get::<CallerId>()
+            .map_or_else(|| UNKNOWN_CALLER.to_owned(), |caller| caller.0.clone());
         let deadline = request
             .metadata()
             .get("grpc-timeout")
@@ -67,18 +98,26 @@ impl CallContext {
         }
     }
 
-    /// Runs `work`, giving up with DEADLINE_EXCEEDED just before the caller would.
-    async fn within_deadline<T>(
+    /// Runs `work`, giving up with DEADLINE_EXCEEDED just before the caller
+    /// would, or with UNAVAILABLE when the shutdown grace period ends.
+    async fn bounded<T>(
         &self,
+        drain: &Drain,
         work: impl std::future::Future<Output = Result<T, BrokerError>>,
     ) -> Result<T, BrokerError> {
-        let Some(deadline) = self.deadline else {
-            return work.await;
+        let deadline = async {
+            match self.deadline {
+                Some(deadline) => {
+                    tokio::time::sleep(deadline.saturating_sub(DEADLINE_HEADROOM.min(deadline / 10))).await
+                }
+                None => std::future::pending().await,
+            }
         };
-        let budget = deadline.saturating_sub(DEADLINE_HEADROOM.min(deadline / 10));
-        tokio::time::timeout(budget, work)
-            .await
-            .unwrap_or(Err(BrokerError::DeadlineExceeded))
+        tokio::select! {
+            result = work => result,
+            () = deadline => Err(BrokerError::DeadlineExceeded),
+            () = drain.grace_over() => Err(BrokerError::ShuttingDown),
+        }
     }
 
     fn latency_ms(&self) -> u64 {
@@ -128,7 +167,7 @@ impl TokenBroker for TokenBrokerService {
         let request = request.into_inner();
         let selector = Selector::from_request(&request.provider, &request.connection);
         let result = call
-            .within_deadline(self.get_token(&request, &selector))
+.bounded(&self.drain, self.get_token(&call.caller, &request, &selector))
             .await;
         let wanted = describe_request(&request.provider, &request.connection);
         call.audit(&request.user_id, &wanted, &result.as_ref().map(|token| Released {
@@ -146,7 +185,7 @@ impl TokenBroker for TokenBrokerService {
     ) -> Result<Response<ListIdpTokensResponse>, Status> {
         let call = CallContext::of("ListIdpTokens", &request);
         let request = request.into_inner();
-        let result = call.within_deadline(self.list_tokens(&request)).await;
+        let result = call.bounded(&self.drain, self.list_tokens(&call.caller, &request)).await;
         call.audit(&request.user_id, "all", &result.as_ref().map(|tokens| Released {
             providers: tokens
                 .iter()
@@ -166,19 +205,14 @@ impl TokenBroker for TokenBrokerService {
     ) -> Result<Response<InvalidateUserResponse>, Status> {
         let call = CallContext::of("InvalidateUser", &request);
         let request = request.into_inner();
-        let result = match UserId::parse(&request.user_id) {
-            Ok(user_id) => {
-                self.store.invalidate(&user_id).await;
-                Ok(())
-            }
-            Err(error) => Err(BrokerError::from(error)),
-        };
+        let result = self.invalidate(&call.caller, &request).await;
         tracing::info!(
             target: "audit",
             caller = %call.caller,
             method = call.method,
             user_id = %request.user_id,
             outcome = if result.is_ok() { "invalidated" } else { "refused" },
+            reason = result.as_ref().err().map(ToString::to_string),
             latency_ms = call.latency_ms(),
         );
         result
@@ -188,19 +222,29 @@ impl TokenBroker for TokenBrokerService {
 }
 
 impl TokenBrokerService {
+    /// Policy first (no Auth0 call for a caller that may not have the token),
+    /// then the user, then the identity.
     async fn get_token(
         &self,
+        caller: &str,
         request: &GetIdpTokenRequest,
         selector: &Selector,
     ) -> Result<IdpToken, BrokerError> {
         let user_id = UserId::parse(&request.user_id)?;
+        let rule = self.policy.current().rule_for(caller)?;
+        if !request.provider.is_empty() && !rule.allows_provider(&request.provider) {
+            return Err(BrokerError::ProviderDenied {
+                provider: request.provider.clone(),
+            });
+        }
         let Lookup { user, from_cache } = self.store.lookup(&user_id, request.bypass_cache).await?;
-        let identity = selection::select(&user, selector)?;
+        let identity = selection::select(&user, selector, &|provider| rule.allows_provider(provider))?;
         Ok(to_proto(identity, &user, from_cache))
     }
 
-    async fn list_tokens(&self, request: &ListIdpTokensRequest) -> Result<Vec<IdpToken>, BrokerError> {
+    async fn list_tokens(&self, caller: &str, request: &ListIdpTokensRequest) -> Result<Vec<IdpToken>, BrokerError> {
         let user_id = UserId::parse(&request.user_id)?;
+        let rule = self.policy.current().rule_for(caller)?;
         let Lookup { user, from_cache } = self.store.lookup(&user_id, false).await?;
         if !user.idp_tokens_readable && user.identities.iter().all(|i| i.access_token.is_none()) {
             return Err(BrokerError::NoToken {
@@ -209,8 +253,21 @@ impl TokenBrokerService {
             });
         }
         Ok(selection::with_tokens(&user)
+            .filter(|identity| rule.allows_provider(&identity.provider))
             .map(|identity| to_proto(identity, &user, from_cache))
             .collect())
+    }
+
+    async fn invalidate(&self, caller: &str, request: &InvalidateUserRequest) -> Result<(), BrokerError> {
+        let user_id = UserId::parse(&request.user_id)?;
+        let rule = self.policy.current().rule_for(caller)?;
+        if !rule.invalidate {
+            return Err(BrokerError::PermissionDenied(format!(
+                "caller {caller:?} may not call InvalidateUser; the policy must say invalidate = true"
+            )));
+        }
+        self.store.invalidate(&user_id).await;
+        Ok(())
     }
 }
 

@@ -9,6 +9,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -88,6 +89,68 @@ pub fn load_server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsErro
     Ok(Arc::new(config))
 }
 
+/// The TLS material in force. New handshakes use the newest good material;
+/// open connections keep what they negotiated. A bad new file set (unreadable,
+/// key not matching the certificate) keeps the old one and is counted.
+pub struct TlsStore {
+    files: TlsFiles,
+    current: arc_swap::ArcSwap<ServerConfig>,
+    reloads: AtomicU64,
+    failed_reloads: AtomicU64,
+}
+
+impl TlsStore {
+    /// Loads the certificate, key and client CA; fails at start if any is bad.
+    pub fn open(files: TlsFiles) -> Result<Self, TlsError> {
+        let config = load_server_config(&files)?;
+        Ok(Self {
+            files,
+            current: arc_swap::ArcSwap::new(config),
+            reloads: AtomicU64::new(0),
+            failed_reloads: AtomicU64::new(0),
+        })
+    }
+
+    /// The configuration for the next handshake.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.current.load_full()
+    }
+
+    /// The files to watch.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        vec![
+            self.files.cert.clone(),
+            self.files.key.clone(),
+            self.files.client_ca.clone(),
+        ]
+    }
+
+    /// Re-reads the files; keeps the old material if the new is bad.
+    pub fn reload(&self) {
+        match load_server_config(&self.files) {
+            Ok(config) => {
+                self.current.store(config);
+                self.reloads.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("TLS certificate, key and client CA reloaded");
+            }
+            Err(error) => {
+                self.failed_reloads.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, "TLS material not reloaded: keeping the previous certificate and client CA");
+            }
+        }
+    }
+
+    /// Successful reloads since start.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(Ordering::Relaxed)
+    }
+
+    /// Refused reloads since start.
+    pub fn failed_reloads(&self) -> u64 {
+        self.failed_reloads.load(Ordering::Relaxed)
+    }
+}
+
 /// A stream of connections that completed the mTLS handshake. Dropping it
 /// stops accepting.
 pub struct TlsIncoming {
@@ -111,10 +174,9 @@ impl futures::Stream for TlsIncoming {
 
 /// Accepts TCP connections and runs each handshake on its own task; only
 /// connections that pass the handshake come out of the stream.
-pub fn incoming(listener: TcpListener, config: Arc<ServerConfig>) -> TlsIncoming {
+pub fn incoming(listener: TcpListener, tls: Arc<TlsStore>) -> TlsIncoming {
     let (sender, connections) = mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
-    let accept_task = tokio::spawn(accept_loop(listener, acceptor, sender));
+    let accept_task = tokio::spawn(accept_loop(listener, tls, sender));
     TlsIncoming {
         connections,
         accept_task,
@@ -123,7 +185,7 @@ pub fn incoming(listener: TcpListener, config: Arc<ServerConfig>) -> TlsIncoming
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Arc<TlsStore>,
     sender: mpsc::Sender<Result<TlsStream<TcpStream>, io::Error>>,
 ) {
     loop {
@@ -138,7 +200,7 @@ async fn accept_loop(
         if sender.is_closed() {
             return;
         }
-        let acceptor = acceptor.clone();
+        let acceptor = TlsAcceptor::from(tls.current());
         let sender = sender.clone();
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);

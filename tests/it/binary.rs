@@ -1,1 +1,570 @@
-//! placeholder
+//! The real `tokenbroker` binary: start-up validation, what it logs, and
+//! `tokenbroker dev`. Every child runs with a cleared environment (only
+//! `PATH`), is killed if the test fails (`kill_on_drop`), and only ever
+//! listens on or talks to 127.0.0.1.
+
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::path::Path;
+use std::process::{ExitStatus, Output, Stdio};
+use std::time::Duration;
+
+use tokenbroker::emulator::{seed, Emulator, EmulatorConfig, Endpoint, Fault};
+use tokenbroker::pki::{write_file, CertificateAuthority, LeafSpec};
+use tokenbroker::proto::token_broker_client::TokenBrokerClient;
+use tokenbroker::proto::{
+    GetIdpTokenRequest, IdpToken, InvalidateUserRequest, ListIdpTokensRequest,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::support::RPC_BOUND;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokenbroker");
+
+/// How long a child gets to start listening, or to exit on its own.
+const PROCESS_BOUND: Duration = Duration::from_secs(60);
+
+/// How long a child may take to exit after SIGTERM.
+const SIGTERM_BOUND: Duration = Duration::from_secs(10);
+
+/// The binary with a cleared environment (only `PATH`), no stdin, killed on drop.
+fn tokenbroker(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Runs `command` to completion (bounded), capturing its output.
+async fn run_to_exit(mut command: Command) -> Output {
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = command.spawn().expect("spawn tokenbroker");
+    tokio::time::timeout(PROCESS_BOUND, child.wait_with_output())
+        .await
+        .expect("tokenbroker exits on its own with a bad config")
+        .expect("wait for tokenbroker")
+}
+
+/// Sends SIGTERM and waits (bounded) for the child to exit.
+async fn terminate(child: &mut Child) -> ExitStatus {
+    let pid = child.id().expect("child is still running");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -TERM {pid} failed");
+    tokio::time::timeout(SIGTERM_BOUND, child.wait())
+        .await
+        .expect("tokenbroker exits within 10 s of SIGTERM")
+        .expect("wait for tokenbroker")
+}
+
+/// An mTLS client for a broker at `addr`, trusting `ca_pem`, presenting `cert_pem`/`key_pem`.
+async fn mtls_client(
+    addr: SocketAddr,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<TokenBrokerClient<Channel>, tonic::transport::Error> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .identity(Identity::from_pem(cert_pem, key_pem))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .expect("uri")
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    Ok(TokenBrokerClient::new(channel))
+}
+
+/// Connects once the child listens; fails fast if it exits first. Bounded.
+async fn connect_when_listening(
+    child: &mut Child,
+    addr: SocketAddr,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> TokenBrokerClient<Channel> {
+    let deadline = tokio::time::Instant::now() + PROCESS_BOUND;
+    loop {
+        if let Some(status) = child.try_wait().expect("poll child") {
+            panic!("tokenbroker exited before it listened: {status}");
+        }
+        match mtls_client(addr, ca_pem, cert_pem, key_pem).await {
+            Ok(client) => return client,
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                let _ = error;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("tokenbroker did not listen on {addr} in time: {error:?}"),
+        }
+    }
+}
+
+async fn get(
+    client: &mut TokenBrokerClient<Channel>,
+    request: GetIdpTokenRequest,
+) -> Result<IdpToken, tonic::Status> {
+    let response = tokio::time::timeout(RPC_BOUND, client.get_idp_token(request))
+        .await
+        .expect("RPC answered within the bound")?;
+    Ok(response
+        .into_inner()
+        .token
+        .expect("response carries a token"))
+}
+
+fn get_request(user_id: &str, provider: &str, bypass_cache: bool) -> GetIdpTokenRequest {
+    GetIdpTokenRequest {
+        user_id: user_id.to_owned(),
+        provider: provider.to_owned(),
+        bypass_cache,
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start-up validation
+// ---------------------------------------------------------------------------------------------
+
+/// `serve` env that passes validation; each case overrides one thing.
+fn valid_serve_env(port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("AUTH0_DOMAIN", "tenant.example.com".to_owned()),
+        ("AUTH0_CLIENT_ID", "client-id".to_owned()),
+        ("AUTH0_CLIENT_SECRET", "dummy-inline-secret-7c41".to_owned()),
+        ("TOKENBROKER_LISTEN", format!("127.0.0.1:{port}")),
+        ("TOKENBROKER_TLS_CERT", "/nonexistent/server.pem".to_owned()),
+        ("TOKENBROKER_TLS_KEY", "/nonexistent/server.key".to_owned()),
+        ("TOKENBROKER_CLIENT_CA", "/nonexistent/ca.pem".to_owned()),
+    ]
+}
+
+#[tokio::test]
+async fn bad_config_fails_at_start_with_one_line_naming_the_setting() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, "file-secret-value-3e9a\n").expect("write secret");
+    let secret_file = secret_file.display().to_string();
+    let missing_file = dir.path().join("no-such-secret").display().to_string();
+
+    // (what is wrong, env overrides, env removals, names the line must mention)
+    let cases: Vec<(&str, Vec<(&str, String)>, Vec<&str>, Vec<&str>)> = vec![
+        (
+            "domain with a path",
+            vec![("AUTH0_DOMAIN", "https://x/api".to_owned())],
+            vec![],
+            vec!["AUTH0_DOMAIN"],
+        ),
+        (
+            "both secret sources",
+            vec![("AUTH0_CLIENT_SECRET_FILE", secret_file.clone())],
+            vec![],
+            vec!["AUTH0_CLIENT_SECRET ", "AUTH0_CLIENT_SECRET_FILE"],
+        ),
+        (
+            "neither secret source",
+            vec![],
+            vec!["AUTH0_CLIENT_SECRET"],
+            vec!["AUTH0_CLIENT_SECRET ", "AUTH0_CLIENT_SECRET_FILE"],
+        ),
+        (
+            "unreadable secret file",
+            vec![("AUTH0_CLIENT_SECRET_FILE", missing_file)],
+            vec!["AUTH0_CLIENT_SECRET"],
+            vec!["AUTH0_CLIENT_SECRET_FILE"],
+        ),
+        (
+            "zero cache capacity",
+            vec![("TOKENBROKER_USER_CACHE_CAPACITY", "0".to_owned())],
+            vec![],
+            vec!["TOKENBROKER_USER_CACHE_CAPACITY"],
+        ),
+    ];
+
+    for (what, overrides, removals, names) in cases {
+        let mut env = valid_serve_env(free_port());
+        env.retain(|(key, _)| !removals.contains(key));
+        for (key, value) in overrides {
+            env.retain(|(existing, _)| *existing != key);
+            env.push((key, value));
+        }
+        let mut command = tokenbroker(&["serve"]);
+        command.envs(env);
+        let output = run_to_exit(command).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{what}: exit code 2 for a bad config; stderr: {stderr}"
+        );
+        let line = stderr.trim_end();
+        assert!(
+            !line.is_empty() && !line.contains('\n'),
+            "{what}: stderr is exactly one line, got: {stderr:?}"
+        );
+        assert!(line.starts_with("tokenbroker: error:"), "{what}: {line}");
+        for name in names {
+            assert!(
+                line.contains(name),
+                "{what}: the line names {name:?}: {line}"
+            );
+        }
+        for secret in ["dummy-inline-secret-7c41", "file-secret-value-3e9a"] {
+            assert!(
+                !line.contains(secret) && !String::from_utf8_lossy(&output.stdout).contains(secret),
+                "{what}: the client secret leaked into the output"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn missing_required_setting_is_a_usage_error_with_exit_code_2() {
+    let mut env = valid_serve_env(free_port());
+    env.retain(|(key, _)| *key != "AUTH0_CLIENT_ID");
+    let mut command = tokenbroker(&["serve"]);
+    command.envs(env);
+    let output = run_to_exit(command).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains("--auth0-client-id"),
+        "clap names the missing setting: {stderr}"
+    );
+    assert!(
+        output.stdout.is_empty(),
+        "nothing on stdout for a usage error"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logs
+// ---------------------------------------------------------------------------------------------
+
+/// Every seeded user with each provider it has an identity for (or no token).
+fn seeded_requests() -> Vec<(&'static str, &'static str)> {
+    vec![
+        (seed::GITHUB_USER, "github"),
+        (seed::GOOGLE_USER, "google-oauth2"),
+        (seed::TWITTER_USER, "twitter"),
+        (seed::DATABASE_USER, "auth0"),
+        (seed::LINKED_USER, "github"),
+        (seed::LINKED_USER, "google-oauth2"),
+        (seed::LINKED_USER, "oauth2"),
+        (seed::ODD_ID_USER, "oauth2"),
+    ]
+}
+
+/// Runs every RPC on every seeded user, plus the error paths that log the
+/// most (401 retry, missing scope, Auth0 faults, rejected credentials).
+/// Outcomes other than the first GitHub release are not asserted: only the
+/// logs they produce matter here.
+async fn exercise_everything(client: &mut TokenBrokerClient<Channel>, emulator: &Emulator) {
+    let token = get(client, get_request(seed::GITHUB_USER, "github", false))
+        .await
+        .expect("the broker serves the seeded GitHub token");
+    assert_eq!(token.access_token, seed::GITHUB_ACCESS_TOKEN);
+
+    for (user, provider) in seeded_requests() {
+        let _ = get(client, get_request(user, provider, false)).await;
+        let _ = get(client, get_request(user, "", false)).await;
+        let _ = get(client, get_request(user, provider, true)).await;
+        let _ = tokio::time::timeout(
+            RPC_BOUND,
+            client.list_idp_tokens(ListIdpTokensRequest {
+                user_id: user.to_owned(),
+            }),
+        )
+        .await
+        .expect("ListIdpTokens answered within the bound");
+        let _ = tokio::time::timeout(
+            RPC_BOUND,
+            client.invalidate_user(InvalidateUserRequest {
+                user_id: user.to_owned(),
+            }),
+        )
+        .await
+        .expect("InvalidateUser answered within the bound");
+    }
+    let _ = get(
+        client,
+        get_request("auth0|no-such-user-0001", "github", false),
+    )
+    .await;
+    let _ = get(client, get_request(seed::GITHUB_USER, "twitter", false)).await;
+    let _ = get(client, get_request("bad\u{7}id", "", false)).await;
+    let _ = get(
+        client,
+        GetIdpTokenRequest {
+            connection: seed::CORP_SSO_CONNECTION.to_owned(),
+            ..get_request(seed::LINKED_USER, "", true)
+        },
+    )
+    .await;
+
+    // A revoked Management token: 401, new token, retry.
+    emulator.revoke_management_tokens();
+    let _ = get(
+        client,
+        get_request(seed::GOOGLE_USER, "google-oauth2", true),
+    )
+    .await;
+    // Auth0 failing: 500 and 429 on the users endpoint.
+    emulator.inject_faults(
+        Endpoint::Users,
+        vec![
+            Fault::Status(500),
+            Fault::RateLimited {
+                retry_after: Some(1),
+                reset_in_secs: 1,
+            },
+        ],
+    );
+    let _ = get(client, get_request(seed::TWITTER_USER, "twitter", true)).await;
+    let _ = get(client, get_request(seed::TWITTER_USER, "twitter", true)).await;
+    // A Management token without read:user_idp_tokens (error log with the scope).
+    emulator.set_scope("read:users");
+    emulator.revoke_management_tokens();
+    let _ = get(client, get_request(seed::LINKED_USER, "github", true)).await;
+    // The broker's own credentials rejected on /oauth/token.
+    emulator.set_scope("read:users read:user_idp_tokens");
+    emulator.revoke_management_tokens();
+    emulator.inject_faults(Endpoint::Token, vec![Fault::Status(401)]);
+    let _ = get(client, get_request(seed::ODD_ID_USER, "oauth2", true)).await;
+    // And back to normal.
+    let token = get(client, get_request(seed::TWITTER_USER, "twitter", true))
+        .await
+        .expect("the broker recovers");
+    assert_eq!(token.access_token_secret, seed::TWITTER_ACCESS_TOKEN_SECRET);
+}
+
+#[tokio::test]
+async fn logs_never_contain_a_token_or_the_client_secret() {
+    const CLIENT_ID: &str = "tokenbroker-binary-test";
+    const CLIENT_SECRET: &str = "binary-test-client-secret-b71e0d";
+    let emulator = Emulator::start(EmulatorConfig::new(CLIENT_ID, CLIENT_SECRET))
+        .await
+        .expect("emulator starts");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = CertificateAuthority::generate("binary test CA").expect("CA");
+    let server = ca.issue(&LeafSpec::loopback_server()).expect("server cert");
+    let client_cert = ca
+        .issue(&LeafSpec::spiffe_client(
+            "spiffe://test.example/ns/it/sa/binary",
+        ))
+        .expect("client cert");
+    let path = |name: &str| dir.path().join(name);
+    write_file(&path("server.pem"), &server.cert_pem, false).expect("write");
+    write_file(&path("server.key"), &server.key_pem, true).expect("write");
+    write_file(&path("ca.pem"), &ca.cert_pem, false).expect("write");
+    write_file(&path("secret"), &format!("{CLIENT_SECRET}\n"), true).expect("write");
+    let stdout_path = path("stdout.log");
+    let stderr_path = path("stderr.log");
+
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut command = tokenbroker(&["serve"]);
+    command
+        .env("AUTH0_DOMAIN", emulator.base_url())
+        .env("AUTH0_CLIENT_ID", CLIENT_ID)
+        .env("AUTH0_CLIENT_SECRET_FILE", path("secret"))
+        .env("TOKENBROKER_LISTEN", addr.to_string())
+        .env("TOKENBROKER_TLS_CERT", path("server.pem"))
+        .env("TOKENBROKER_TLS_KEY", path("server.key"))
+        .env("TOKENBROKER_CLIENT_CA", path("ca.pem"))
+        .env("TOKENBROKER_LOG_FORMAT", "json")
+        .env(
+            "RUST_LOG",
+            "trace,h2=info,hyper=info,tower=info,rustls=info",
+        )
+        .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
+    let mut child = command.spawn().expect("spawn tokenbroker serve");
+
+    let mut client = connect_when_listening(
+        &mut child,
+        addr,
+        &ca.cert_pem,
+        &client_cert.cert_pem,
+        &client_cert.key_pem,
+    )
+    .await;
+    exercise_everything(&mut client, &emulator).await;
+    drop(client);
+    let status = terminate(&mut child).await;
+    assert!(status.success(), "serve exits cleanly on SIGTERM: {status}");
+    emulator.shutdown().await;
+
+    let stdout = std::fs::read_to_string(&stdout_path).expect("read stdout");
+    let stderr = std::fs::read_to_string(&stderr_path).expect("read stderr");
+    let all = format!("{stdout}\n{stderr}");
+    for secret in seed::planted_secrets() {
+        assert!(
+            !all.contains(secret),
+            "an IdP token or secret leaked into the logs: {secret}"
+        );
+    }
+    assert!(
+        !all.contains(CLIENT_SECRET),
+        "the client secret leaked into the logs"
+    );
+    assert!(
+        !all.contains("emu_mgmt_"),
+        "a Management API token leaked into the logs"
+    );
+
+    assert!(!stdout.trim().is_empty(), "the broker logged something");
+    let mut audit_releases = 0;
+    for line in stdout.lines().filter(|line| !line.trim().is_empty()) {
+        let event: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|error| panic!("stdout line is not JSON ({error}): {line}"));
+        if event["target"] == "audit" && event["outcome"] == "released" {
+            audit_releases += 1;
+        }
+    }
+    assert!(
+        stdout.contains(r#""target":"audit""#),
+        "token releases are audit events"
+    );
+    assert!(
+        audit_releases > 0,
+        "at least one audit event records a release"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// tokenbroker dev
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `tokenbroker dev` in `dir`, checks its banner, fetches the seeded
+/// GitHub token with the PKI it wrote, stops it with SIGTERM and returns the
+/// CA certificate it used.
+async fn run_dev_once(dir: &Path) -> String {
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let dir_arg = dir.display().to_string();
+    let listen_arg = addr.to_string();
+    let mut command = tokenbroker(&["dev", "--listen", &listen_arg, "--dir", &dir_arg]);
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().expect("spawn tokenbroker dev");
+
+    // Drain stderr in the background so the child can never block on it.
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let stderr_task = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text).await;
+        text
+    });
+
+    // Read stdout (bounded) until the banner's last line.
+    let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    let mut banner = String::new();
+    let read_banner = async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            banner.push_str(&line);
+            banner.push('\n');
+            if line.contains("Ctrl-C stops it.") {
+                return true;
+            }
+        }
+        false
+    };
+    let complete = tokio::time::timeout(PROCESS_BOUND, read_banner)
+        .await
+        .expect("tokenbroker dev prints its banner in time");
+    assert!(complete, "stdout closed before the banner ended:\n{banner}");
+    // Keep draining stdout so logging never blocks the child.
+    let stdout_task = tokio::spawn(async move {
+        let mut rest = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        rest
+    });
+
+    let ca_path = dir.join("ca.pem");
+    let cert_path = dir.join("client.pem");
+    let key_path = dir.join("client.key");
+    let grpcurl_lines: Vec<&str> = banner
+        .lines()
+        .filter(|line| line.trim_start().starts_with("grpcurl "))
+        .collect();
+    assert!(
+        !grpcurl_lines.is_empty(),
+        "the banner shows grpcurl commands:\n{banner}"
+    );
+    for line in &grpcurl_lines {
+        assert!(
+            line.contains(&format!("-cacert {}", ca_path.display()))
+                && line.contains(&format!("-cert {}", cert_path.display()))
+                && line.contains(&format!("-key {}", key_path.display())),
+            "each grpcurl line carries the dev PKI files: {line}"
+        );
+        assert!(
+            line.contains(&listen_arg),
+            "each grpcurl line targets {listen_arg}: {line}"
+        );
+    }
+    assert!(
+        grpcurl_lines
+            .iter()
+            .any(|line| line.contains("GetIdpToken") && line.contains(seed::GITHUB_USER)),
+        "the banner shows a GetIdpToken example for the seeded GitHub user:\n{banner}"
+    );
+
+    let ca_pem = std::fs::read_to_string(&ca_path).expect("dev wrote ca.pem");
+    let cert_pem = std::fs::read_to_string(&cert_path).expect("dev wrote client.pem");
+    let key_pem = std::fs::read_to_string(&key_path).expect("dev wrote client.key");
+    let mut client = connect_when_listening(&mut child, addr, &ca_pem, &cert_pem, &key_pem).await;
+    let token = get(&mut client, get_request(seed::GITHUB_USER, "github", false))
+        .await
+        .expect("the dev broker serves the seeded GitHub token");
+    assert_eq!(token.access_token, seed::GITHUB_ACCESS_TOKEN);
+    assert_eq!(token.idp_user_id, seed::GITHUB_IDP_USER_ID.to_string());
+    drop(client);
+
+    let status = terminate(&mut child).await;
+    let stdout_rest = tokio::time::timeout(SIGTERM_BOUND, stdout_task)
+        .await
+        .map(|joined| joined.unwrap_or_default())
+        .unwrap_or_default();
+    let stderr_text = tokio::time::timeout(SIGTERM_BOUND, stderr_task)
+        .await
+        .map(|joined| joined.unwrap_or_default())
+        .unwrap_or_default();
+    assert!(
+        status.success(),
+        "tokenbroker dev exits 0 on SIGTERM, got {status}\nstdout:\n{stdout_rest}\nstderr:\n{stderr_text}"
+    );
+    ca_pem
+}
+
+#[tokio::test]
+async fn dev_command_serves_the_seeded_github_token() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("dev-pki");
+
+    let first_ca = run_dev_once(&dir).await;
+    let second_ca = run_dev_once(&dir).await;
+
+    assert_eq!(
+        first_ca, second_ca,
+        "the second run reuses the dev PKI instead of generating a new CA"
+    );
+}

@@ -1,13 +1,804 @@
-//! placeholder
+//! One test (at least) per row of DESIGN.md's status table, plus the facts of
+//! the real Auth0 API the broker must handle. The handshake rows live in
+//! `security.rs`; PERMISSION_DENIED needs the caller policy, which is not built yet.
 
-use crate::support::TestBroker;
-use tokenbroker::emulator::seed;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokenbroker::auth0::Auth0Client;
+use tokenbroker::cache::IdentityStore;
+use tokenbroker::config::{Auth0Settings, CacheSettings, TlsFiles};
+use tokenbroker::emulator::{seed, EmulatorConfig, Endpoint, Fault};
+use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, LeafSpec};
+use tokenbroker::proto::token_broker_client::TokenBrokerClient;
+use tokenbroker::proto::{
+    GetIdpTokenRequest, IdpToken, InvalidateUserRequest, ListIdpTokensRequest,
+};
+use tokenbroker::{server, tls};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+use crate::support::{Options, TestBroker, CLIENT_ID, CLIENT_SECRET, RPC_BOUND};
+
+// ---------------------------------------------------------------------------------------------
+// Local helpers
+// ---------------------------------------------------------------------------------------------
+
+/// `ListIdpTokens` with the default client, bounded by [`RPC_BOUND`].
+async fn list(broker: &TestBroker, user_id: &str) -> Result<Vec<IdpToken>, Status> {
+    let mut client = broker.client().await;
+    let request = ListIdpTokensRequest {
+        user_id: user_id.to_owned(),
+    };
+    let response = tokio::time::timeout(RPC_BOUND, client.list_idp_tokens(request))
+        .await
+        .expect("ListIdpTokens answered within the bound")?;
+    Ok(response.into_inner().tokens)
+}
+
+/// `InvalidateUser` with the default client, bounded by [`RPC_BOUND`].
+async fn invalidate(broker: &TestBroker, user_id: &str) -> Result<(), Status> {
+    let mut client = broker.client().await;
+    let request = InvalidateUserRequest {
+        user_id: user_id.to_owned(),
+    };
+    tokio::time::timeout(RPC_BOUND, client.invalidate_user(request))
+        .await
+        .expect("InvalidateUser answered within the bound")
+        .map(|_| ())
+}
+
+/// Fails when `status` carries a planted token or either client secret.
+fn assert_leaks_nothing(status: &Status) {
+    let shown = format!("{status:?}");
+    for secret in seed::planted_secrets().into_iter().chain([CLIENT_SECRET]) {
+        assert!(
+            !shown.contains(secret),
+            "status leaks a secret ({secret}): {shown}"
+        );
+    }
+}
+
+/// Expects an error of `code`; returns it for further checks.
+fn expect_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, what: &str) -> Status {
+    let status = match result {
+        Ok(value) => panic!("{what}: expected {code:?}, got Ok({value:?})"),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), code, "{what}: {status:?}");
+    assert!(
+        !status.message().is_empty(),
+        "{what}: the message says what happened"
+    );
+    assert_leaks_nothing(&status);
+    status
+}
+
+/// Seconds from `earlier` to `later`, with nanosecond precision.
+fn seconds_between(earlier: &prost_types::Timestamp, later: &prost_types::Timestamp) -> f64 {
+    (later.seconds - earlier.seconds) as f64 + f64::from(later.nanos - earlier.nanos) / 1e9
+}
+
+/// Asserts `fetched_at` is set and close to now.
+fn assert_fetched_recently(token: &IdpToken) {
+    let fetched = token.fetched_at.as_ref().expect("fetched_at is set");
+    let now = prost_types::Timestamp::from(SystemTime::now());
+    let age = seconds_between(fetched, &now);
+    assert!(
+        (-5.0..300.0).contains(&age),
+        "fetched_at is {age} s before now"
+    );
+}
+
+/// A broker like [`TestBroker`]'s whose Auth0 tenant is a loopback port where
+/// nothing listens, so every call to Auth0 is refused.
+struct UnreachableAuth0Broker {
+    addr: std::net::SocketAddr,
+    ca: CertificateAuthority,
+    client_cert: IssuedCertificate,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), server::ServerError>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl UnreachableAuth0Broker {
+    /// Port 1 on loopback: privileged and unused, so connecting is refused.
+    const DEAD_AUTH0: &'static str = "http://127.0.0.1:1";
+
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = CertificateAuthority::generate("unreachable-auth0 CA").expect("CA");
+        let server_cert = ca.issue(&LeafSpec::loopback_server()).expect("server cert");
+        let client_cert = ca
+            .issue(&LeafSpec::spiffe_client(
+                "spiffe://test.example/ns/it/sa/client",
+            ))
+            .expect("client cert");
+        let files = TlsFiles {
+            cert: dir.path().join("server.pem"),
+            key: dir.path().join("server.key"),
+            client_ca: dir.path().join("ca.pem"),
+        };
+        write_file(&files.cert, &server_cert.cert_pem, false).expect("write");
+        write_file(&files.key, &server_cert.key_pem, true).expect("write");
+        write_file(&files.client_ca, &ca.cert_pem, false).expect("write");
+        let tls_config = tls::load_server_config(&files).expect("tls config");
+        let auth0 = Auth0Settings {
+            base_url: Self::DEAD_AUTH0.to_owned(),
+            audience: format!("{}/api/v2/", Self::DEAD_AUTH0),
+            client_id: CLIENT_ID.to_owned(),
+            client_secret: CLIENT_SECRET.to_owned().into(),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+        };
+        let store = Arc::new(IdentityStore::new(
+            Auth0Client::new(auth0).expect("client"),
+            CacheSettings {
+                user_ttl: Duration::from_secs(300),
+                user_capacity: 1000,
+                negative_ttl: Duration::from_secs(30),
+            },
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, tls_config, store, async {
+            let _ = stop.await;
+        }));
+        Self {
+            addr,
+            ca,
+            client_cert,
+            shutdown: Some(shutdown),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    async fn client(&self) -> TokenBrokerClient<Channel> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca.cert_pem))
+            .domain_name("localhost")
+            .identity(Identity::from_pem(
+                &self.client_cert.cert_pem,
+                &self.client_cert.key_pem,
+            ));
+        let channel = Channel::from_shared(format!("https://{}", self.addr))
+            .expect("uri")
+            .tls_config(tls)
+            .expect("tls")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("client connects");
+        TokenBrokerClient::new(channel)
+    }
+
+    async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(RPC_BOUND, task).await;
+        }
+    }
+}
+
+impl Drop for UnreachableAuth0Broker {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// OK (kept from the harness commit)
+// ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
 async fn github_token_is_released_with_a_numeric_id_as_text() {
     let broker = TestBroker::start().await;
-    let token = broker.get(seed::GITHUB_USER, "github").await.expect("token");
+    let token = broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("token");
     assert_eq!(token.access_token, seed::GITHUB_ACCESS_TOKEN);
     assert_eq!(token.idp_user_id, "1234567");
+    broker.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// INVALID_ARGUMENT: empty, over 512 bytes, or control characters in user_id
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn empty_user_id_is_invalid_argument() {
+    let broker = TestBroker::start().await;
+    let status = expect_code(
+        broker.get("", "github").await,
+        Code::InvalidArgument,
+        "empty user_id",
+    );
+    assert!(status.message().contains("user_id"), "{status:?}");
+    assert_eq!(broker.emulator.calls().users, 0);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn user_id_over_512_bytes_is_invalid_argument() {
+    let broker = TestBroker::start().await;
+    let long = format!("auth0|{}", "a".repeat(513 - "auth0|".len()));
+    assert_eq!(long.len(), 513);
+    let status = expect_code(
+        broker.get(&long, "").await,
+        Code::InvalidArgument,
+        "513-byte user_id",
+    );
+    assert!(status.message().contains("512"), "{status:?}");
+    // Bytes, not characters: 257 two-byte characters are 514 bytes.
+    let wide = "é".repeat(257);
+    assert_eq!(wide.chars().count(), 257);
+    expect_code(
+        broker.get(&wide, "").await,
+        Code::InvalidArgument,
+        "514-byte user_id of 257 characters",
+    );
+    assert_eq!(broker.emulator.calls().users, 0);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn user_id_of_exactly_512_bytes_is_looked_up_and_not_found() {
+    let broker = TestBroker::start().await;
+    let longest = format!("auth0|{}", "b".repeat(512 - "auth0|".len()));
+    assert_eq!(longest.len(), 512);
+    expect_code(
+        broker.get(&longest, "").await,
+        Code::NotFound,
+        "512-byte user_id",
+    );
+    assert_eq!(broker.emulator.user_calls_for(&longest), 1);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn user_id_with_a_control_character_is_invalid_argument() {
+    let broker = TestBroker::start().await;
+    for user_id in [
+        "auth0|a\nb",
+        "auth0|a\u{7f}b",
+        "auth0|a\rb",
+        "auth0|a\0b",
+        "\tgithub|1234567",
+    ] {
+        expect_code(
+            broker.get(user_id, "").await,
+            Code::InvalidArgument,
+            &format!("user_id {user_id:?}"),
+        );
+    }
+    assert_eq!(broker.emulator.calls().users, 0);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn dot_segment_user_ids_are_invalid_argument() {
+    let broker = TestBroker::start().await;
+    for user_id in [".", ".."] {
+        expect_code(
+            broker.get(user_id, "").await,
+            Code::InvalidArgument,
+            &format!("user_id {user_id:?}"),
+        );
+        expect_code(
+            list(&broker, user_id).await,
+            Code::InvalidArgument,
+            &format!("ListIdpTokens {user_id:?}"),
+        );
+    }
+    assert_eq!(broker.emulator.calls().users, 0);
+    assert_eq!(broker.emulator.calls().other, 0);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn list_with_an_invalid_user_id_is_invalid_argument() {
+    let broker = TestBroker::start().await;
+    expect_code(
+        list(&broker, "").await,
+        Code::InvalidArgument,
+        "ListIdpTokens with empty user_id",
+    );
+    expect_code(
+        list(&broker, &"x".repeat(513)).await,
+        Code::InvalidArgument,
+        "ListIdpTokens with 513-byte user_id",
+    );
+    expect_code(
+        list(&broker, "auth0|a\nb").await,
+        Code::InvalidArgument,
+        "ListIdpTokens with a newline",
+    );
+    assert_eq!(broker.emulator.calls().users, 0);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn invalidate_with_an_invalid_user_id_is_invalid_argument() {
+    let broker = TestBroker::start().await;
+    expect_code(
+        invalidate(&broker, "").await,
+        Code::InvalidArgument,
+        "InvalidateUser with empty user_id",
+    );
+    expect_code(
+        invalidate(&broker, &"x".repeat(513)).await,
+        Code::InvalidArgument,
+        "InvalidateUser with 513-byte user_id",
+    );
+    expect_code(
+        invalidate(&broker, "..").await,
+        Code::InvalidArgument,
+        "InvalidateUser with ..",
+    );
+    // A valid id is accepted, whether or not it is cached.
+    invalidate(&broker, seed::GITHUB_USER)
+        .await
+        .expect("InvalidateUser with a valid id");
+    assert_eq!(broker.emulator.calls().users, 0);
+    broker.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// NOT_FOUND: no such user; no identity for that provider/connection
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn unknown_user_is_not_found() {
+    let broker = TestBroker::start().await;
+    expect_code(
+        broker.get("auth0|nobody-by-this-id", "").await,
+        Code::NotFound,
+        "unknown user, GetIdpToken",
+    );
+    expect_code(
+        list(&broker, "github|99999999").await,
+        Code::NotFound,
+        "unknown user, ListIdpTokens",
+    );
+    assert_eq!(broker.emulator.calls().users, 2);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn provider_the_user_has_no_identity_for_is_not_found() {
+    let broker = TestBroker::start().await;
+    let status = expect_code(
+        broker.get(seed::DATABASE_USER, "github").await,
+        Code::NotFound,
+        "database user asked for github",
+    );
+    assert!(status.message().contains("github"), "{status:?}");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn connection_the_user_has_no_identity_for_is_not_found() {
+    let broker = TestBroker::start().await;
+    let request = GetIdpTokenRequest {
+        user_id: seed::GITHUB_USER.to_owned(),
+        connection: seed::CORP_SSO_CONNECTION.to_owned(),
+        ..Default::default()
+    };
+    expect_code(
+        broker.get_with(request).await,
+        Code::NotFound,
+        "github user asked for corp-sso",
+    );
+    // Provider and connection must both match.
+    let request = GetIdpTokenRequest {
+        user_id: seed::LINKED_USER.to_owned(),
+        provider: "github".to_owned(),
+        connection: seed::CORP_SSO_CONNECTION.to_owned(),
+        ..Default::default()
+    };
+    expect_code(
+        broker.get_with(request).await,
+        Code::NotFound,
+        "linked user asked for github on corp-sso",
+    );
+    broker.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// FAILED_PRECONDITION: identity without token; Management token lacks read:user_idp_tokens;
+// the broker's own credentials rejected
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn identity_without_a_token_is_failed_precondition() {
+    let broker = TestBroker::start().await;
+    let status = expect_code(
+        broker.get(seed::DATABASE_USER, "").await,
+        Code::FailedPrecondition,
+        "database user, no selector",
+    );
+    // Not blamed on the scope: the broker's token has it.
+    assert!(
+        !status.message().contains("read:user_idp_tokens"),
+        "{status:?}"
+    );
+    expect_code(
+        broker.get(seed::DATABASE_USER, "auth0").await,
+        Code::FailedPrecondition,
+        "database user, provider auth0",
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn management_token_without_idp_token_scope_is_failed_precondition() {
+    let broker = TestBroker::start_with(Options {
+        emulator: EmulatorConfig {
+            scope: "read:users".into(),
+            ..EmulatorConfig::new(CLIENT_ID, CLIENT_SECRET)
+        },
+        ..Default::default()
+    })
+    .await;
+    let status = expect_code(
+        broker.get(seed::GITHUB_USER, "github").await,
+        Code::FailedPrecondition,
+        "GetIdpToken without read:user_idp_tokens",
+    );
+    assert!(
+        status.message().contains("read:user_idp_tokens"),
+        "{status:?}"
+    );
+    let status = expect_code(
+        list(&broker, seed::LINKED_USER).await,
+        Code::FailedPrecondition,
+        "ListIdpTokens without read:user_idp_tokens",
+    );
+    assert!(
+        status.message().contains("read:user_idp_tokens"),
+        "{status:?}"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn management_token_without_any_users_scope_is_failed_precondition() {
+    let broker = TestBroker::start_with(Options {
+        emulator: EmulatorConfig {
+            scope: "read:clients".into(),
+            ..EmulatorConfig::new(CLIENT_ID, CLIENT_SECRET)
+        },
+        ..Default::default()
+    })
+    .await;
+    let status = expect_code(
+        broker.get(seed::GITHUB_USER, "github").await,
+        Code::FailedPrecondition,
+        "GetIdpToken with a token that may not read users",
+    );
+    assert!(
+        status.message().contains("read:user_idp_tokens"),
+        "{status:?}"
+    );
+    assert!(broker.emulator.calls().users >= 1);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn rejected_broker_credentials_are_failed_precondition_not_unauthenticated() {
+    const WRONG_SECRET: &str = "wrong-secret-3a9f7c21";
+    let broker = TestBroker::start_with(Options {
+        broker_secret: WRONG_SECRET.into(),
+        ..Default::default()
+    })
+    .await;
+    let status = expect_code(
+        broker.get(seed::GITHUB_USER, "github").await,
+        Code::FailedPrecondition,
+        "wrong client secret",
+    );
+    assert_ne!(status.code(), Code::Unauthenticated);
+    assert!(
+        !status.message().contains(WRONG_SECRET),
+        "message leaks the secret: {status:?}"
+    );
+    assert!(
+        !format!("{status:?}").contains(WRONG_SECRET),
+        "status leaks the secret: {status:?}"
+    );
+    assert!(broker.emulator.calls().token >= 1);
+    assert_eq!(broker.emulator.calls().users, 0);
+    broker.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// UNAVAILABLE: Auth0 unreachable, 5xx, 429 (+ retry delay when known)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn auth0_server_error_is_unavailable() {
+    let broker = TestBroker::start().await;
+    // Several, so that a retry budget of a few attempts is exhausted as well.
+    broker
+        .emulator
+        .inject_faults(Endpoint::Users, vec![Fault::Status(503); 5]);
+    expect_code(
+        broker.get(seed::GITHUB_USER, "github").await,
+        Code::Unavailable,
+        "Auth0 answers 503",
+    );
+    assert!(broker.emulator.calls().users >= 1);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn auth0_rate_limit_is_unavailable_with_retry_info() {
+    let broker = TestBroker::start().await;
+    let limited = Fault::RateLimited {
+        retry_after: Some(7),
+        reset_in_secs: 7,
+    };
+    broker
+        .emulator
+        .inject_faults(Endpoint::Users, vec![limited; 5]);
+    let status = expect_code(
+        broker.get(seed::GITHUB_USER, "github").await,
+        Code::Unavailable,
+        "Auth0 answers 429",
+    );
+    let retry = status
+        .get_details_retry_info()
+        .expect("UNAVAILABLE after a 429 carries google.rpc.RetryInfo");
+    assert_eq!(retry.retry_delay, Some(Duration::from_secs(7)));
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn unreachable_auth0_is_unavailable() {
+    let broker = UnreachableAuth0Broker::start().await;
+    let mut client = broker.client().await;
+    let request = GetIdpTokenRequest {
+        user_id: seed::GITHUB_USER.to_owned(),
+        provider: "github".to_owned(),
+        ..Default::default()
+    };
+    let result = tokio::time::timeout(RPC_BOUND, client.get_idp_token(request))
+        .await
+        .expect("RPC answered within the bound");
+    expect_code(result, Code::Unavailable, "Auth0 unreachable");
+    let result = tokio::time::timeout(
+        RPC_BOUND,
+        client.list_idp_tokens(ListIdpTokensRequest {
+            user_id: seed::LINKED_USER.to_owned(),
+        }),
+    )
+    .await
+    .expect("RPC answered within the bound");
+    expect_code(
+        result,
+        Code::Unavailable,
+        "Auth0 unreachable, ListIdpTokens",
+    );
+    broker.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// DEADLINE_EXCEEDED: the caller's deadline passed
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn caller_deadline_passing_is_deadline_exceeded() {
+    let broker = TestBroker::start().await;
+    broker.emulator.set_latency(Duration::from_secs(3));
+    let mut client = broker.client().await;
+    let mut request = tonic::Request::new(GetIdpTokenRequest {
+        user_id: seed::GITHUB_USER.to_owned(),
+        provider: "github".to_owned(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let result = tokio::time::timeout(RPC_BOUND, client.get_idp_token(request))
+        .await
+        .expect("RPC answered within the bound");
+    let elapsed = started.elapsed();
+    expect_code(
+        result,
+        Code::DeadlineExceeded,
+        "emulator 3 s slow, 300 ms deadline",
+    );
+    assert!(
+        elapsed < Duration::from_millis(2500),
+        "answered after {elapsed:?}, not at the deadline"
+    );
+    broker.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// API facts
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn twitter_token_comes_with_its_token_secret() {
+    let broker = TestBroker::start().await;
+    let token = broker
+        .get(seed::TWITTER_USER, "twitter")
+        .await
+        .expect("token");
+    assert_eq!(token.provider, "twitter");
+    assert_eq!(token.access_token, seed::TWITTER_ACCESS_TOKEN);
+    assert_eq!(token.access_token_secret, seed::TWITTER_ACCESS_TOKEN_SECRET);
+    assert_eq!(token.idp_user_id, "778899");
+    assert!(token.expires_at.is_none(), "Twitter tokens have no expiry");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn google_token_has_an_expiry_and_never_its_refresh_token() {
+    let broker = TestBroker::start().await;
+    let token = broker
+        .get(seed::GOOGLE_USER, "google-oauth2")
+        .await
+        .expect("token");
+    assert_eq!(token.access_token, seed::GOOGLE_ACCESS_TOKEN);
+    assert_eq!(token.idp_user_id, "108000000000000000001");
+    assert!(token.access_token_secret.is_empty());
+    let fetched = token.fetched_at.as_ref().expect("fetched_at is set");
+    let expires = token.expires_at.as_ref().expect("expires_at is set");
+    let lifetime = seconds_between(fetched, expires);
+    let expected = seed::GOOGLE_EXPIRES_IN as f64;
+    assert!(
+        (expected - 10.0..=expected + 1.0).contains(&lifetime),
+        "expires_at is {lifetime} s after fetched_at, expected about {expected}"
+    );
+    let shown = format!("{token:?}");
+    assert!(
+        !shown.contains(seed::GOOGLE_REFRESH_TOKEN),
+        "refresh token returned: {shown}"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn linked_user_token_is_selected_by_provider() {
+    let broker = TestBroker::start().await;
+    for (provider, connection, access_token) in [
+        ("github", "github", seed::LINKED_GITHUB_ACCESS_TOKEN),
+        (
+            "google-oauth2",
+            "google-oauth2",
+            seed::LINKED_GOOGLE_ACCESS_TOKEN,
+        ),
+        (
+            "oauth2",
+            seed::CORP_SSO_CONNECTION,
+            seed::LINKED_CORP_ACCESS_TOKEN,
+        ),
+    ] {
+        let token = broker
+            .get(seed::LINKED_USER, provider)
+            .await
+            .unwrap_or_else(|status| panic!("{provider}: {status:?}"));
+        assert_eq!(token.provider, provider);
+        assert_eq!(token.connection, connection);
+        assert_eq!(token.access_token, access_token, "{provider}");
+    }
+    let github = broker
+        .get(seed::LINKED_USER, "github")
+        .await
+        .expect("token");
+    assert_eq!(
+        github.idp_user_id,
+        seed::LINKED_GITHUB_IDP_USER_ID.to_string()
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn linked_user_token_is_selected_by_connection() {
+    let broker = TestBroker::start().await;
+    let token = broker
+        .get_with(GetIdpTokenRequest {
+            user_id: seed::LINKED_USER.to_owned(),
+            connection: seed::CORP_SSO_CONNECTION.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("token");
+    assert_eq!(token.provider, "oauth2");
+    assert_eq!(token.connection, seed::CORP_SSO_CONNECTION);
+    assert_eq!(token.access_token, seed::LINKED_CORP_ACCESS_TOKEN);
+    assert_eq!(token.idp_user_id, "corp-sso|linked.user");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn no_selector_means_the_first_identity_with_a_token() {
+    let broker = TestBroker::start().await;
+    // The auth0 primary identity comes first but has no token; GitHub is next.
+    let token = broker.get(seed::LINKED_USER, "").await.expect("token");
+    assert_eq!(token.provider, "github");
+    assert_eq!(token.access_token, seed::LINKED_GITHUB_ACCESS_TOKEN);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn list_returns_exactly_the_token_bearing_identities_without_refresh_tokens() {
+    let broker = TestBroker::start().await;
+    let tokens = list(&broker, seed::LINKED_USER).await.expect("tokens");
+    let mut found: Vec<(&str, &str)> = tokens
+        .iter()
+        .map(|token| (token.provider.as_str(), token.access_token.as_str()))
+        .collect();
+    found.sort_unstable();
+    assert_eq!(
+        found,
+        vec![
+            ("github", seed::LINKED_GITHUB_ACCESS_TOKEN),
+            ("google-oauth2", seed::LINKED_GOOGLE_ACCESS_TOKEN),
+            ("oauth2", seed::LINKED_CORP_ACCESS_TOKEN),
+        ]
+    );
+    for token in &tokens {
+        assert_fetched_recently(token);
+    }
+    let google = tokens
+        .iter()
+        .find(|token| token.provider == "google-oauth2")
+        .expect("google token");
+    assert!(google.expires_at.is_some(), "Google's expiry is kept");
+    let shown = format!("{tokens:?}");
+    assert!(
+        !shown.contains(seed::LINKED_GOOGLE_REFRESH_TOKEN),
+        "refresh token returned: {shown}"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn list_for_a_user_without_tokens_is_failed_precondition_or_empty() {
+    let broker = TestBroker::start().await;
+    // DESIGN.md: ListIdpTokens returns the tokens the caller may have; a user
+    // with none has nothing to return, and the broker must not invent one.
+    match list(&broker, seed::DATABASE_USER).await {
+        Ok(tokens) => assert!(tokens.is_empty(), "{tokens:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+            assert_leaks_nothing(&status);
+        }
+    }
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn fetched_at_is_set_and_from_cache_flips_on_the_second_call() {
+    let broker = TestBroker::start().await;
+    let first = broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("first");
+    assert!(!first.from_cache, "first call reads Auth0");
+    assert_fetched_recently(&first);
+    let second = broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("second");
+    assert!(second.from_cache, "second call is served from the cache");
+    assert_eq!(
+        second.fetched_at, first.fetched_at,
+        "a cached token reports when it was read from Auth0"
+    );
+    assert_eq!(second.access_token, seed::GITHUB_ACCESS_TOKEN);
+    assert_eq!(broker.emulator.user_calls_for(seed::GITHUB_USER), 1);
     broker.stop().await;
 }

@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use tokenbroker::auth0::Auth0Client;
 use tokenbroker::cache::IdentityStore;
-use tokenbroker::config::{Auth0Settings, CacheSettings, TlsFiles};
+use tokenbroker::config::{Auth0Settings, CacheSettings, RunSettings, TlsFiles};
 use tokenbroker::emulator::{Emulator, EmulatorConfig};
 use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, LeafSpec};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::{GetIdpTokenRequest, IdpToken};
-use tokenbroker::{server, tls};
+use tokenbroker::policy::{Policy, PolicyStore};
+use tokenbroker::server::{self, Broker, Listeners};
+use tokenbroker::tls::TlsStore;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -30,6 +32,13 @@ pub struct Options {
     /// Secret the broker presents (the emulator always expects [`CLIENT_SECRET`]).
     pub broker_secret: String,
     pub emulator: EmulatorConfig,
+    /// Caller policy as TOML; `None` allows any caller.
+    pub policy_toml: Option<String>,
+    /// Point the broker at this Auth0 URL instead of its emulator (e.g. a dead port).
+    pub auth0_base_url: Option<String>,
+    /// Also serve plaintext health on a second port.
+    pub health_listener: bool,
+    pub run: RunSettings,
 }
 
 impl Default for Options {
@@ -42,6 +51,13 @@ impl Default for Options {
             },
             broker_secret: CLIENT_SECRET.to_owned(),
             emulator: EmulatorConfig::new(CLIENT_ID, CLIENT_SECRET),
+            policy_toml: None,
+            auth0_base_url: None,
+            health_listener: false,
+            run: RunSettings {
+                shutdown_grace: Duration::from_secs(20),
+                reload_interval: Duration::from_millis(100),
+            },
         }
     }
 }
@@ -50,7 +66,12 @@ impl Default for Options {
 pub struct TestBroker {
     pub emulator: Emulator,
     pub addr: SocketAddr,
+    /// The plaintext health port, when asked for.
+    pub health_addr: Option<SocketAddr>,
     pub ca: CertificateAuthority,
+    /// Where the server's certificate, key, client CA and policy files live.
+    pub files: TlsFiles,
+    pub policy_path: std::path::PathBuf,
     pub client_cert: IssuedCertificate,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), server::ServerError>>>,
@@ -78,9 +99,17 @@ impl TestBroker {
         write_file(&files.cert, &server_cert.cert_pem, false).expect("write");
         write_file(&files.key, &server_cert.key_pem, true).expect("write");
         write_file(&files.client_ca, &ca.cert_pem, false).expect("write");
-        let tls_config = tls::load_server_config(&files).expect("tls config");
+        let tls = TlsStore::open(files.clone()).expect("tls config");
+        let policy_path = dir.path().join("policy.toml");
+        let policy = match &options.policy_toml {
+            Some(toml) => {
+                write_file(&policy_path, toml, false).expect("write policy");
+                PolicyStore::open(Some(&policy_path)).expect("policy parses")
+            }
+            None => PolicyStore::fixed(Policy::allow_any()),
+        };
         let auth0 = Auth0Settings {
-            base_url: emulator.base_url(),
+            base_url: options.auth0_base_url.clone().unwrap_or_else(|| emulator.base_url()),
             audience: emulator.audience(),
             client_id: CLIENT_ID.to_owned(),
             client_secret: options.broker_secret.into(),
@@ -93,14 +122,32 @@ impl TestBroker {
         ));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let health = if options.health_listener {
+            Some(TcpListener::bind("127.0.0.1:0").await.expect("bind health"))
+        } else {
+            None
+        };
+        let health_addr = health.as_ref().map(|l| l.local_addr().expect("addr"));
         let (shutdown, stop) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(listener, tls_config, store, async {
+        let broker = Broker {
+            store,
+            policy: Arc::new(policy),
+            tls: Arc::new(tls),
+        };
+        let listeners = Listeners {
+            mtls: listener,
+            health,
+        };
+        let task = tokio::spawn(server::run(listeners, broker, options.run, async {
             let _ = stop.await;
         }));
         Self {
             emulator,
             addr,
+            health_addr,
             ca,
+            files,
+            policy_path,
             client_cert,
             shutdown: Some(shutdown),
             task: Some(task),
@@ -160,6 +207,19 @@ impl TestBroker {
             .await
             .expect("RPC answered within the bound")?;
         Ok(response.into_inner().token.expect("response carries a token"))
+    }
+
+    /// Asks the broker to shut down (like SIGTERM) without waiting.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+
+    /// Waits for the server task to end, bounded by [`RPC_BOUND`]; `None` if it did not.
+    pub async fn wait_stopped(&mut self) -> Option<Result<(), server::ServerError>> {
+        let task = self.task.take()?;
+        tokio::time::timeout(RPC_BOUND, task).await.ok()?.ok()
     }
 
     /// Stops the broker and waits for it to exit.

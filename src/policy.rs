@@ -1,0 +1,316 @@
+//! Who may ask for what. The policy is parsed from TOML text and answers
+//! questions about a caller id; it does no IO (loading and reloading the file
+//! live in `reload`), so its rules are easy to test.
+//!
+//! ```toml
+//! [[caller]]
+//! id = "spiffe://example.org/ns/prod/sa/billing"
+//! providers = ["github"]          # "*" for all
+//! invalidate = false              # may call InvalidateUser
+//! ```
+//! Unlisted callers are denied everything. Running with no policy at all
+//! needs an explicit `--allow-any-caller`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::BrokerError;
+
+/// Providers value that means "every provider".
+const ALL_PROVIDERS: &str = "*";
+
+/// What one caller may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerRule {
+    providers: Providers,
+    /// May call `InvalidateUser`.
+    pub invalidate: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Providers {
+    All,
+    Only(HashSet<String>),
+}
+
+impl CallerRule {
+    /// The rule of `--allow-any-caller`: everything.
+    fn everything() -> Self {
+        Self {
+            providers: Providers::All,
+            invalidate: true,
+        }
+    }
+
+    /// Whether tokens of `provider` may be released to this caller.
+    pub fn allows_provider(&self, provider: &str) -> bool {
+        match &self.providers {
+            Providers::All => true,
+            Providers::Only(providers) => providers.contains(provider),
+        }
+    }
+}
+
+/// The rules in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    mode: Mode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Mode {
+    /// `--allow-any-caller`: any certificate from the client CA may do anything.
+    AllowAny,
+    /// Only listed callers, each within its rule.
+    Listed(HashMap<String, CallerRule>),
+}
+
+/// Why a policy file was refused; names the file, the line and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{path}:{line}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    caller: Vec<CallerEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallerEntry {
+    id: toml::Spanned<String>,
+    providers: toml::Spanned<Vec<String>>,
+    #[serde(default)]
+    invalidate: bool,
+}
+
+impl Policy {
+    /// Any caller with a certificate from the client CA may do anything.
+    pub fn allow_any() -> Self {
+        Self {
+            mode: Mode::AllowAny,
+        }
+    }
+
+    /// Reads and parses the policy file.
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses policy TOML; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, PolicyError> {
+        let invalid = |offset: usize, reason: String| PolicyError::Invalid {
+            path: path.to_owned(),
+            line: line_of(text, offset),
+            reason,
+        };
+        let file: PolicyFile = toml::from_str(text).map_err(|error| {
+            let offset = error.span().map_or(0, |span| span.start);
+            invalid(offset, error.message().trim().to_owned())
+        })?;
+        let mut callers = HashMap::new();
+        for entry in file.caller {
+            let id_offset = entry.id.span().start;
+            let id = entry.id.into_inner();
+            if id.trim().is_empty() {
+                return Err(invalid(id_offset, "caller id is empty".to_owned()));
+            }
+            let providers = parse_providers(entry.providers.get_ref())
+                .map_err(|reason| invalid(entry.providers.span().start, reason))?;
+            let rule = CallerRule {
+                providers,
+                invalidate: entry.invalidate,
+            };
+            if callers.insert(id.clone(), rule).is_some() {
+                return Err(invalid(id_offset, format!("caller {id:?} is listed twice")));
+            }
+        }
+        Ok(Self {
+            mode: Mode::Listed(callers),
+        })
+    }
+
+    /// The caller's rule, or PERMISSION_DENIED when the caller is not listed.
+    pub fn rule_for(&self, caller: &str) -> Result<CallerRule, BrokerError> {
+        match &self.mode {
+            Mode::AllowAny => Ok(CallerRule::everything()),
+            Mode::Listed(callers) => callers.get(caller).cloned().ok_or_else(|| {
+                BrokerError::PermissionDenied(format!(
+                    "caller {caller:?} is not in the broker's policy; ask the operator to add it"
+                ))
+            }),
+        }
+    }
+
+    /// How many callers are listed (`None` with `--allow-any-caller`), for logs.
+    pub fn listed_callers(&self) -> Option<usize> {
+        match &self.mode {
+            Mode::AllowAny => None,
+            Mode::Listed(callers) => Some(callers.len()),
+        }
+    }
+}
+
+fn parse_providers(values: &[String]) -> Result<Providers, String> {
+    if values.iter().any(|value| value == ALL_PROVIDERS) {
+        if values.len() > 1 {
+            return Err("providers: \"*\" already means all providers; list nothing else".to_owned());
+        }
+        return Ok(Providers::All);
+    }
+    if let Some(empty) = values.iter().find(|value| value.trim().is_empty()) {
+        return Err(format!("providers: {empty:?} is not a provider name"));
+    }
+    Ok(Providers::Only(values.iter().cloned().collect()))
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BILLING: &str = "spiffe://example.org/ns/prod/sa/billing";
+
+    fn parse(text: &str) -> Result<Policy, PolicyError> {
+        Policy::parse(text, Path::new("policy.toml"))
+    }
+
+    #[test]
+    fn listed_caller_gets_its_providers_and_nothing_else() {
+        let policy = parse(&format!(
+            "[[caller]]\nid = \"{BILLING}\"\nproviders = [\"github\"]\n"
+        ))
+        .unwrap();
+        let rule = policy.rule_for(BILLING).unwrap();
+        assert!(rule.allows_provider("github"));
+        assert!(!rule.allows_provider("google-oauth2"));
+        assert!(!rule.invalidate);
+    }
+
+    #[test]
+    fn star_means_every_provider() {
+        let policy = parse("[[caller]]\nid = \"a\"\nproviders = [\"*\"]\ninvalidate = true\n").unwrap();
+        let rule = policy.rule_for("a").unwrap();
+        assert!(rule.allows_provider("anything"));
+        assert!(rule.invalidate);
+    }
+
+    #[test]
+    fn unlisted_caller_is_denied() {
+        let policy = parse("[[caller]]\nid = \"a\"\nproviders = [\"*\"]\n").unwrap();
+        assert!(matches!(policy.rule_for("b"), Err(BrokerError::PermissionDenied(_))));
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let error = parse("[[caller]]\nid = \"a\"\nproviders = [\"*\"]\nadmin = true\n").unwrap_err();
+        let text = error.to_string();
+        assert!(text.starts_with("policy.toml:"), "{text}");
+        assert!(text.contains("admin"), "{text}");
+    }
+
+    #[test]
+    fn duplicate_id_names_the_line_of_the_second() {
+        let error = parse(
+            "[[caller]]\nid = \"a\"\nproviders = [\"*\"]\n\n[[caller]]\nid = \"a\"\nproviders = [\"github\"]\n",
+        )
+        .unwrap_err();
+        assert!(error.to_string().starts_with("policy.toml:6:"), "{error}");
+        assert!(error.to_string().contains("listed twice"), "{error}");
+    }
+
+    #[test]
+    fn syntax_error_names_its_line() {
+        let error = parse("[[caller]]\nid = \"a\"\nproviders = [\"*\"\n").unwrap_err();
+        assert!(error.to_string().starts_with("policy.toml:"), "{error}");
+    }
+
+    #[test]
+    fn missing_providers_is_refused() {
+        assert!(parse("[[caller]]\nid = \"a\"\n").is_err());
+    }
+
+    #[test]
+    fn allow_any_allows_everything() {
+        let rule = Policy::allow_any().rule_for("whoever").unwrap();
+        assert!(rule.allows_provider("github") && rule.invalidate);
+    }
+}
+
+/// The policy in force, swapped atomically on reload so an RPC always sees
+/// one whole policy.
+pub struct PolicyStore {
+    current: arc_swap::ArcSwap<Policy>,
+    /// `None` with `--allow-any-caller`: nothing to reload.
+    path: Option<PathBuf>,
+}
+
+impl PolicyStore {
+    /// Loads the policy file, or allows any caller when `path` is `None`.
+    pub fn open(path: Option<&Path>) -> Result<Self, PolicyError> {
+        let policy = match path {
+            Some(path) => Policy::load(path)?,
+            None => Policy::allow_any(),
+        };
+        Ok(Self {
+            current: arc_swap::ArcSwap::from_pointee(policy),
+            path: path.map(Path::to_owned),
+        })
+    }
+
+    /// A store holding `policy`, for tests and `dev`.
+    pub fn fixed(policy: Policy) -> Self {
+        Self {
+            current: arc_swap::ArcSwap::from_pointee(policy),
+            path: None,
+        }
+    }
+
+    /// The policy in force now.
+    pub fn current(&self) -> std::sync::Arc<Policy> {
+        self.current.load_full()
+    }
+
+    /// The file the policy comes from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Re-reads the file; a bad new file keeps the old policy and logs an error.
+    pub fn reload(&self) {
+        let Some(path) = &self.path else { return };
+        match Policy::load(path) {
+            Ok(policy) => {
+                tracing::info!(path = %path.display(), callers = policy.listed_callers(), "policy reloaded");
+                self.current.store(std::sync::Arc::new(policy));
+            }
+            Err(error) => {
+                tracing::error!(%error, "policy not reloaded: keeping the previous policy");
+            }
+        }
+    }
+}
