@@ -7,6 +7,7 @@
 //!   configured TTL but never past a known token expiry; concurrent misses for
 //!   one user share one `/api/v2/users` call; a 404 is remembered briefly.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,9 +22,18 @@ use crate::user_id::UserId;
 
 /// A user as the cache holds it: found, or known not to exist.
 #[derive(Clone)]
-enum CachedUser {
+enum UserState {
     Found(Arc<UserIdentities>),
     NotFound,
+}
+
+/// A cache entry and the logical time its Auth0 read started, so a read that
+/// began before an `InvalidateUser` or `bypass_cache` cannot bring the old
+/// profile back when it lands late.
+#[derive(Clone)]
+struct CachedUser {
+    state: UserState,
+    read_started: u64,
 }
 
 /// What a lookup returns: the user and whether this RPC was served from cache.
@@ -38,6 +48,11 @@ pub struct IdentityStore {
     auth0: Auth0Client,
     management: Cache<(), Arc<ManagementToken>>,
     users: Cache<UserId, CachedUser>,
+    /// Logical clock for reads, lookups and invalidations.
+    clock: AtomicU64,
+    /// When each user was last invalidated or refreshed; entries read before
+    /// that are superseded. Lives as long as a user entry can.
+    invalidated_at: Cache<UserId, u64>,
 }
 
 /// Keeps a Management token for its reuse window.
@@ -50,7 +65,11 @@ impl Expiry<(), Arc<ManagementToken>> for ManagementTokenExpiry {
         token: &Arc<ManagementToken>,
         _created_at: Instant,
     ) -> Option<Duration> {
-        Some(token.reuse_window().saturating_sub(token.obtained_at.elapsed()))
+        Some(
+            token
+                .reuse_window()
+                .saturating_sub(token.obtained_at.elapsed()),
+        )
     }
 }
 
@@ -62,9 +81,9 @@ struct UserExpiry {
 
 impl UserExpiry {
     fn lifetime(&self, user: &CachedUser) -> Duration {
-        match user {
-            CachedUser::NotFound => self.negative_ttl,
-            CachedUser::Found(found) => match found.earliest_token_expiry() {
+        match &user.state {
+            UserState::NotFound => self.negative_ttl,
+            UserState::Found(found) => match found.earliest_token_expiry() {
                 Some(expiry) => {
                     let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
                     self.ttl.min(left)
@@ -76,7 +95,12 @@ impl UserExpiry {
 }
 
 impl Expiry<UserId, CachedUser> for UserExpiry {
-    fn expire_after_create(&self, _key: &UserId, user: &CachedUser, _at: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _key: &UserId,
+        user: &CachedUser,
+        _at: Instant,
+    ) -> Option<Duration> {
         Some(self.lifetime(user))
     }
 
@@ -105,49 +129,93 @@ impl IdentityStore {
                 negative_ttl: settings.negative_ttl,
             })
             .build();
+        let invalidated_at = Cache::builder()
+            .max_capacity(settings.user_capacity)
+            .time_to_live(settings.user_ttl.max(settings.negative_ttl))
+            .build();
         Self {
             auth0,
             management,
             users,
+            clock: AtomicU64::new(1),
+            invalidated_at,
         }
     }
 
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::SeqCst)
+    }
+
     /// The user's identities, from cache unless `bypass_cache`.
-    pub async fn lookup(&self, user_id: &UserId, bypass_cache: bool) -> Result<Lookup, BrokerError> {
+    pub async fn lookup(
+        &self,
+        user_id: &UserId,
+        bypass_cache: bool,
+    ) -> Result<Lookup, BrokerError> {
         let started = Instant::now();
         let cached = if bypass_cache {
+            self.mark_invalidated(user_id).await;
             let fresh = self.read_user(user_id).await?;
             self.users.insert(user_id.clone(), fresh.clone()).await;
             fresh
         } else {
-            self.users
-                .try_get_with_by_ref(user_id, self.read_user(user_id))
-                .await
-                .map_err(|shared| BrokerError::from((*shared).clone()))?
+            self.cached_or_read(user_id).await?
         };
-        match cached {
-            CachedUser::Found(user) => Ok(Lookup {
+        match cached.state {
+            UserState::Found(user) => Ok(Lookup {
                 from_cache: user.fetched_instant < started,
                 user,
             }),
-            CachedUser::NotFound => Err(BrokerError::UserNotFound),
+            UserState::NotFound => Err(BrokerError::UserNotFound),
         }
+    }
+
+    /// The cached entry, or one shared read of Auth0. An entry whose read
+    /// started before an invalidation that this lookup comes after is dropped
+    /// and read again (once).
+    async fn cached_or_read(&self, user_id: &UserId) -> Result<CachedUser, BrokerError> {
+        let lookup_started = self.tick();
+        let mut cached = self.shared_read(user_id).await?;
+        if let Some(invalidated) = self.invalidated_at.get(user_id).await {
+            if cached.read_started < invalidated && invalidated < lookup_started {
+                self.users.invalidate(user_id).await;
+                cached = self.shared_read(user_id).await?;
+            }
+        }
+        Ok(cached)
+    }
+
+    async fn shared_read(&self, user_id: &UserId) -> Result<CachedUser, BrokerError> {
+        self.users
+            .try_get_with_by_ref(user_id, self.read_user(user_id))
+            .await
+            .map_err(|shared| BrokerError::from((*shared).clone()))
     }
 
     /// Drops the cached user, so the next lookup reads Auth0.
     pub async fn invalidate(&self, user_id: &UserId) {
+        self.mark_invalidated(user_id).await;
         self.users.invalidate(user_id).await;
+    }
+
+    async fn mark_invalidated(&self, user_id: &UserId) {
+        let now = self.tick();
+        self.invalidated_at.insert(user_id.clone(), now).await;
     }
 
     /// Obtains a Management token now; used to tell readiness and to fail
     /// fast on bad credentials.
     pub async fn warm_up(&self) -> Result<(), BrokerError> {
-        self.management_token().await.map(|_| ()).map_err(BrokerError::from)
+        self.management_token()
+            .await
+            .map(|_| ())
+            .map_err(BrokerError::from)
     }
 
     /// Reads the user with a shared Management token; one retry with a new
     /// token when Auth0 rejects the cached one.
     async fn read_user(&self, user_id: &UserId) -> Result<CachedUser, Auth0Error> {
+        let read_started = self.tick();
         let token = self.management_token().await?;
         let result = match self.auth0.fetch_user(&token, user_id).await {
             Err(Auth0Error::ManagementTokenRejected) => {
@@ -158,11 +226,15 @@ impl IdentityStore {
             }
             other => other,
         };
-        match result {
-            Ok(user) => Ok(CachedUser::Found(Arc::new(user))),
-            Err(Auth0Error::UserNotFound) => Ok(CachedUser::NotFound),
-            Err(error) => Err(error),
-        }
+        let state = match result {
+            Ok(user) => UserState::Found(Arc::new(user)),
+            Err(Auth0Error::UserNotFound) => UserState::NotFound,
+            Err(error) => return Err(error),
+        };
+        Ok(CachedUser {
+            state,
+            read_started,
+        })
     }
 
     async fn management_token(&self) -> Result<Arc<ManagementToken>, Auth0Error> {

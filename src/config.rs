@@ -42,7 +42,12 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
     /// Log format.
-    #[arg(long, env = "TOKENBROKER_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "TOKENBROKER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
 
     /// How long a user's identities stay cached (never past a known token expiry).
@@ -50,7 +55,11 @@ pub struct CommonArgs {
     pub user_cache_ttl: Duration,
 
     /// How many users the identity cache holds at most.
-    #[arg(long, env = "TOKENBROKER_USER_CACHE_CAPACITY", default_value_t = 100_000)]
+    #[arg(
+        long,
+        env = "TOKENBROKER_USER_CACHE_CAPACITY",
+        default_value_t = 100_000
+    )]
     pub user_cache_capacity: u64,
 
     /// How long "Auth0 has no such user" is remembered, so a caller in a retry loop cannot burn the quota.
@@ -285,7 +294,10 @@ impl CommonArgs {
             return Err(ConfigError::ZeroCapacity);
         }
         require_positive("TOKENBROKER_USER_CACHE_TTL", self.user_cache_ttl)?;
-        require_positive("TOKENBROKER_AUTH0_CONNECT_TIMEOUT", self.auth0_connect_timeout)?;
+        require_positive(
+            "TOKENBROKER_AUTH0_CONNECT_TIMEOUT",
+            self.auth0_connect_timeout,
+        )?;
         require_positive("TOKENBROKER_AUTH0_TIMEOUT", self.auth0_timeout)?;
         Ok(CacheSettings {
             user_ttl: self.user_cache_ttl,
@@ -318,7 +330,8 @@ pub fn parse_auth0_base_url(value: &str) -> Result<String, ConfigError> {
     } else {
         format!("https://{trimmed}")
     };
-    let url = Url::parse(&with_scheme).map_err(|e| fail(&format!("not a host name or URL ({e})")))?;
+    let url =
+        Url::parse(&with_scheme).map_err(|e| fail(&format!("not a host name or URL ({e})")))?;
     if url.scheme() != "https" && url.scheme() != "http" {
         return Err(fail("scheme must be https (or http for a local emulator)"));
     }
@@ -326,7 +339,9 @@ pub fn parse_auth0_base_url(value: &str) -> Result<String, ConfigError> {
         return Err(fail("has no host"));
     }
     if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
-        return Err(fail("must be a bare host or scheme://host[:port], without a path"));
+        return Err(fail(
+            "must be a bare host or scheme://host[:port], without a path",
+        ));
     }
     if !url.username().is_empty() || url.password().is_some() {
         return Err(fail("must not carry credentials"));

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-
 use crate::auth0::Auth0Client;
 use crate::cache::IdentityStore;
 use crate::config::{Auth0Settings, ConfigError, DevArgs, TlsFiles};
@@ -39,9 +38,12 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Re
     let run_settings = args.common.run_settings()?;
     let pki = DevPki::load_or_create(&args.dir)?;
     let client_secret = random_secret();
-    let emulator = Emulator::start(EmulatorConfig::new(DEV_CLIENT_ID_AUTH0, client_secret.clone()))
-        .await
-        .map_err(DevError::Emulator)?;
+    let emulator = Emulator::start(EmulatorConfig::new(
+        DEV_CLIENT_ID_AUTH0,
+        client_secret.clone(),
+    ))
+    .await
+    .map_err(DevError::Emulator)?;
     let auth0 = Auth0Settings {
         base_url: emulator.base_url(),
         audience: emulator.audience(),
@@ -72,7 +74,10 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Re
         policy: Arc::new(PolicyStore::open(Some(&policy_path)).map_err(ServerError::from)?),
         tls: Arc::new(tls),
     };
-    println!("{}", banner(&pki, &policy_path, args.listen, &emulator.base_url()));
+    println!(
+        "{}",
+        banner(&pki, &policy_path, args.listen, &emulator.base_url())
+    );
     let result = server::run(listeners, broker, run_settings, shutdown).await;
     emulator.shutdown().await;
     result.map_err(DevError::from)

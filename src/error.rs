@@ -67,12 +67,11 @@ impl From<Auth0Error> for BrokerError {
                 reason: error.to_string(),
                 retry_after: None,
             },
-            Auth0Error::RateLimited { retry_after } | Auth0Error::ServerError { retry_after, .. } => {
-                Self::Unavailable {
-                    reason: error.to_string(),
-                    retry_after,
-                }
-            }
+            Auth0Error::RateLimited { retry_after }
+            | Auth0Error::ServerError { retry_after, .. } => Self::Unavailable {
+                reason: error.to_string(),
+                retry_after,
+            },
             Auth0Error::ManagementTokenRejected => Self::Unavailable {
                 reason: "Auth0 rejected a freshly issued Management API token".to_owned(),
                 retry_after: None,
@@ -80,9 +79,11 @@ impl From<Auth0Error> for BrokerError {
             Auth0Error::CredentialsRejected { .. } => Self::CredentialsRejected(error.to_string()),
             Auth0Error::InsufficientScope { message } => Self::ManagementScopeMissing(message),
             Auth0Error::UserNotFound => Self::UserNotFound,
-            Auth0Error::Unexpected { status: 400, message, .. } => {
-                Self::InvalidArgument(format!("Auth0 refused the user_id: {message}"))
-            }
+            Auth0Error::Unexpected {
+                status: 400,
+                message,
+                ..
+            } => Self::InvalidArgument(format!("Auth0 refused the user_id: {message}")),
             Auth0Error::Unexpected { .. } | Auth0Error::InvalidBody(_) => {
                 Self::Internal(error.to_string())
             }
@@ -97,9 +98,9 @@ impl BrokerError {
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::PermissionDenied(_) | Self::ProviderDenied { .. } => Code::PermissionDenied,
             Self::UserNotFound | Self::NoIdentity { .. } => Code::NotFound,
-            Self::NoToken { .. } | Self::ManagementScopeMissing(_) | Self::CredentialsRejected(_) => {
-                Code::FailedPrecondition
-            }
+            Self::NoToken { .. }
+            | Self::ManagementScopeMissing(_)
+            | Self::CredentialsRejected(_) => Code::FailedPrecondition,
             Self::Unavailable { .. } | Self::ShuttingDown => Code::Unavailable,
             Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::Internal(_) => Code::Internal,
@@ -111,7 +112,13 @@ impl BrokerError {
         matches!(
             self,
             Self::CredentialsRejected(_) | Self::ManagementScopeMissing(_) | Self::Internal(_)
-        ) || matches!(self, Self::NoToken { scope_missing: true, .. })
+        ) || matches!(
+            self,
+            Self::NoToken {
+                scope_missing: true,
+                ..
+            }
+        )
     }
 
     /// The status sent to the caller; UNAVAILABLE carries a `google.rpc.RetryInfo`

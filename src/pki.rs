@@ -48,7 +48,10 @@ impl LeafSpec {
         Self {
             common_name: "tokenbroker".to_owned(),
             dns_names: vec!["localhost".to_owned()],
-            ip_addresses: vec![IpAddr::from([127, 0, 0, 1]), IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])],
+            ip_addresses: vec![
+                IpAddr::from([127, 0, 0, 1]),
+                IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
+            ],
             uris: Vec::new(),
             server: true,
         }
@@ -92,7 +95,9 @@ impl CertificateAuthority {
     pub fn generate(common_name: &str) -> Result<Self, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let certificate = params.self_signed(&key)?;
@@ -124,13 +129,17 @@ impl CertificateAuthority {
             .distinguished_name
             .push(DnType::CommonName, spec.common_name.as_str());
         for dns in &spec.dns_names {
-            params.subject_alt_names.push(SanType::DnsName(dns.as_str().try_into()?));
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(dns.as_str().try_into()?));
         }
         for ip in &spec.ip_addresses {
             params.subject_alt_names.push(SanType::IpAddress(*ip));
         }
         for uri in &spec.uris {
-            params.subject_alt_names.push(SanType::URI(uri.as_str().try_into()?));
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.as_str().try_into()?));
         }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -172,9 +181,15 @@ impl DevPki {
             client_cert: dir.join("client.pem"),
             client_key: dir.join("client.key"),
         };
-        let all_there = [&pki.ca_cert, &pki.server_cert, &pki.server_key, &pki.client_cert, &pki.client_key]
-            .iter()
-            .all(|path| path.is_file());
+        let all_there = [
+            &pki.ca_cert,
+            &pki.server_cert,
+            &pki.server_key,
+            &pki.client_cert,
+            &pki.client_key,
+        ]
+        .iter()
+        .all(|path| path.is_file());
         if !all_there {
             pki.generate()?;
         }
@@ -231,11 +246,21 @@ mod tests {
     #[test]
     fn caller_id_prefers_spiffe_then_dns_then_cn() {
         let ca = CertificateAuthority::generate("test CA").unwrap();
-        let spiffe = ca.issue(&LeafSpec::spiffe_client("spiffe://example.org/ns/prod/sa/billing")).unwrap();
+        let spiffe = ca
+            .issue(&LeafSpec::spiffe_client(
+                "spiffe://example.org/ns/prod/sa/billing",
+            ))
+            .unwrap();
         let dns = ca.issue(&LeafSpec::dns_client("billing.prod.svc")).unwrap();
         let cn = ca.issue(&LeafSpec::cn_client("billing")).unwrap();
-        assert_eq!(caller_id(&der(&spiffe.cert_pem)).as_deref(), Some("spiffe://example.org/ns/prod/sa/billing"));
-        assert_eq!(caller_id(&der(&dns.cert_pem)).as_deref(), Some("billing.prod.svc"));
+        assert_eq!(
+            caller_id(&der(&spiffe.cert_pem)).as_deref(),
+            Some("spiffe://example.org/ns/prod/sa/billing")
+        );
+        assert_eq!(
+            caller_id(&der(&dns.cert_pem)).as_deref(),
+            Some("billing.prod.svc")
+        );
         assert_eq!(caller_id(&der(&cn.cert_pem)).as_deref(), Some("billing"));
     }
 

@@ -173,7 +173,9 @@ impl Policy {
 fn parse_providers(values: &[String]) -> Result<Providers, String> {
     if values.iter().any(|value| value == ALL_PROVIDERS) {
         if values.len() > 1 {
-            return Err("providers: \"*\" already means all providers; list nothing else".to_owned());
+            return Err(
+                "providers: \"*\" already means all providers; list nothing else".to_owned(),
+            );
         }
         return Ok(Providers::All);
     }
@@ -186,79 +188,11 @@ fn parse_providers(values: &[String]) -> Result<Providers, String> {
 /// 1-based line number of a byte offset.
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const BILLING: &str = "spiffe://example.org/ns/prod/sa/billing";
-
-    fn parse(text: &str) -> Result<Policy, PolicyError> {
-        Policy::parse(text, Path::new("policy.toml"))
-    }
-
-    #[test]
-    fn listed_caller_gets_its_providers_and_nothing_else() {
-        let policy = parse(&format!(
-            "[[caller]]\nid = \"{BILLING}\"\nproviders = [\"github\"]\n"
-        ))
-        .unwrap();
-        let rule = policy.rule_for(BILLING).unwrap();
-        assert!(rule.allows_provider("github"));
-        assert!(!rule.allows_provider("google-oauth2"));
-        assert!(!rule.invalidate);
-    }
-
-    #[test]
-    fn star_means_every_provider() {
-        let policy = parse("[[caller]]\nid = \"a\"\nproviders = [\"*\"]\ninvalidate = true\n").unwrap();
-        let rule = policy.rule_for("a").unwrap();
-        assert!(rule.allows_provider("anything"));
-        assert!(rule.invalidate);
-    }
-
-    #[test]
-    fn unlisted_caller_is_denied() {
-        let policy = parse("[[caller]]\nid = \"a\"\nproviders = [\"*\"]\n").unwrap();
-        assert!(matches!(policy.rule_for("b"), Err(BrokerError::PermissionDenied(_))));
-    }
-
-    #[test]
-    fn unknown_key_names_file_and_line() {
-        let error = parse("[[caller]]\nid = \"a\"\nproviders = [\"*\"]\nadmin = true\n").unwrap_err();
-        let text = error.to_string();
-        assert!(text.starts_with("policy.toml:"), "{text}");
-        assert!(text.contains("admin"), "{text}");
-    }
-
-    #[test]
-    fn duplicate_id_names_the_line_of_the_second() {
-        let error = parse(
-            "[[caller]]\nid = \"a\"\nproviders = [\"*\"]\n\n[[caller]]\nid = \"a\"\nproviders = [\"github\"]\n",
-        )
-        .unwrap_err();
-        assert!(error.to_string().starts_with("policy.toml:6:"), "{error}");
-        assert!(error.to_string().contains("listed twice"), "{error}");
-    }
-
-    #[test]
-    fn syntax_error_names_its_line() {
-        let error = parse("[[caller]]\nid = \"a\"\nproviders = [\"*\"\n").unwrap_err();
-        assert!(error.to_string().starts_with("policy.toml:"), "{error}");
-    }
-
-    #[test]
-    fn missing_providers_is_refused() {
-        assert!(parse("[[caller]]\nid = \"a\"\n").is_err());
-    }
-
-    #[test]
-    fn allow_any_allows_everything() {
-        let rule = Policy::allow_any().rule_for("whoever").unwrap();
-        assert!(rule.allows_provider("github") && rule.invalidate);
-    }
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// The policy in force, swapped atomically on reload so an RPC always sees
@@ -312,5 +246,82 @@ impl PolicyStore {
                 tracing::error!(%error, "policy not reloaded: keeping the previous policy");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BILLING: &str = "spiffe://example.org/ns/prod/sa/billing";
+
+    fn parse(text: &str) -> Result<Policy, PolicyError> {
+        Policy::parse(text, Path::new("policy.toml"))
+    }
+
+    #[test]
+    fn listed_caller_gets_its_providers_and_nothing_else() {
+        let policy = parse(&format!(
+            "[[caller]]\nid = \"{BILLING}\"\nproviders = [\"github\"]\n"
+        ))
+        .unwrap();
+        let rule = policy.rule_for(BILLING).unwrap();
+        assert!(rule.allows_provider("github"));
+        assert!(!rule.allows_provider("google-oauth2"));
+        assert!(!rule.invalidate);
+    }
+
+    #[test]
+    fn star_means_every_provider() {
+        let policy =
+            parse("[[caller]]\nid = \"a\"\nproviders = [\"*\"]\ninvalidate = true\n").unwrap();
+        let rule = policy.rule_for("a").unwrap();
+        assert!(rule.allows_provider("anything"));
+        assert!(rule.invalidate);
+    }
+
+    #[test]
+    fn unlisted_caller_is_denied() {
+        let policy = parse("[[caller]]\nid = \"a\"\nproviders = [\"*\"]\n").unwrap();
+        assert!(matches!(
+            policy.rule_for("b"),
+            Err(BrokerError::PermissionDenied(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let error =
+            parse("[[caller]]\nid = \"a\"\nproviders = [\"*\"]\nadmin = true\n").unwrap_err();
+        let text = error.to_string();
+        assert!(text.starts_with("policy.toml:"), "{text}");
+        assert!(text.contains("admin"), "{text}");
+    }
+
+    #[test]
+    fn duplicate_id_names_the_line_of_the_second() {
+        let error = parse(
+            "[[caller]]\nid = \"a\"\nproviders = [\"*\"]\n\n[[caller]]\nid = \"a\"\nproviders = [\"github\"]\n",
+        )
+        .unwrap_err();
+        assert!(error.to_string().starts_with("policy.toml:6:"), "{error}");
+        assert!(error.to_string().contains("listed twice"), "{error}");
+    }
+
+    #[test]
+    fn syntax_error_names_its_line() {
+        let error = parse("[[caller]]\nid = \"a\"\nproviders = [\"*\"\n").unwrap_err();
+        assert!(error.to_string().starts_with("policy.toml:"), "{error}");
+    }
+
+    #[test]
+    fn missing_providers_is_refused() {
+        assert!(parse("[[caller]]\nid = \"a\"\n").is_err());
+    }
+
+    #[test]
+    fn allow_any_allows_everything() {
+        let rule = Policy::allow_any().rule_for("whoever").unwrap();
+        assert!(rule.allows_provider("github") && rule.invalidate);
     }
 }

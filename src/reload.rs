@@ -34,9 +34,10 @@ pub fn watch_files(
     interval: Duration,
     mut reload: impl FnMut() + Send + 'static,
 ) -> JoinHandle<()> {
+    // Taken now, not in the task: a change made right after this call must count.
+    let mut last = fingerprint(&paths);
     tokio::spawn(async move {
         let mut hangup = hangup_signal();
-        let mut last = fingerprint(&paths);
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -100,7 +101,11 @@ mod tests {
             counter.fetch_add(1, Ordering::SeqCst);
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(reloads.load(Ordering::SeqCst), 0, "unchanged file must not reload");
+        assert_eq!(
+            reloads.load(Ordering::SeqCst),
+            0,
+            "unchanged file must not reload"
+        );
         std::fs::write(&path, "b").unwrap();
         for _ in 0..100 {
             if reloads.load(Ordering::SeqCst) > 0 {

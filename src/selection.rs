@@ -39,7 +39,9 @@ impl Selector {
                 connection,
             } => {
                 identity.provider == *provider
-                    && connection.as_ref().is_none_or(|c| identity.connection == *c)
+                    && connection
+                        .as_ref()
+                        .is_none_or(|c| identity.connection == *c)
             }
             Self::Connection(connection) => identity.connection == *connection,
             Self::FirstWithToken => true,
@@ -70,7 +72,11 @@ pub fn select<'a>(
     selector: &Selector,
     allowed: &dyn Fn(&str) -> bool,
 ) -> Result<&'a Identity, BrokerError> {
-    let candidates: Vec<&Identity> = user.identities.iter().filter(|i| selector.matches(i)).collect();
+    let candidates: Vec<&Identity> = user
+        .identities
+        .iter()
+        .filter(|i| selector.matches(i))
+        .collect();
     let Some(first) = candidates.first().copied() else {
         return Err(BrokerError::NoIdentity {
             wanted: selector.describe(),
@@ -80,7 +86,10 @@ pub fn select<'a>(
         wanted,
         scope_missing: !user.idp_tokens_readable,
     };
-    let with_token: Vec<&Identity> = candidates.into_iter().filter(|i| i.access_token.is_some()).collect();
+    let with_token: Vec<&Identity> = candidates
+        .into_iter()
+        .filter(|i| i.access_token.is_some())
+        .collect();
     if *selector == Selector::FirstWithToken {
         if let Some(identity) = with_token.iter().find(|i| allowed(&i.provider)) {
             return Ok(identity);
@@ -106,7 +115,9 @@ pub fn select<'a>(
 
 /// Every identity that has a token, in Auth0's order.
 pub fn with_tokens(user: &UserIdentities) -> impl Iterator<Item = &Identity> {
-    user.identities.iter().filter(|identity| identity.access_token.is_some())
+    user.identities
+        .iter()
+        .filter(|identity| identity.access_token.is_some())
 }
 
 #[cfg(test)]
@@ -136,7 +147,10 @@ mod tests {
         }
     }
 
-    fn select_any<'a>(user: &'a UserIdentities, selector: &Selector) -> Result<&'a Identity, BrokerError> {
+    fn select_any<'a>(
+        user: &'a UserIdentities,
+        selector: &Selector,
+    ) -> Result<&'a Identity, BrokerError> {
         select(user, selector, &|_| true)
     }
 
@@ -198,7 +212,10 @@ mod tests {
         ));
         assert!(matches!(
             select_any(&u, &Selector::from_request("auth0", "")),
-            Err(BrokerError::NoToken { scope_missing: false, .. })
+            Err(BrokerError::NoToken {
+                scope_missing: false,
+                ..
+            })
         ));
     }
 

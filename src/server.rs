@@ -72,9 +72,15 @@ pub struct Listeners {
 
 /// Opens policy, TLS and Auth0 client from `config`, binds the listeners and
 /// serves until `shutdown`.
-pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+pub async fn serve(
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
     let broker = Broker {
-        store: Arc::new(IdentityStore::new(Auth0Client::new(config.auth0)?, config.cache)),
+        store: Arc::new(IdentityStore::new(
+            Auth0Client::new(config.auth0)?,
+            config.cache,
+        )),
         policy: Arc::new(PolicyStore::open(config.policy.as_deref())?),
         tls: Arc::new(TlsStore::open(config.tls)?),
     };
@@ -90,7 +96,9 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()> + Sen
 
 /// Binds `addr`, naming it on failure.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
 }
 
 /// Serves until `shutdown` completes. Then: both health services report
@@ -104,7 +112,9 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     announce(&listeners, &broker);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_service_status("", ServingStatus::Serving).await;
+    health_reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
     health_reporter
         .set_service_status(READINESS_SERVICE, ServingStatus::NotServing)
         .await;
@@ -123,11 +133,18 @@ pub async fn run(
     };
     let mut mtls = tokio::spawn(
         Server::builder()
-            .add_service(TokenBrokerService::server(broker.store.clone(), broker.policy.clone(), drain))
+            .add_service(TokenBrokerService::server(
+                broker.store.clone(),
+                broker.policy.clone(),
+                drain,
+            ))
             .add_service(health_service.clone())
             .add_service(reflection_builder().build_v1()?)
             .add_service(reflection_builder().build_v1alpha()?)
-            .serve_with_incoming_shutdown(tls::incoming(listeners.mtls, broker.tls.clone()), until_stopped()),
+            .serve_with_incoming_shutdown(
+                tls::incoming(listeners.mtls, broker.tls.clone()),
+                until_stopped(),
+            ),
     );
     let plaintext_health = listeners.health.map(|listener| {
         tokio::spawn(
@@ -147,12 +164,17 @@ pub async fn run(
     if let Some(result) = early_exit {
         return flatten(result);
     }
-    health_reporter.set_service_status("", ServingStatus::NotServing).await;
+    health_reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
     health_reporter
         .set_service_status(READINESS_SERVICE, ServingStatus::NotServing)
         .await;
     let _ = stop_accepting.send(true);
-    tracing::info!(grace_secs = settings.shutdown_grace.as_secs_f64(), "draining in-flight RPCs");
+    tracing::info!(
+        grace_secs = settings.shutdown_grace.as_secs_f64(),
+        "draining in-flight RPCs"
+    );
     let result = drain_in_flight(&mut mtls, settings.shutdown_grace, &drain_control).await;
     if let Some(health) = plaintext_health {
         health.abort();
@@ -182,7 +204,9 @@ async fn drain_in_flight(
     }
 }
 
-fn flatten(result: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>) -> Result<(), ServerError> {
+fn flatten(
+    result: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> Result<(), ServerError> {
     Ok(result??)
 }
 
@@ -206,7 +230,9 @@ fn watch_policy(policy: &Arc<PolicyStore>, interval: Duration) -> JoinHandle<()>
         return tokio::spawn(async {});
     };
     let policy_for_reload = policy.clone();
-    reload::watch_files(vec![path.to_owned()], interval, move || policy_for_reload.reload())
+    reload::watch_files(vec![path.to_owned()], interval, move || {
+        policy_for_reload.reload()
+    })
 }
 
 fn watch_tls(tls: &Arc<TlsStore>, interval: Duration) -> JoinHandle<()> {
@@ -227,7 +253,9 @@ async fn become_ready(store: Arc<IdentityStore>, reporter: HealthReporter) {
     loop {
         match store.warm_up().await {
             Ok(()) => {
-                reporter.set_service_status(READINESS_SERVICE, ServingStatus::Serving).await;
+                reporter
+                    .set_service_status(READINESS_SERVICE, ServingStatus::Serving)
+                    .await;
                 tracing::info!("ready: obtained the first Management API token");
                 return;
             }

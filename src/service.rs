@@ -12,12 +12,12 @@ use tonic::{Request, Response, Status};
 use crate::auth0::{Identity, UserIdentities};
 use crate::cache::{IdentityStore, Lookup};
 use crate::error::BrokerError;
+use crate::policy::PolicyStore;
 use crate::proto::token_broker_server::{TokenBroker, TokenBrokerServer};
 use crate::proto::{
     GetIdpTokenRequest, GetIdpTokenResponse, IdpToken, InvalidateUserRequest,
     InvalidateUserResponse, ListIdpTokensRequest, ListIdpTokensResponse,
 };
-use crate::policy::PolicyStore;
 use crate::selection::{self, Selector};
 use crate::shutdown::Drain;
 use crate::tls;
@@ -27,8 +27,15 @@ use crate::user_id::UserId;
 const UNKNOWN_CALLER: &str = "unknown";
 
 /// How much earlier than the caller's deadline the broker gives up, so the
-/// caller gets DEADLINE_EXCEEDED from us rather than tonic's CANCELLED.
-const DEADLINE_HEADROOM: Duration = Duration::from_millis(5);
+/// caller gets DEADLINE_EXCEEDED from us rather than its own transport's
+/// CANCELLED: a tenth of the deadline, between 5 and 100 ms, at most half.
+/// The caller's clock started before the request was sent, ours after it
+/// arrived, and the answer still has to travel back.
+fn deadline_headroom(deadline: Duration) -> Duration {
+    (deadline / 10)
+        .clamp(Duration::from_millis(5), Duration::from_millis(100))
+        .min(deadline / 2)
+}
 
 /// Serves tokens from the [`IdentityStore`] to the callers the policy allows.
 pub struct TokenBrokerService {
@@ -39,11 +46,18 @@ pub struct TokenBrokerService {
 }
 
 /// The tonic server type, with the interceptor that identifies callers.
-pub type TokenBrokerGrpc = InterceptedService<TokenBrokerServer<TokenBrokerService>, fn(Request<()>) -> Result<Request<()>, Status>>;
+pub type TokenBrokerGrpc = InterceptedService<
+    TokenBrokerServer<TokenBrokerService>,
+    fn(Request<()>) -> Result<Request<()>, Status>,
+>;
 
 impl TokenBrokerService {
     /// Wraps the service in the generated tonic server behind the caller-id interceptor.
-    pub fn server(store: Arc<IdentityStore>, policy: Arc<PolicyStore>, drain: Drain) -> TokenBrokerGrpc {
+    pub fn server(
+        store: Arc<IdentityStore>,
+        policy: Arc<PolicyStore>,
+        drain: Drain,
+    ) -> TokenBrokerGrpc {
         TokenBrokerServer::with_interceptor(
             Self {
                 store,
@@ -66,7 +80,9 @@ fn attach_caller_id(mut request: Request<()>) -> Result<Request<()>, Status> {
     let caller = request
         .peer_certs()
         .and_then(|certs| certs.first().and_then(tls::caller_id))
-        .ok_or_else(|| Status::permission_denied("no verified client certificate identifies the caller"))?;
+        .ok_or_else(|| {
+            Status::permission_denied("no verified client certificate identifies the caller")
+        })?;
     request.extensions_mut().insert(CallerId(caller));
     Ok(request)
 }
@@ -108,7 +124,7 @@ impl CallContext {
         let deadline = async {
             match self.deadline {
                 Some(deadline) => {
-                    tokio::time::sleep(deadline.saturating_sub(DEADLINE_HEADROOM.min(deadline / 10))).await
+                    tokio::time::sleep(deadline.saturating_sub(deadline_headroom(deadline))).await
                 }
                 None => std::future::pending().await,
             }
@@ -167,13 +183,23 @@ impl TokenBroker for TokenBrokerService {
         let request = request.into_inner();
         let selector = Selector::from_request(&request.provider, &request.connection);
         let result = call
-.bounded(&self.drain, self.get_token(&call.caller, &request, &selector))
+            .bounded(
+                &self.drain,
+                self.get_token(&call.caller, &request, &selector),
+            )
             .await;
         let wanted = describe_request(&request.provider, &request.connection);
-        call.audit(&request.user_id, &wanted, &result.as_ref().map(|token| Released {
-            providers: token.provider.clone(),
-            from_cache: token.from_cache,
-        }).map_err(Clone::clone));
+        call.audit(
+            &request.user_id,
+            &wanted,
+            &result
+                .as_ref()
+                .map(|token| Released {
+                    providers: token.provider.clone(),
+                    from_cache: token.from_cache,
+                })
+                .map_err(Clone::clone),
+        );
         result
             .map(|token| Response::new(GetIdpTokenResponse { token: Some(token) }))
             .map_err(|error| error.to_status())
@@ -185,15 +211,24 @@ impl TokenBroker for TokenBrokerService {
     ) -> Result<Response<ListIdpTokensResponse>, Status> {
         let call = CallContext::of("ListIdpTokens", &request);
         let request = request.into_inner();
-        let result = call.bounded(&self.drain, self.list_tokens(&call.caller, &request)).await;
-        call.audit(&request.user_id, "all", &result.as_ref().map(|tokens| Released {
-            providers: tokens
-                .iter()
-                .map(|token| token.provider.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-            from_cache: tokens.first().is_some_and(|token| token.from_cache),
-        }).map_err(Clone::clone));
+        let result = call
+            .bounded(&self.drain, self.list_tokens(&call.caller, &request))
+            .await;
+        call.audit(
+            &request.user_id,
+            "all",
+            &result
+                .as_ref()
+                .map(|tokens| Released {
+                    providers: tokens
+                        .iter()
+                        .map(|token| token.provider.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    from_cache: tokens.first().is_some_and(|token| token.from_cache),
+                })
+                .map_err(Clone::clone),
+        );
         result
             .map(|tokens| Response::new(ListIdpTokensResponse { tokens }))
             .map_err(|error| error.to_status())
@@ -238,11 +273,16 @@ impl TokenBrokerService {
             });
         }
         let Lookup { user, from_cache } = self.store.lookup(&user_id, request.bypass_cache).await?;
-        let identity = selection::select(&user, selector, &|provider| rule.allows_provider(provider))?;
+        let identity =
+            selection::select(&user, selector, &|provider| rule.allows_provider(provider))?;
         Ok(to_proto(identity, &user, from_cache))
     }
 
-    async fn list_tokens(&self, caller: &str, request: &ListIdpTokensRequest) -> Result<Vec<IdpToken>, BrokerError> {
+    async fn list_tokens(
+        &self,
+        caller: &str,
+        request: &ListIdpTokensRequest,
+    ) -> Result<Vec<IdpToken>, BrokerError> {
         let user_id = UserId::parse(&request.user_id)?;
         let rule = self.policy.current().rule_for(caller)?;
         let Lookup { user, from_cache } = self.store.lookup(&user_id, false).await?;
@@ -258,7 +298,11 @@ impl TokenBrokerService {
             .collect())
     }
 
-    async fn invalidate(&self, caller: &str, request: &InvalidateUserRequest) -> Result<(), BrokerError> {
+    async fn invalidate(
+        &self,
+        caller: &str,
+        request: &InvalidateUserRequest,
+    ) -> Result<(), BrokerError> {
         let user_id = UserId::parse(&request.user_id)?;
         let rule = self.policy.current().rule_for(caller)?;
         if !rule.invalidate {
@@ -325,6 +369,26 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headroom_is_a_tenth_of_the_deadline_within_bounds() {
+        assert_eq!(
+            deadline_headroom(Duration::from_millis(300)),
+            Duration::from_millis(30)
+        );
+        assert_eq!(
+            deadline_headroom(Duration::from_secs(20)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            deadline_headroom(Duration::from_millis(20)),
+            Duration::from_millis(5)
+        );
+        assert_eq!(
+            deadline_headroom(Duration::from_millis(4)),
+            Duration::from_millis(2)
+        );
+    }
 
     #[test]
     fn grpc_timeout_units_are_parsed() {

@@ -20,7 +20,9 @@ pub enum Auth0Error {
         status: u16,
         retry_after: Option<Duration>,
     },
-    #[error("Auth0 rejected the broker's client credentials (HTTP {status} {code}: {description})")]
+    #[error(
+        "Auth0 rejected the broker's client credentials (HTTP {status} {code}: {description})"
+    )]
     CredentialsRejected {
         status: u16,
         code: String,
@@ -144,7 +146,8 @@ mod tests {
         );
         assert_eq!(management.code(), "inexistent_user");
         assert_eq!(management.description(), "The user does not exist.");
-        let token = ErrorBody::parse(br#"{"error":"access_denied","error_description":"Unauthorized"}"#);
+        let token =
+            ErrorBody::parse(br#"{"error":"access_denied","error_description":"Unauthorized"}"#);
         assert_eq!(token.code(), "access_denied");
         assert_eq!(token.description(), "Unauthorized");
         assert_eq!(ErrorBody::parse(b"<html>").code(), "unknown");

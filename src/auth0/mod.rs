@@ -121,8 +121,9 @@ impl Auth0Client {
             client_secret: self.settings.client_secret.expose_secret(),
             audience: &self.settings.audience,
         };
-        let body = serde_urlencoded::to_string(&form)
-            .map_err(|e| Auth0Error::InvalidBody(format!("cannot encode the token request: {e}")))?;
+        let body = serde_urlencoded::to_string(&form).map_err(|e| {
+            Auth0Error::InvalidBody(format!("cannot encode the token request: {e}"))
+        })?;
         let started = Instant::now();
         let response = self
             .http
@@ -174,7 +175,11 @@ impl Auth0Client {
         }
         let user: UserBody = serde_json::from_slice(&bytes)
             .map_err(|e| Auth0Error::InvalidBody(format!("/api/v2/users: {e}")))?;
-        Ok(into_user_identities(user_id, user, token.can_read_idp_tokens()))
+        Ok(into_user_identities(
+            user_id,
+            user,
+            token.can_read_idp_tokens(),
+        ))
     }
 
     fn user_url(&self, user_id: &UserId) -> String {
@@ -211,7 +216,11 @@ fn into_user_identities(user_id: &UserId, user: UserBody, readable: bool) -> Use
     }
 }
 
-fn token_endpoint_error(status: StatusCode, headers: &reqwest::header::HeaderMap, bytes: &[u8]) -> Auth0Error {
+fn token_endpoint_error(
+    status: StatusCode,
+    headers: &reqwest::header::HeaderMap,
+    bytes: &[u8],
+) -> Auth0Error {
     let body = ErrorBody::parse(bytes);
     match status.as_u16() {
         401 | 403 => Auth0Error::CredentialsRejected {
@@ -223,7 +232,11 @@ fn token_endpoint_error(status: StatusCode, headers: &reqwest::header::HeaderMap
     }
 }
 
-fn users_endpoint_error(status: StatusCode, headers: &reqwest::header::HeaderMap, bytes: &[u8]) -> Auth0Error {
+fn users_endpoint_error(
+    status: StatusCode,
+    headers: &reqwest::header::HeaderMap,
+    bytes: &[u8],
+) -> Auth0Error {
     let body = ErrorBody::parse(bytes);
     match status.as_u16() {
         401 => Auth0Error::ManagementTokenRejected,
@@ -235,7 +248,11 @@ fn users_endpoint_error(status: StatusCode, headers: &reqwest::header::HeaderMap
     }
 }
 
-fn common_error(status: StatusCode, headers: &reqwest::header::HeaderMap, body: ErrorBody) -> Auth0Error {
+fn common_error(
+    status: StatusCode,
+    headers: &reqwest::header::HeaderMap,
+    body: ErrorBody,
+) -> Auth0Error {
     if status == StatusCode::TOO_MANY_REQUESTS {
         return Auth0Error::RateLimited {
             retry_after: retry_delay(headers),
@@ -313,7 +330,11 @@ mod tests {
             Auth0Error::ServerError { status: 502, .. }
         ));
         assert!(matches!(
-            token_endpoint_error(StatusCode::UNAUTHORIZED, &headers, br#"{"error":"access_denied"}"#),
+            token_endpoint_error(
+                StatusCode::UNAUTHORIZED,
+                &headers,
+                br#"{"error":"access_denied"}"#
+            ),
             Auth0Error::CredentialsRejected { status: 401, .. }
         ));
     }

@@ -99,7 +99,10 @@ mod tests {
 
     #[test]
     fn reuse_window_keeps_a_margin_of_sixty_seconds_or_ten_percent() {
-        assert_eq!(token(86_400, "").reuse_window(), Duration::from_secs(77_760));
+        assert_eq!(
+            token(86_400, "").reuse_window(),
+            Duration::from_secs(77_760)
+        );
         assert_eq!(token(300, "").reuse_window(), Duration::from_secs(240));
         assert_eq!(token(60, "").reuse_window(), Duration::from_secs(30));
     }

@@ -105,8 +105,7 @@ async fn connect_when_listening(
         }
         match mtls_client(addr, ca_pem, cert_pem, key_pem).await {
             Ok(client) => return client,
-            Err(error) if tokio::time::Instant::now() < deadline => {
-                let _ = error;
+            Err(_) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(error) => panic!("tokenbroker did not listen on {addr} in time: {error:?}"),
@@ -150,7 +149,59 @@ fn valid_serve_env(port: u16) -> Vec<(&'static str, String)> {
         ("TOKENBROKER_TLS_CERT", "/nonexistent/server.pem".to_owned()),
         ("TOKENBROKER_TLS_KEY", "/nonexistent/server.key".to_owned()),
         ("TOKENBROKER_CLIENT_CA", "/nonexistent/ca.pem".to_owned()),
+        ("TOKENBROKER_ALLOW_ANY_CALLER", "true".to_owned()),
     ]
+}
+
+/// Runs `serve` with [`valid_serve_env`] changed by `overrides` and `removals`.
+async fn serve_with(overrides: Vec<(&'static str, String)>, removals: &[&str]) -> Output {
+    let mut env = valid_serve_env(free_port());
+    env.retain(|(key, _)| !removals.contains(key));
+    for (key, value) in overrides {
+        env.retain(|(existing, _)| *existing != key);
+        env.push((key, value));
+    }
+    let mut command = tokenbroker(&["serve"]);
+    command.envs(env);
+    run_to_exit(command).await
+}
+
+/// Checks that stderr is exactly one `tokenbroker: error:` line and returns it.
+fn one_error_line<'a>(what: &str, stderr: &'a str) -> &'a str {
+    let line = stderr.trim_end();
+    assert!(
+        !line.is_empty() && !line.contains('\n'),
+        "{what}: stderr is exactly one line, got: {stderr:?}"
+    );
+    assert!(line.starts_with("tokenbroker: error:"), "{what}: {line}");
+    line
+}
+
+/// One broken start-up configuration.
+struct BadStart {
+    what: &'static str,
+    /// Variables set (or replaced) on top of [`valid_serve_env`].
+    set: Vec<(&'static str, String)>,
+    /// Variables removed from it.
+    unset: Vec<&'static str>,
+    /// What the error line must mention.
+    names: Vec<String>,
+}
+
+impl BadStart {
+    fn new(
+        what: &'static str,
+        set: Vec<(&'static str, String)>,
+        unset: Vec<&'static str>,
+        names: &[&str],
+    ) -> Self {
+        Self {
+            what,
+            set,
+            unset,
+            names: names.iter().map(|name| (*name).to_owned()).collect(),
+        }
+    }
 }
 
 #[tokio::test]
@@ -161,50 +212,59 @@ async fn bad_config_fails_at_start_with_one_line_naming_the_setting() {
     let secret_file = secret_file.display().to_string();
     let missing_file = dir.path().join("no-such-secret").display().to_string();
 
-    // (what is wrong, env overrides, env removals, names the line must mention)
-    let cases: Vec<(&str, Vec<(&str, String)>, Vec<&str>, Vec<&str>)> = vec![
-        (
+    let cases = vec![
+        BadStart::new(
             "domain with a path",
             vec![("AUTH0_DOMAIN", "https://x/api".to_owned())],
             vec![],
-            vec!["AUTH0_DOMAIN"],
+            &["AUTH0_DOMAIN"],
         ),
-        (
+        BadStart::new(
             "both secret sources",
             vec![("AUTH0_CLIENT_SECRET_FILE", secret_file.clone())],
             vec![],
-            vec!["AUTH0_CLIENT_SECRET ", "AUTH0_CLIENT_SECRET_FILE"],
+            &["AUTH0_CLIENT_SECRET ", "AUTH0_CLIENT_SECRET_FILE"],
         ),
-        (
+        BadStart::new(
             "neither secret source",
             vec![],
             vec!["AUTH0_CLIENT_SECRET"],
-            vec!["AUTH0_CLIENT_SECRET ", "AUTH0_CLIENT_SECRET_FILE"],
+            &["AUTH0_CLIENT_SECRET ", "AUTH0_CLIENT_SECRET_FILE"],
         ),
-        (
+        BadStart::new(
             "unreadable secret file",
             vec![("AUTH0_CLIENT_SECRET_FILE", missing_file)],
             vec!["AUTH0_CLIENT_SECRET"],
-            vec!["AUTH0_CLIENT_SECRET_FILE"],
+            &["AUTH0_CLIENT_SECRET_FILE"],
         ),
-        (
+        BadStart::new(
+            "neither a policy nor --allow-any-caller",
+            vec![],
+            vec!["TOKENBROKER_ALLOW_ANY_CALLER"],
+            &["TOKENBROKER_POLICY", "--allow-any-caller"],
+        ),
+        BadStart::new(
+            "both a policy and --allow-any-caller",
+            vec![("TOKENBROKER_POLICY", secret_file.clone())],
+            vec![],
+            &["TOKENBROKER_POLICY", "--allow-any-caller"],
+        ),
+        BadStart::new(
             "zero cache capacity",
             vec![("TOKENBROKER_USER_CACHE_CAPACITY", "0".to_owned())],
             vec![],
-            vec!["TOKENBROKER_USER_CACHE_CAPACITY"],
+            &["TOKENBROKER_USER_CACHE_CAPACITY"],
         ),
     ];
 
-    for (what, overrides, removals, names) in cases {
-        let mut env = valid_serve_env(free_port());
-        env.retain(|(key, _)| !removals.contains(key));
-        for (key, value) in overrides {
-            env.retain(|(existing, _)| *existing != key);
-            env.push((key, value));
-        }
-        let mut command = tokenbroker(&["serve"]);
-        command.envs(env);
-        let output = run_to_exit(command).await;
+    for BadStart {
+        what,
+        set,
+        unset,
+        names,
+    } in cases
+    {
+        let output = serve_with(set, &unset).await;
         let stderr = String::from_utf8_lossy(&output.stderr);
 
         assert_eq!(
@@ -212,21 +272,17 @@ async fn bad_config_fails_at_start_with_one_line_naming_the_setting() {
             Some(2),
             "{what}: exit code 2 for a bad config; stderr: {stderr}"
         );
-        let line = stderr.trim_end();
-        assert!(
-            !line.is_empty() && !line.contains('\n'),
-            "{what}: stderr is exactly one line, got: {stderr:?}"
-        );
-        assert!(line.starts_with("tokenbroker: error:"), "{what}: {line}");
-        for name in names {
+        let line = one_error_line(what, &stderr);
+        for name in &names {
             assert!(
-                line.contains(name),
+                line.contains(name.as_str()),
                 "{what}: the line names {name:?}: {line}"
             );
         }
+        let stdout = String::from_utf8_lossy(&output.stdout);
         for secret in ["dummy-inline-secret-7c41", "file-secret-value-3e9a"] {
             assert!(
-                !line.contains(secret) && !String::from_utf8_lossy(&output.stdout).contains(secret),
+                !line.contains(secret) && !stdout.contains(secret),
                 "{what}: the client secret leaked into the output"
             );
         }
@@ -234,12 +290,85 @@ async fn bad_config_fails_at_start_with_one_line_naming_the_setting() {
 }
 
 #[tokio::test]
+async fn unusable_tls_or_policy_file_fails_at_start_with_one_line_naming_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let ca = CertificateAuthority::generate("start-up test CA").expect("CA");
+    let server = ca.issue(&LeafSpec::loopback_server()).expect("server cert");
+    write_file(
+        dir.path().join("server.pem").as_path(),
+        &server.cert_pem,
+        false,
+    )
+    .expect("write");
+    write_file(
+        dir.path().join("server.key").as_path(),
+        &server.key_pem,
+        true,
+    )
+    .expect("write");
+    write_file(dir.path().join("ca.pem").as_path(), &ca.cert_pem, false).expect("write");
+    let good_tls = [
+        ("TOKENBROKER_TLS_CERT", path("server.pem")),
+        ("TOKENBROKER_TLS_KEY", path("server.key")),
+        ("TOKENBROKER_CLIENT_CA", path("ca.pem")),
+    ];
+    let missing_cert = path("missing-server.pem");
+    let policy = path("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[caller]]\nid = \"spiffe://example.org/a\"\nproviders = [\"github\"]\ninvalidat = true\n",
+    )
+    .expect("write policy");
+
+    let cases = vec![
+        BadStart::new(
+            "missing TLS certificate",
+            vec![("TOKENBROKER_TLS_CERT", missing_cert.clone())],
+            vec![],
+            &[&missing_cert],
+        ),
+        BadStart::new(
+            "policy file with an unknown key",
+            vec![("TOKENBROKER_POLICY", policy.clone())],
+            vec!["TOKENBROKER_ALLOW_ANY_CALLER"],
+            &[&format!("{policy}:")],
+        ),
+    ];
+    for BadStart {
+        what,
+        set,
+        unset,
+        names,
+    } in cases
+    {
+        // Good TLS files unless the case replaces one.
+        let mut overrides: Vec<(&str, String)> = good_tls
+            .iter()
+            .filter(|(key, _)| set.iter().all(|(k, _)| k != key))
+            .cloned()
+            .collect();
+        overrides.extend(set);
+        let output = serve_with(overrides, &unset).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && output.status.code().is_some(),
+            "{what}: the broker refuses to start; status {}",
+            output.status
+        );
+        let line = one_error_line(what, &stderr);
+        for name in &names {
+            assert!(
+                line.contains(name.as_str()),
+                "{what}: the line names {name:?}: {line}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn missing_required_setting_is_a_usage_error_with_exit_code_2() {
-    let mut env = valid_serve_env(free_port());
-    env.retain(|(key, _)| *key != "AUTH0_CLIENT_ID");
-    let mut command = tokenbroker(&["serve"]);
-    command.envs(env);
-    let output = run_to_exit(command).await;
+    let output = serve_with(vec![], &["AUTH0_CLIENT_ID"]).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
 
     assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
@@ -273,18 +402,27 @@ fn seeded_requests() -> Vec<(&'static str, &'static str)> {
 
 /// Runs every RPC on every seeded user, plus the error paths that log the
 /// most (401 retry, missing scope, Auth0 faults, rejected credentials).
-/// Outcomes other than the first GitHub release are not asserted: only the
-/// logs they produce matter here.
-async fn exercise_everything(client: &mut TokenBrokerClient<Channel>, emulator: &Emulator) {
+/// Outcomes other than the first GitHub release and the last Twitter one are
+/// not asserted: only the logs they produce matter here. Returns how many
+/// `GetIdpToken` RPCs released a token.
+async fn exercise_everything(
+    client: &mut TokenBrokerClient<Channel>,
+    emulator: &Emulator,
+) -> usize {
     let token = get(client, get_request(seed::GITHUB_USER, "github", false))
         .await
         .expect("the broker serves the seeded GitHub token");
     assert_eq!(token.access_token, seed::GITHUB_ACCESS_TOKEN);
+    let mut released = 1;
 
     for (user, provider) in seeded_requests() {
-        let _ = get(client, get_request(user, provider, false)).await;
-        let _ = get(client, get_request(user, "", false)).await;
-        let _ = get(client, get_request(user, provider, true)).await;
+        for request in [
+            get_request(user, provider, false),
+            get_request(user, "", false),
+            get_request(user, provider, true),
+        ] {
+            released += usize::from(get(client, request).await.is_ok());
+        }
         let _ = tokio::time::timeout(
             RPC_BOUND,
             client.list_idp_tokens(ListIdpTokensRequest {
@@ -352,12 +490,15 @@ async fn exercise_everything(client: &mut TokenBrokerClient<Channel>, emulator: 
         .await
         .expect("the broker recovers");
     assert_eq!(token.access_token_secret, seed::TWITTER_ACCESS_TOKEN_SECRET);
+    released + 1
 }
 
 #[tokio::test]
 async fn logs_never_contain_a_token_or_the_client_secret() {
     const CLIENT_ID: &str = "tokenbroker-binary-test";
     const CLIENT_SECRET: &str = "binary-test-client-secret-b71e0d";
+    const CALLER_ID: &str = "spiffe://test.example/ns/it/sa/binary";
+    const STRANGER_ID: &str = "spiffe://test.example/ns/it/sa/stranger";
     let emulator = Emulator::start(EmulatorConfig::new(CLIENT_ID, CLIENT_SECRET))
         .await
         .expect("emulator starts");
@@ -366,15 +507,21 @@ async fn logs_never_contain_a_token_or_the_client_secret() {
     let ca = CertificateAuthority::generate("binary test CA").expect("CA");
     let server = ca.issue(&LeafSpec::loopback_server()).expect("server cert");
     let client_cert = ca
-        .issue(&LeafSpec::spiffe_client(
-            "spiffe://test.example/ns/it/sa/binary",
-        ))
+        .issue(&LeafSpec::spiffe_client(CALLER_ID))
         .expect("client cert");
+    let stranger_cert = ca
+        .issue(&LeafSpec::spiffe_client(STRANGER_ID))
+        .expect("stranger cert");
     let path = |name: &str| dir.path().join(name);
     write_file(&path("server.pem"), &server.cert_pem, false).expect("write");
     write_file(&path("server.key"), &server.key_pem, true).expect("write");
     write_file(&path("ca.pem"), &ca.cert_pem, false).expect("write");
     write_file(&path("secret"), &format!("{CLIENT_SECRET}\n"), true).expect("write");
+    // Every provider but "auth0", so denials are logged too.
+    let policy = format!(
+        "[[caller]]\nid = \"{CALLER_ID}\"\nproviders = [\"github\", \"google-oauth2\", \"twitter\", \"oauth2\"]\ninvalidate = true\n"
+    );
+    write_file(&path("policy.toml"), &policy, false).expect("write");
     let stdout_path = path("stdout.log");
     let stderr_path = path("stderr.log");
 
@@ -388,6 +535,7 @@ async fn logs_never_contain_a_token_or_the_client_secret() {
         .env("TOKENBROKER_TLS_CERT", path("server.pem"))
         .env("TOKENBROKER_TLS_KEY", path("server.key"))
         .env("TOKENBROKER_CLIENT_CA", path("ca.pem"))
+        .env("TOKENBROKER_POLICY", path("policy.toml"))
         .env("TOKENBROKER_LOG_FORMAT", "json")
         .env(
             "RUST_LOG",
@@ -405,8 +553,25 @@ async fn logs_never_contain_a_token_or_the_client_secret() {
         &client_cert.key_pem,
     )
     .await;
-    exercise_everything(&mut client, &emulator).await;
+    let released = exercise_everything(&mut client, &emulator).await;
     drop(client);
+    // A caller the policy does not list is refused, and that is logged too.
+    let mut stranger = mtls_client(
+        addr,
+        &ca.cert_pem,
+        &stranger_cert.cert_pem,
+        &stranger_cert.key_pem,
+    )
+    .await
+    .expect("a certificate from the client CA passes the handshake");
+    let refused = get(
+        &mut stranger,
+        get_request(seed::GITHUB_USER, "github", false),
+    )
+    .await
+    .expect_err("an unlisted caller gets no token");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    drop(stranger);
     let status = terminate(&mut child).await;
     assert!(status.success(), "serve exits cleanly on SIGTERM: {status}");
     emulator.shutdown().await;
@@ -428,14 +593,24 @@ async fn logs_never_contain_a_token_or_the_client_secret() {
         !all.contains("emu_mgmt_"),
         "a Management API token leaked into the logs"
     );
+    for (name, pem) in [
+        ("server", &server.key_pem),
+        ("client", &client_cert.key_pem),
+    ] {
+        let body = pem.lines().nth(1).expect("a PEM key has a body");
+        assert!(
+            !all.contains(body),
+            "the {name} private key leaked into the logs"
+        );
+    }
 
     assert!(!stdout.trim().is_empty(), "the broker logged something");
-    let mut audit_releases = 0;
+    let mut audit_releases = Vec::new();
     for line in stdout.lines().filter(|line| !line.trim().is_empty()) {
         let event: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|error| panic!("stdout line is not JSON ({error}): {line}"));
         if event["target"] == "audit" && event["outcome"] == "released" {
-            audit_releases += 1;
+            audit_releases.push(event);
         }
     }
     assert!(
@@ -443,8 +618,20 @@ async fn logs_never_contain_a_token_or_the_client_secret() {
         "token releases are audit events"
     );
     assert!(
-        audit_releases > 0,
-        "at least one audit event records a release"
+        audit_releases.len() >= released,
+        "{released} GetIdpToken RPCs released a token but only {} audit events record a release",
+        audit_releases.len()
+    );
+    // An audit event names the caller, the user, the provider and the outcome.
+    let github_release = audit_releases
+        .iter()
+        .find(|event| event["user_id"] == seed::GITHUB_USER)
+        .expect("an audit event records the GitHub release");
+    assert_eq!(github_release["caller"], CALLER_ID, "{github_release}");
+    let fields = github_release.as_object().expect("event is an object");
+    assert!(
+        fields.values().any(|value| value == "github"),
+        "the audit event names the provider: {github_release}"
     );
 }
 

@@ -563,3 +563,177 @@ async fn user_cache_holds_no_more_than_its_capacity() {
     );
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn bypass_cache_and_invalidate_also_clear_a_remembered_not_found() {
+    let broker = TestBroker::start().await; // negative TTL 30 s
+    warm_up_and_reset(&broker).await;
+    let late = "github|700001";
+    let late_too = "github|700002";
+    for user in [late, late_too] {
+        let status = broker
+            .get(user, "github")
+            .await
+            .expect_err("not yet created");
+        assert_eq!(status.code(), Code::NotFound);
+    }
+    broker
+        .emulator
+        .upsert_user(github_profile(late, 700_001, "gho_late_1"));
+    broker
+        .emulator
+        .upsert_user(github_profile(late_too, 700_002, "gho_late_2"));
+
+    let status = broker
+        .get(late, "github")
+        .await
+        .expect_err("still remembered");
+    assert_eq!(status.code(), Code::NotFound, "the 404 is remembered");
+
+    let found = broker
+        .get_with(GetIdpTokenRequest {
+            bypass_cache: true,
+            ..request(late, "github")
+        })
+        .await
+        .expect("bypass_cache reads Auth0 past a remembered 404");
+    assert_eq!(found.access_token, "gho_late_1");
+
+    let mut client = broker.client().await;
+    tokio::time::timeout(
+        RPC_BOUND,
+        client.invalidate_user(InvalidateUserRequest {
+            user_id: late_too.to_owned(),
+        }),
+    )
+    .await
+    .expect("RPC answered within the bound")
+    .expect("InvalidateUser succeeds");
+    let found = broker
+        .get(late_too, "github")
+        .await
+        .expect("InvalidateUser drops a remembered 404");
+    assert_eq!(found.access_token, "gho_late_2");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn invalidate_user_is_not_undone_by_a_read_that_was_already_in_flight() {
+    let broker = TestBroker::start().await;
+    let user = "github|600001";
+    broker
+        .emulator
+        .upsert_user(github_profile(user, 600_001, "gho_before_relink"));
+    warm_up_and_reset(&broker).await;
+    // The emulator computes its answer at once, then holds it back for 1 s:
+    // the in-flight read below carries the profile as it was before the change.
+    broker.emulator.set_latency(Duration::from_secs(1));
+    let mut reader = broker.client().await;
+    let in_flight = tokio::spawn(async move { get_on(&mut reader, request(user, "github")).await });
+    let mut polls = 0;
+    while broker.emulator.user_calls_for(user) == 0 && polls < 200 {
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        broker.emulator.user_calls_for(user),
+        1,
+        "the cold read reached Auth0"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // The user's token changes in Auth0, then a caller invalidates the user.
+    broker
+        .emulator
+        .upsert_user(github_profile(user, 600_001, "gho_after_relink"));
+    broker.emulator.set_latency(Duration::ZERO);
+    let mut client = broker.client().await;
+    tokio::time::timeout(
+        RPC_BOUND,
+        client.invalidate_user(InvalidateUserRequest {
+            user_id: user.to_owned(),
+        }),
+    )
+    .await
+    .expect("RPC answered within the bound")
+    .expect("InvalidateUser succeeds");
+
+    // The read that started before the invalidation may return the old token...
+    let old = tokio::time::timeout(RPC_BOUND, in_flight)
+        .await
+        .expect("in-flight read finishes")
+        .expect("task completes")
+        .expect("in-flight read succeeds");
+    assert_eq!(old.access_token, "gho_before_relink");
+
+    // ...but a call made after InvalidateUser returned must not be served the
+    // profile read before it.
+    let next = get_on(&mut client, request(user, "github"))
+        .await
+        .expect("call after invalidation succeeds");
+    assert_eq!(
+        next.access_token, "gho_after_relink",
+        "InvalidateUser was undone: the read in flight during it re-filled the cache with the old profile \
+         (from_cache = {})",
+        next.from_cache
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn bypass_cache_refresh_is_not_overwritten_by_an_older_read_in_flight() {
+    let broker = TestBroker::start().await;
+    let user = "github|600002";
+    broker
+        .emulator
+        .upsert_user(github_profile(user, 600_002, "gho_old_profile"));
+    warm_up_and_reset(&broker).await;
+    // The emulator computes its answer at once, then holds it back for 1 s.
+    broker.emulator.set_latency(Duration::from_secs(1));
+    let mut reader = broker.client().await;
+    let in_flight = tokio::spawn(async move { get_on(&mut reader, request(user, "github")).await });
+    let mut polls = 0;
+    while broker.emulator.user_calls_for(user) == 0 && polls < 200 {
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        broker.emulator.user_calls_for(user),
+        1,
+        "the cold read reached Auth0"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    broker
+        .emulator
+        .upsert_user(github_profile(user, 600_002, "gho_new_profile"));
+    broker.emulator.set_latency(Duration::ZERO);
+    let mut client = broker.client().await;
+    let refreshed = get_on(
+        &mut client,
+        GetIdpTokenRequest {
+            bypass_cache: true,
+            ..request(user, "github")
+        },
+    )
+    .await
+    .expect("bypass call succeeds");
+    assert_eq!(refreshed.access_token, "gho_new_profile");
+
+    let old = tokio::time::timeout(RPC_BOUND, in_flight)
+        .await
+        .expect("in-flight read finishes")
+        .expect("task completes")
+        .expect("in-flight read succeeds");
+    assert_eq!(old.access_token, "gho_old_profile");
+
+    let next = get_on(&mut client, request(user, "github"))
+        .await
+        .expect("call after the refresh succeeds");
+    assert_eq!(
+        next.access_token, "gho_new_profile",
+        "the older in-flight read replaced the bypass_cache refresh in the cache (from_cache = {})",
+        next.from_cache
+    );
+    broker.stop().await;
+}

@@ -3,6 +3,8 @@
 
 mod binary;
 mod caching;
+mod lifecycle;
+mod policy;
 mod security;
 mod status_codes;
 mod support;

@@ -48,11 +48,15 @@ async fn attempt_with(
     {
         Ok(response) => Ok(response.into_inner().token.unwrap_or_default()),
         Err(status) => {
-            // The refusal is the handshake's, never an RPC the broker answered.
+            // The refusal is the handshake's, never an RPC the broker answered
+            // (not even the interceptor's PERMISSION_DENIED).
             assert!(
                 !matches!(
                     status.code(),
-                    Code::NotFound | Code::FailedPrecondition | Code::InvalidArgument
+                    Code::NotFound
+                        | Code::FailedPrecondition
+                        | Code::InvalidArgument
+                        | Code::PermissionDenied
                 ),
                 "the broker handled the RPC: {status:?}"
             );
@@ -142,6 +146,34 @@ async fn odd_user_id_is_one_encoded_path_segment() {
     assert!(segment.contains("%2F"), "slash not encoded: {segment}");
     assert!(!segment.contains(' '), "space not encoded: {segment}");
     assert_eq!(broker.emulator.calls().other, 0);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn non_ascii_user_id_is_one_encoded_path_segment() {
+    const USER: &str = "oauth2|corp-sso|jörg/ops+ünïcode 東京";
+    const TOKEN: &str = "corp_emulated_unicode_access_token_0003";
+    let broker = TestBroker::start().await;
+    broker.emulator.upsert_user(serde_json::json!({
+        "user_id": USER,
+        "identities": [{
+            "provider": "oauth2",
+            "connection": seed::CORP_SSO_CONNECTION,
+            "user_id": "corp-sso|jörg",
+            "isSocial": true,
+            "access_token": TOKEN,
+        }],
+    }));
+    let token = broker.get(USER, "oauth2").await.expect("token");
+    assert_eq!(token.access_token, TOKEN);
+    assert_eq!(token.idp_user_id, "corp-sso|jörg");
+    assert_eq!(broker.emulator.user_calls_for(USER), 1);
+    for path in broker.emulator.seen_paths() {
+        if let Some(segment) = path.strip_prefix("/api/v2/users/") {
+            assert!(!segment.contains('/'), "not one segment: {path}");
+            assert!(segment.is_ascii(), "not percent-encoded: {path}");
+        }
+    }
     broker.stop().await;
 }
 

@@ -1,23 +1,14 @@
 //! One test (at least) per row of DESIGN.md's status table, plus the facts of
 //! the real Auth0 API the broker must handle. The handshake rows live in
-//! `security.rs`; PERMISSION_DENIED needs the caller policy, which is not built yet.
+//! `security.rs`; the caller policy in depth lives in `policy.rs`, here is
+//! only its row of the table.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokenbroker::auth0::Auth0Client;
-use tokenbroker::cache::IdentityStore;
-use tokenbroker::config::{Auth0Settings, CacheSettings, TlsFiles};
 use tokenbroker::emulator::{seed, EmulatorConfig, Endpoint, Fault};
-use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, LeafSpec};
-use tokenbroker::proto::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::{
     GetIdpTokenRequest, IdpToken, InvalidateUserRequest, ListIdpTokensRequest,
 };
-use tokenbroker::{server, tls};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
@@ -93,107 +84,9 @@ fn assert_fetched_recently(token: &IdpToken) {
     );
 }
 
-/// A broker like [`TestBroker`]'s whose Auth0 tenant is a loopback port where
-/// nothing listens, so every call to Auth0 is refused.
-struct UnreachableAuth0Broker {
-    addr: std::net::SocketAddr,
-    ca: CertificateAuthority,
-    client_cert: IssuedCertificate,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), server::ServerError>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl UnreachableAuth0Broker {
-    /// Port 1 on loopback: privileged and unused, so connecting is refused.
-    const DEAD_AUTH0: &'static str = "http://127.0.0.1:1";
-
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let ca = CertificateAuthority::generate("unreachable-auth0 CA").expect("CA");
-        let server_cert = ca.issue(&LeafSpec::loopback_server()).expect("server cert");
-        let client_cert = ca
-            .issue(&LeafSpec::spiffe_client(
-                "spiffe://test.example/ns/it/sa/client",
-            ))
-            .expect("client cert");
-        let files = TlsFiles {
-            cert: dir.path().join("server.pem"),
-            key: dir.path().join("server.key"),
-            client_ca: dir.path().join("ca.pem"),
-        };
-        write_file(&files.cert, &server_cert.cert_pem, false).expect("write");
-        write_file(&files.key, &server_cert.key_pem, true).expect("write");
-        write_file(&files.client_ca, &ca.cert_pem, false).expect("write");
-        let tls_config = tls::load_server_config(&files).expect("tls config");
-        let auth0 = Auth0Settings {
-            base_url: Self::DEAD_AUTH0.to_owned(),
-            audience: format!("{}/api/v2/", Self::DEAD_AUTH0),
-            client_id: CLIENT_ID.to_owned(),
-            client_secret: CLIENT_SECRET.to_owned().into(),
-            connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(5),
-        };
-        let store = Arc::new(IdentityStore::new(
-            Auth0Client::new(auth0).expect("client"),
-            CacheSettings {
-                user_ttl: Duration::from_secs(300),
-                user_capacity: 1000,
-                negative_ttl: Duration::from_secs(30),
-            },
-        ));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (shutdown, stop) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(listener, tls_config, store, async {
-            let _ = stop.await;
-        }));
-        Self {
-            addr,
-            ca,
-            client_cert,
-            shutdown: Some(shutdown),
-            task: Some(task),
-            _dir: dir,
-        }
-    }
-
-    async fn client(&self) -> TokenBrokerClient<Channel> {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca.cert_pem))
-            .domain_name("localhost")
-            .identity(Identity::from_pem(
-                &self.client_cert.cert_pem,
-                &self.client_cert.key_pem,
-            ));
-        let channel = Channel::from_shared(format!("https://{}", self.addr))
-            .expect("uri")
-            .tls_config(tls)
-            .expect("tls")
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("client connects");
-        TokenBrokerClient::new(channel)
-    }
-
-    async fn stop(mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(RPC_BOUND, task).await;
-        }
-    }
-}
-
-impl Drop for UnreachableAuth0Broker {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
+/// An Auth0 URL where nothing listens: port 1 on loopback is privileged and
+/// unused, so every connection is refused at once.
+const DEAD_AUTH0: &str = "http://127.0.0.1:1";
 
 // ---------------------------------------------------------------------------------------------
 // OK (kept from the harness commit)
@@ -354,6 +247,80 @@ async fn invalidate_with_an_invalid_user_id_is_invalid_argument() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// PERMISSION_DENIED: caller not allowed this provider/RPC by the policy
+// ---------------------------------------------------------------------------------------------
+
+/// The SPIFFE id of the harness's default client certificate.
+const HARNESS_CALLER: &str = "spiffe://test.example/ns/it/sa/client";
+
+#[tokio::test]
+async fn unlisted_caller_is_permission_denied() {
+    let broker = TestBroker::start_with(Options {
+        policy_toml: Some(
+            "[[caller]]\nid = \"spiffe://test.example/ns/it/sa/someone-else\"\nproviders = [\"*\"]\ninvalidate = true\n"
+                .to_owned(),
+        ),
+        ..Default::default()
+    })
+    .await;
+    expect_code(
+        broker.get(seed::GITHUB_USER, "github").await,
+        Code::PermissionDenied,
+        "unlisted caller, GetIdpToken",
+    );
+    expect_code(
+        list(&broker, seed::LINKED_USER).await,
+        Code::PermissionDenied,
+        "unlisted caller, ListIdpTokens",
+    );
+    expect_code(
+        invalidate(&broker, seed::GITHUB_USER).await,
+        Code::PermissionDenied,
+        "unlisted caller, InvalidateUser",
+    );
+    assert_eq!(
+        broker.emulator.calls().users,
+        0,
+        "denied before asking Auth0"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn provider_outside_the_callers_policy_is_permission_denied() {
+    let broker = TestBroker::start_with(Options {
+        policy_toml: Some(format!(
+            "[[caller]]\nid = \"{HARNESS_CALLER}\"\nproviders = [\"google-oauth2\"]\ninvalidate = false\n"
+        )),
+        ..Default::default()
+    })
+    .await;
+    let status = expect_code(
+        broker.get(seed::GITHUB_USER, "github").await,
+        Code::PermissionDenied,
+        "github asked by a google-only caller",
+    );
+    assert!(status.message().contains("github"), "{status:?}");
+    assert_eq!(
+        broker.emulator.calls().users,
+        0,
+        "denied before asking Auth0"
+    );
+    expect_code(
+        invalidate(&broker, seed::GITHUB_USER).await,
+        Code::PermissionDenied,
+        "InvalidateUser without invalidate = true",
+    );
+    // What the policy allows is still released.
+    let token = broker
+        .get(seed::GOOGLE_USER, "google-oauth2")
+        .await
+        .expect("allowed provider");
+    assert_eq!(token.access_token, seed::GOOGLE_ACCESS_TOKEN);
+    broker.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
 // NOT_FOUND: no such user; no identity for that provider/connection
 // ---------------------------------------------------------------------------------------------
 
@@ -507,7 +474,6 @@ async fn rejected_broker_credentials_are_failed_precondition_not_unauthenticated
         Code::FailedPrecondition,
         "wrong client secret",
     );
-    assert_ne!(status.code(), Code::Unauthenticated);
     assert!(
         !status.message().contains(WRONG_SECRET),
         "message leaks the secret: {status:?}"
@@ -564,31 +530,100 @@ async fn auth0_rate_limit_is_unavailable_with_retry_info() {
 }
 
 #[tokio::test]
-async fn unreachable_auth0_is_unavailable() {
-    let broker = UnreachableAuth0Broker::start().await;
-    let mut client = broker.client().await;
-    let request = GetIdpTokenRequest {
-        user_id: seed::GITHUB_USER.to_owned(),
-        provider: "github".to_owned(),
-        ..Default::default()
+async fn auth0_rate_limit_without_retry_after_waits_until_the_reset() {
+    let broker = TestBroker::start().await;
+    let limited = Fault::RateLimited {
+        retry_after: None,
+        reset_in_secs: 30,
     };
-    let result = tokio::time::timeout(RPC_BOUND, client.get_idp_token(request))
+    broker
+        .emulator
+        .inject_faults(Endpoint::Users, vec![limited; 5]);
+    let status = expect_code(
+        broker.get(seed::GITHUB_USER, "github").await,
+        Code::Unavailable,
+        "Auth0 answers 429 with x-ratelimit-reset only",
+    );
+    let delay = status
+        .get_details_retry_info()
+        .expect("UNAVAILABLE after a 429 carries google.rpc.RetryInfo")
+        .retry_delay
+        .expect("RetryInfo has a delay");
+    // Epoch seconds on both sides, plus a slow machine: a few seconds of slack.
+    assert!(
+        (Duration::from_secs(25)..=Duration::from_secs(31)).contains(&delay),
+        "retry delay {delay:?}, expected about 30 s"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn auth0_token_endpoint_failures_are_unavailable() {
+    let broker = TestBroker::start().await;
+    // A first call caches the Management token; revoking it forces a new grant.
+    broker
+        .get(seed::GITHUB_USER, "github")
         .await
-        .expect("RPC answered within the bound");
-    expect_code(result, Code::Unavailable, "Auth0 unreachable");
-    let result = tokio::time::timeout(
-        RPC_BOUND,
-        client.list_idp_tokens(ListIdpTokensRequest {
-            user_id: seed::LINKED_USER.to_owned(),
-        }),
-    )
-    .await
-    .expect("RPC answered within the bound");
+        .expect("token");
+    broker
+        .emulator
+        .inject_faults(Endpoint::Token, vec![Fault::Status(503); 5]);
+    broker.emulator.revoke_management_tokens();
     expect_code(
-        result,
+        broker.get(seed::GOOGLE_USER, "google-oauth2").await,
+        Code::Unavailable,
+        "/oauth/token answers 503",
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn auth0_token_endpoint_rate_limit_is_unavailable_with_retry_info() {
+    let broker = TestBroker::start().await;
+    broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("token");
+    let limited = Fault::RateLimited {
+        retry_after: Some(11),
+        reset_in_secs: 11,
+    };
+    broker
+        .emulator
+        .inject_faults(Endpoint::Token, vec![limited; 5]);
+    broker.emulator.revoke_management_tokens();
+    let status = expect_code(
+        broker.get(seed::GOOGLE_USER, "google-oauth2").await,
+        Code::Unavailable,
+        "/oauth/token answers 429",
+    );
+    let retry = status
+        .get_details_retry_info()
+        .expect("UNAVAILABLE after a 429 carries google.rpc.RetryInfo");
+    assert_eq!(retry.retry_delay, Some(Duration::from_secs(11)));
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn unreachable_auth0_is_unavailable() {
+    let broker = TestBroker::start_with(Options {
+        auth0_base_url: Some(DEAD_AUTH0.to_owned()),
+        ..Default::default()
+    })
+    .await;
+    let status = expect_code(
+        broker.get(seed::GITHUB_USER, "github").await,
+        Code::Unavailable,
+        "Auth0 unreachable",
+    );
+    assert!(!status.message().contains(CLIENT_SECRET), "{status:?}");
+    expect_code(
+        list(&broker, seed::LINKED_USER).await,
         Code::Unavailable,
         "Auth0 unreachable, ListIdpTokens",
     );
+    // Nothing reached the emulator the broker was not pointed at.
+    assert_eq!(broker.emulator.calls(), Default::default());
     broker.stop().await;
 }
 
@@ -596,30 +631,60 @@ async fn unreachable_auth0_is_unavailable() {
 // DEADLINE_EXCEEDED: the caller's deadline passed
 // ---------------------------------------------------------------------------------------------
 
+/// KNOWN FAILURE at the time of writing (see the report): the broker gives up
+/// only `min(5 ms, deadline / 10)` before the caller's deadline, counted from
+/// when its handler starts, so a tonic caller's own timer (started before the
+/// request was sent) often fires first and the caller sees CANCELLED "Timeout
+/// expired" instead of DEADLINE_EXCEEDED. One attempt fails 5-30 % of the
+/// time, so the test makes twenty on one connection: with a headroom of a
+/// few tens of milliseconds all twenty pass even on a loaded machine.
 #[tokio::test]
-async fn caller_deadline_passing_is_deadline_exceeded() {
+async fn caller_deadline_passing_is_deadline_exceeded_not_cancelled() {
+    const ATTEMPTS: usize = 20;
     let broker = TestBroker::start().await;
     broker.emulator.set_latency(Duration::from_secs(3));
     let mut client = broker.client().await;
-    let mut request = tonic::Request::new(GetIdpTokenRequest {
-        user_id: seed::GITHUB_USER.to_owned(),
-        provider: "github".to_owned(),
-        ..Default::default()
-    });
-    request.set_timeout(Duration::from_millis(300));
-    let started = Instant::now();
-    let result = tokio::time::timeout(RPC_BOUND, client.get_idp_token(request))
-        .await
-        .expect("RPC answered within the bound");
-    let elapsed = started.elapsed();
-    expect_code(
-        result,
-        Code::DeadlineExceeded,
-        "emulator 3 s slow, 300 ms deadline",
-    );
+    let mut outcomes = Vec::new();
+    for attempt in 0..ATTEMPTS {
+        let started = Instant::now();
+        let result = if attempt % 2 == 0 {
+            let mut request = tonic::Request::new(GetIdpTokenRequest {
+                user_id: seed::GITHUB_USER.to_owned(),
+                provider: "github".to_owned(),
+                ..Default::default()
+            });
+            request.set_timeout(Duration::from_millis(300));
+            tokio::time::timeout(RPC_BOUND, client.get_idp_token(request))
+                .await
+                .expect("GetIdpToken answered within the bound")
+                .map(|_| ())
+        } else {
+            let mut request = tonic::Request::new(ListIdpTokensRequest {
+                user_id: seed::LINKED_USER.to_owned(),
+            });
+            request.set_timeout(Duration::from_millis(300));
+            tokio::time::timeout(RPC_BOUND, client.list_idp_tokens(request))
+                .await
+                .expect("ListIdpTokens answered within the bound")
+                .map(|_| ())
+        };
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < Duration::from_millis(2500),
+            "attempt {attempt} answered after {elapsed:?}, not at the deadline"
+        );
+        let status = result.expect_err("no token can arrive before a 3 s slow Auth0");
+        assert_leaks_nothing(&status);
+        outcomes.push((status.code(), status.message().to_owned()));
+    }
+    let wrong: Vec<_> = outcomes
+        .iter()
+        .filter(|(code, _)| *code != Code::DeadlineExceeded)
+        .collect();
     assert!(
-        elapsed < Duration::from_millis(2500),
-        "answered after {elapsed:?}, not at the deadline"
+        wrong.is_empty(),
+        "{} of {ATTEMPTS} calls past a 300 ms deadline were not DEADLINE_EXCEEDED: {wrong:?}",
+        wrong.len()
     );
     broker.stop().await;
 }

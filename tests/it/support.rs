@@ -8,11 +8,11 @@ use std::time::Duration;
 use tokenbroker::auth0::Auth0Client;
 use tokenbroker::cache::IdentityStore;
 use tokenbroker::config::{Auth0Settings, CacheSettings, RunSettings, TlsFiles};
-use tokenbroker::emulator::{Emulator, EmulatorConfig};
+use tokenbroker::emulator::{Emulator, EmulatorConfig, Endpoint, Fault};
 use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, LeafSpec};
+use tokenbroker::policy::{Policy, PolicyStore};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::{GetIdpTokenRequest, IdpToken};
-use tokenbroker::policy::{Policy, PolicyStore};
 use tokenbroker::server::{self, Broker, Listeners};
 use tokenbroker::tls::TlsStore;
 use tokio::net::TcpListener;
@@ -36,6 +36,8 @@ pub struct Options {
     pub policy_toml: Option<String>,
     /// Point the broker at this Auth0 URL instead of its emulator (e.g. a dead port).
     pub auth0_base_url: Option<String>,
+    /// Faults the emulator's `/oauth/token` answers with before the broker starts.
+    pub token_faults: Vec<Fault>,
     /// Also serve plaintext health on a second port.
     pub health_listener: bool,
     pub run: RunSettings,
@@ -53,6 +55,7 @@ impl Default for Options {
             emulator: EmulatorConfig::new(CLIENT_ID, CLIENT_SECRET),
             policy_toml: None,
             auth0_base_url: None,
+            token_faults: Vec::new(),
             health_listener: false,
             run: RunSettings {
                 shutdown_grace: Duration::from_secs(20),
@@ -72,6 +75,8 @@ pub struct TestBroker {
     /// Where the server's certificate, key, client CA and policy files live.
     pub files: TlsFiles,
     pub policy_path: std::path::PathBuf,
+    /// The live TLS material, to check reload counters.
+    pub tls: Arc<TlsStore>,
     pub client_cert: IssuedCertificate,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), server::ServerError>>>,
@@ -84,12 +89,19 @@ impl TestBroker {
     }
 
     pub async fn start_with(options: Options) -> Self {
-        let emulator = Emulator::start(options.emulator).await.expect("emulator starts");
+        let emulator = Emulator::start(options.emulator)
+            .await
+            .expect("emulator starts");
+        if !options.token_faults.is_empty() {
+            emulator.inject_faults(Endpoint::Token, options.token_faults);
+        }
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = CertificateAuthority::generate("test client and server CA").expect("CA");
         let server_cert = ca.issue(&LeafSpec::loopback_server()).expect("server cert");
         let client_cert = ca
-            .issue(&LeafSpec::spiffe_client("spiffe://test.example/ns/it/sa/client"))
+            .issue(&LeafSpec::spiffe_client(
+                "spiffe://test.example/ns/it/sa/client",
+            ))
             .expect("client cert");
         let files = TlsFiles {
             cert: dir.path().join("server.pem"),
@@ -109,7 +121,10 @@ impl TestBroker {
             None => PolicyStore::fixed(Policy::allow_any()),
         };
         let auth0 = Auth0Settings {
-            base_url: options.auth0_base_url.clone().unwrap_or_else(|| emulator.base_url()),
+            base_url: options
+                .auth0_base_url
+                .clone()
+                .unwrap_or_else(|| emulator.base_url()),
             audience: emulator.audience(),
             client_id: CLIENT_ID.to_owned(),
             client_secret: options.broker_secret.into(),
@@ -129,10 +144,11 @@ impl TestBroker {
         };
         let health_addr = health.as_ref().map(|l| l.local_addr().expect("addr"));
         let (shutdown, stop) = oneshot::channel::<()>();
+        let tls = Arc::new(tls);
         let broker = Broker {
             store,
             policy: Arc::new(policy),
-            tls: Arc::new(tls),
+            tls: tls.clone(),
         };
         let listeners = Listeners {
             mtls: listener,
@@ -148,6 +164,7 @@ impl TestBroker {
             ca,
             files,
             policy_path,
+            tls,
             client_cert,
             shutdown: Some(shutdown),
             task: Some(task),
@@ -168,7 +185,9 @@ impl TestBroker {
         cert: Option<&IssuedCertificate>,
         server_ca_pem: &str,
     ) -> Result<TokenBrokerClient<Channel>, tonic::transport::Error> {
-        Ok(TokenBrokerClient::new(self.channel_with(cert, server_ca_pem).await?))
+        Ok(TokenBrokerClient::new(
+            self.channel_with(cert, server_ca_pem).await?,
+        ))
     }
 
     /// A raw channel, for health and reflection clients.
@@ -206,7 +225,10 @@ impl TestBroker {
         let response = tokio::time::timeout(RPC_BOUND, client.get_idp_token(request))
             .await
             .expect("RPC answered within the bound")?;
-        Ok(response.into_inner().token.expect("response carries a token"))
+        Ok(response
+            .into_inner()
+            .token
+            .expect("response carries a token"))
     }
 
     /// Asks the broker to shut down (like SIGTERM) without waiting.
