@@ -131,7 +131,7 @@ pub struct ServeArgs {
     pub policy: Option<PathBuf>,
 
     /// Run without a policy: every caller with a certificate from the client CA may call every RPC.
-    #[arg(long, env = "TOKENBROKER_ALLOW_ANY_CALLER")]
+    #[arg(long, env = "TOKENBROKER_ALLOW_ANY_CALLER", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_any_caller: bool,
 
     #[command(flatten)]

@@ -7,7 +7,8 @@ use clap::Parser;
 use tokenbroker::config::{Cli, Command};
 use tokenbroker::{dev, server, shutdown, telemetry};
 
-/// Exit code for a configuration the broker cannot start with.
+/// Exit code for a configuration the broker cannot start with (a bad
+/// setting, an unusable TLS or policy file, a port it cannot bind).
 const EXIT_CONFIG: u8 = 2;
 
 #[tokio::main]
@@ -22,6 +23,7 @@ async fn main() -> ExitCode {
             };
             match server::serve(config, first_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(error) if error.is_config() => fail(&error, EXIT_CONFIG),
                 Err(error) => fail(&error, 1),
             }
         }

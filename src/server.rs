@@ -55,6 +55,14 @@ pub enum ServerError {
     Task(#[from] tokio::task::JoinError),
 }
 
+impl ServerError {
+    /// Whether an operator-supplied file or setting is at fault (exit code 2),
+    /// rather than the runtime.
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Tls(_) | Self::Policy(_) | Self::Bind { .. })
+    }
+}
+
 /// The long-lived state the listeners serve.
 pub struct Broker {
     pub store: Arc<IdentityStore>,

@@ -37,6 +37,20 @@ pub enum TlsError {
     File { path: PathBuf, reason: String },
     #[error("TLS configuration: {0}")]
     Config(String),
+    #[error("{setting} {source}")]
+    Setting {
+        setting: &'static str,
+        source: Box<TlsError>,
+    },
+}
+
+impl TlsError {
+    fn of_setting(self, setting: &'static str) -> Self {
+        Self::Setting {
+            setting,
+            source: Box::new(self),
+        }
+    }
 }
 
 fn file_error(path: &Path, reason: impl ToString) -> TlsError {
@@ -73,18 +87,21 @@ fn load_client_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 /// clients whose certificate chains to the client CA (no anonymous clients).
 pub fn load_server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = load_client_roots(&files.client_ca)?;
+    let roots = load_client_roots(&files.client_ca).map_err(|e| e.of_setting("TOKENBROKER_CLIENT_CA"))?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| file_error(&files.client_ca, e))?;
-    let certificates = load_certificates(&files.cert)?;
-    let key = load_private_key(&files.key)?;
+    let certificates = load_certificates(&files.cert).map_err(|e| e.of_setting("TOKENBROKER_TLS_CERT"))?;
+    let key = load_private_key(&files.key).map_err(|e| e.of_setting("TOKENBROKER_TLS_KEY"))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certificates, key)
-        .map_err(|e| file_error(&files.key, format!("does not match the certificate: {e}")))?;
+        .map_err(|e| {
+            file_error(&files.key, format!("does not match the certificate: {e}"))
+                .of_setting("TOKENBROKER_TLS_KEY")
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }

@@ -125,25 +125,15 @@ impl Auth0Client {
             Auth0Error::InvalidBody(format!("cannot encode the token request: {e}"))
         })?;
         let started = Instant::now();
-        let response = self
+        let request = self
             .http
             .post(format!("{}/oauth/token", self.settings.base_url))
             .header(
                 CONTENT_TYPE,
                 HeaderValue::from_static("application/x-www-form-urlencoded"),
             )
-            .body(body)
-            .send()
-            .await
-            .map_err(Auth0Error::from_transport)?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.bytes().await.map_err(Auth0Error::from_transport)?;
-        if !status.is_success() {
-            return Err(token_endpoint_error(status, &headers, &bytes));
-        }
-        let token: TokenBody = serde_json::from_slice(&bytes)
-            .map_err(|e| Auth0Error::InvalidBody(format!("/oauth/token: {e}")))?;
+            .body(body);
+        let token: TokenBody = send_json(request, "/oauth/token", token_endpoint_error).await?;
         Ok(ManagementToken {
             secret: token.access_token,
             lifetime: Duration::from_secs(token.expires_in),
@@ -159,22 +149,11 @@ impl Auth0Client {
         token: &ManagementToken,
         user_id: &UserId,
     ) -> Result<UserIdentities, Auth0Error> {
-        let url = self.user_url(user_id);
-        let response = self
+        let request = self
             .http
-            .get(url)
-            .bearer_auth(token.secret.expose_secret())
-            .send()
-            .await
-            .map_err(Auth0Error::from_transport)?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.bytes().await.map_err(Auth0Error::from_transport)?;
-        if !status.is_success() {
-            return Err(users_endpoint_error(status, &headers, &bytes));
-        }
-        let user: UserBody = serde_json::from_slice(&bytes)
-            .map_err(|e| Auth0Error::InvalidBody(format!("/api/v2/users: {e}")))?;
+            .get(self.user_url(user_id))
+            .bearer_auth(token.secret.expose_secret());
+        let user: UserBody = send_json(request, "/api/v2/users", users_endpoint_error).await?;
         Ok(into_user_identities(
             user_id,
             user,
@@ -189,6 +168,23 @@ impl Auth0Client {
             self.settings.base_url
         )
     }
+}
+
+/// Sends `request` and parses a 2xx JSON body; other statuses go through the
+/// endpoint's own error mapping.
+async fn send_json<T: serde::de::DeserializeOwned>(
+    request: reqwest::RequestBuilder,
+    endpoint: &str,
+    map_error: fn(StatusCode, &reqwest::header::HeaderMap, &[u8]) -> Auth0Error,
+) -> Result<T, Auth0Error> {
+    let response = request.send().await.map_err(Auth0Error::from_transport)?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.map_err(Auth0Error::from_transport)?;
+    if !status.is_success() {
+        return Err(map_error(status, &headers, &bytes));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| Auth0Error::InvalidBody(format!("{endpoint}: {e}")))
 }
 
 fn into_user_identities(user_id: &UserId, user: UserBody, readable: bool) -> UserIdentities {
