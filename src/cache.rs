@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use moka::future::Cache;
 use moka::ops::compute::Op;
 use moka::Expiry;
+use tokio::time::Instant as Deadline;
 
 use crate::auth0::{Auth0Client, Auth0Error, ManagementToken, UserIdentities};
 use crate::config::CacheSettings;
@@ -53,7 +54,16 @@ pub struct IdentityStore {
     /// When each user was last invalidated or refreshed; entries read before
     /// that are superseded. Lives as long as a user entry can.
     invalidated_at: Cache<UserId, u64>,
+    /// Users kept past their TTL for stale-if-error; `None` when disabled.
+    stale: Option<Cache<UserId, Arc<UserIdentities>>>,
+    /// How often a stale entry was served because Auth0 failed.
+    stale_serves: AtomicU64,
+    settings: CacheSettings,
 }
+
+/// Default stale-if-error window: how long past its TTL a user may still be
+/// served when Auth0 is failing.
+pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(600);
 
 /// Keeps a Management token for its reuse window.
 struct ManagementTokenExpiry;
@@ -133,33 +143,66 @@ impl IdentityStore {
             .max_capacity(settings.user_capacity)
             .time_to_live(settings.user_ttl.max(settings.negative_ttl))
             .build();
-        Self {
+        let mut store = Self {
             auth0,
             management,
             users,
             clock: AtomicU64::new(1),
             invalidated_at,
-        }
+            stale: None,
+            stale_serves: AtomicU64::new(0),
+            settings,
+        };
+        store.set_stale_if_error(DEFAULT_STALE_IF_ERROR);
+        store
+    }
+
+    /// Serve a user up to `window` past its TTL when Auth0 fails (never a
+    /// token past its known expiry); zero turns stale-if-error off.
+    pub fn with_stale_if_error(mut self, window: Duration) -> Self {
+        self.set_stale_if_error(window);
+        self
+    }
+
+    fn set_stale_if_error(&mut self, window: Duration) {
+        self.stale = (!window.is_zero()).then(|| {
+            Cache::builder()
+                .max_capacity(self.settings.user_capacity)
+                .time_to_live(self.settings.user_ttl + window)
+                .build()
+        });
+    }
+
+    /// Stale entries served since start.
+    pub fn stale_serves(&self) -> u64 {
+        self.stale_serves.load(Ordering::Relaxed)
     }
 
     fn tick(&self) -> u64 {
         self.clock.fetch_add(1, Ordering::SeqCst)
     }
 
-    /// The user's identities, from cache unless `bypass_cache`.
+    /// The user's identities, from cache unless `bypass_cache`. Calls to
+    /// Auth0 made for this lookup stop retrying before `deadline`. When Auth0
+    /// fails, a recently expired entry may be served (stale-if-error), but
+    /// never to a `bypass_cache` request, which asked for a fresh read.
     pub async fn lookup(
         &self,
         user_id: &UserId,
         bypass_cache: bool,
+        deadline: Option<Deadline>,
     ) -> Result<Lookup, BrokerError> {
         let started = Instant::now();
         let cached = if bypass_cache {
             self.mark_invalidated(user_id).await;
-            let fresh = self.read_user(user_id).await?;
+            let fresh = self.read_user(user_id, deadline).await?;
             self.users.insert(user_id.clone(), fresh.clone()).await;
             fresh
         } else {
-            self.cached_or_read(user_id).await?
+            match self.cached_or_read(user_id, deadline).await {
+                Ok(cached) => cached,
+                Err(error) => return self.stale_or(user_id, error).await,
+            }
         };
         match cached.state {
             UserState::Found(user) => Ok(Lookup {
@@ -170,24 +213,66 @@ impl IdentityStore {
         }
     }
 
+    /// A stale copy of the user when `error` says Auth0 is failing and the
+    /// copy holds no token known to have expired; else `error`.
+    async fn stale_or(&self, user_id: &UserId, error: BrokerError) -> Result<Lookup, BrokerError> {
+        if !matches!(error, BrokerError::Unavailable { .. }) {
+            return Err(error);
+        }
+        let Some(stale) = &self.stale else {
+            return Err(error);
+        };
+        let Some(user) = stale.get(user_id).await else {
+            return Err(error);
+        };
+        if user
+            .earliest_token_expiry()
+            .is_some_and(|expiry| expiry <= SystemTime::now())
+        {
+            return Err(error);
+        }
+        self.stale_serves.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            user_id = %user_id,
+            age_secs = user.fetched_instant.elapsed().as_secs(),
+            %error,
+            "Auth0 failing: serving a stale cached user"
+        );
+        Ok(Lookup {
+            user,
+            from_cache: true,
+        })
+    }
+
     /// The cached entry, or one shared read of Auth0. An entry whose read
     /// started before an invalidation that this lookup comes after is dropped
     /// and read again (once).
-    async fn cached_or_read(&self, user_id: &UserId) -> Result<CachedUser, BrokerError> {
+    async fn cached_or_read(
+        &self,
+        user_id: &UserId,
+        deadline: Option<Deadline>,
+    ) -> Result<CachedUser, BrokerError> {
         let lookup_started = self.tick();
-        let mut cached = self.shared_read(user_id).await?;
+        let mut cached = self.shared_read(user_id, deadline).await?;
         if let Some(invalidated) = self.invalidated_at.get(user_id).await {
             if cached.read_started < invalidated && invalidated < lookup_started {
                 self.users.invalidate(user_id).await;
-                cached = self.shared_read(user_id).await?;
+                cached = self.shared_read(user_id, deadline).await?;
             }
         }
         Ok(cached)
     }
 
-    async fn shared_read(&self, user_id: &UserId) -> Result<CachedUser, BrokerError> {
+    /// Concurrent misses share one read. If the caller whose future runs the
+    /// read goes away, moka hands the read to a caller still waiting; when
+    /// none is left, nothing keeps running.
+    async fn shared_read(
+        &self,
+        user_id: &UserId,
+        deadline: Option<Deadline>,
+    ) -> Result<CachedUser, BrokerError> {
         self.users
-            .try_get_with_by_ref(user_id, self.read_user(user_id))
+            .try_get_with_by_ref(user_id, self.read_user(user_id, deadline))
             .await
             .map_err(|shared| BrokerError::from((*shared).clone()))
     }
@@ -206,7 +291,7 @@ impl IdentityStore {
     /// Obtains a Management token now; used to tell readiness and to fail
     /// fast on bad credentials.
     pub async fn warm_up(&self) -> Result<(), BrokerError> {
-        self.management_token()
+        self.management_token(None)
             .await
             .map(|_| ())
             .map_err(BrokerError::from)
@@ -214,20 +299,30 @@ impl IdentityStore {
 
     /// Reads the user with a shared Management token; one retry with a new
     /// token when Auth0 rejects the cached one.
-    async fn read_user(&self, user_id: &UserId) -> Result<CachedUser, Auth0Error> {
+    async fn read_user(
+        &self,
+        user_id: &UserId,
+        deadline: Option<Deadline>,
+    ) -> Result<CachedUser, Auth0Error> {
         let read_started = self.tick();
-        let token = self.management_token().await?;
-        let result = match self.auth0.fetch_user(&token, user_id).await {
+        let token = self.management_token(deadline).await?;
+        let result = match self.auth0.fetch_user(&token, user_id, deadline).await {
             Err(Auth0Error::ManagementTokenRejected) => {
                 tracing::warn!("Auth0 rejected the cached Management token; fetching a new one");
                 self.drop_management_token(token.generation).await;
-                let fresh = self.management_token().await?;
-                self.auth0.fetch_user(&fresh, user_id).await
+                let fresh = self.management_token(deadline).await?;
+                self.auth0.fetch_user(&fresh, user_id, deadline).await
             }
             other => other,
         };
         let state = match result {
-            Ok(user) => UserState::Found(Arc::new(user)),
+            Ok(user) => {
+                let user = Arc::new(user);
+                if let Some(stale) = &self.stale {
+                    stale.insert(user_id.clone(), user.clone()).await;
+                }
+                UserState::Found(user)
+            }
             Err(Auth0Error::UserNotFound) => UserState::NotFound,
             Err(error) => return Err(error),
         };
@@ -237,15 +332,21 @@ impl IdentityStore {
         })
     }
 
-    async fn management_token(&self) -> Result<Arc<ManagementToken>, Auth0Error> {
+    async fn management_token(
+        &self,
+        deadline: Option<Deadline>,
+    ) -> Result<Arc<ManagementToken>, Auth0Error> {
         self.management
-            .try_get_with((), self.fetch_management_token())
+            .try_get_with((), self.fetch_management_token(deadline))
             .await
             .map_err(|shared| (*shared).clone())
     }
 
-    async fn fetch_management_token(&self) -> Result<Arc<ManagementToken>, Auth0Error> {
-        match self.auth0.fetch_management_token().await {
+    async fn fetch_management_token(
+        &self,
+        deadline: Option<Deadline>,
+    ) -> Result<Arc<ManagementToken>, Auth0Error> {
+        match self.auth0.fetch_management_token(deadline).await {
             Ok(token) => {
                 tracing::info!(
                     expires_in_secs = token.lifetime.as_secs(),

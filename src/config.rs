@@ -7,12 +7,15 @@
 //! confusing RPC error later.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::SecretString;
 use url::Url;
+
+use crate::auth0::OutboundLimits;
 
 /// The `tokenbroker` command line.
 #[derive(Debug, Parser)]
@@ -73,6 +76,26 @@ pub struct CommonArgs {
     /// Timeout for one whole request to Auth0.
     #[arg(long, env = "TOKENBROKER_AUTH0_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub auth0_timeout: Duration,
+
+    /// Sustained requests per second the broker sends to Auth0 (the tenant's quota is shared).
+    #[arg(long, env = "TOKENBROKER_AUTH0_RATE_LIMIT", default_value_t = NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN))]
+    pub auth0_rate_limit: NonZeroU32,
+
+    /// Requests to Auth0 allowed at once above the sustained rate.
+    #[arg(long, env = "TOKENBROKER_AUTH0_BURST", default_value_t = NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN))]
+    pub auth0_burst: NonZeroU32,
+
+    /// Requests to Auth0 in flight at once.
+    #[arg(long, env = "TOKENBROKER_AUTH0_MAX_IN_FLIGHT", default_value_t = 32)]
+    pub auth0_max_in_flight: usize,
+
+    /// Attempts per Auth0 call on 429, 5xx and network errors (the first included).
+    #[arg(long, env = "TOKENBROKER_AUTH0_MAX_ATTEMPTS", default_value_t = 3)]
+    pub auth0_max_attempts: u32,
+
+    /// How long past its TTL a cached user may be served while Auth0 fails (0 turns it off).
+    #[arg(long, env = "TOKENBROKER_STALE_IF_ERROR", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub stale_if_error: Duration,
 
     /// Plaintext listener serving only gRPC health, for kubelet `grpc:` probes (which speak no mTLS).
     #[arg(long, env = "TOKENBROKER_HEALTH_LISTEN")]
@@ -175,10 +198,19 @@ pub enum ConfigError {
     ZeroCapacity,
     #[error("{name} must be more than zero")]
     ZeroDuration { name: &'static str },
+    #[error("{name} must be at least 1")]
+    Zero { name: &'static str },
     #[error("no caller policy: give TOKENBROKER_POLICY (a policy file) or, to let every caller with a client-CA certificate call every RPC, --allow-any-caller")]
     NoPolicy,
     #[error("give either TOKENBROKER_POLICY or --allow-any-caller, not both")]
     PolicyAndAllowAny,
+}
+
+/// How the broker treats Auth0 beyond timeouts: rate, concurrency, retries, stale-if-error.
+#[derive(Debug, Clone, Copy)]
+pub struct ResilienceSettings {
+    pub outbound: OutboundLimits,
+    pub stale_if_error: Duration,
 }
 
 /// How the server behaves around shutdown and reloads.
@@ -228,6 +260,7 @@ pub struct ServeConfig {
     /// `None` means `--allow-any-caller`.
     pub policy: Option<PathBuf>,
     pub run: RunSettings,
+    pub resilience: ResilienceSettings,
     pub auth0: Auth0Settings,
     pub cache: CacheSettings,
     pub tls: TlsFiles,
@@ -267,6 +300,7 @@ impl ServeArgs {
             health_listen: self.common.health_listen,
             policy,
             run: self.common.run_settings()?,
+            resilience: self.common.resilience_settings()?,
             auth0,
             cache: self.common.cache_settings()?,
             tls: TlsFiles {
@@ -279,6 +313,30 @@ impl ServeArgs {
 }
 
 impl CommonArgs {
+    /// Validated limits on calls to Auth0.
+    pub fn resilience_settings(&self) -> Result<ResilienceSettings, ConfigError> {
+        if self.auth0_max_in_flight == 0 {
+            return Err(ConfigError::Zero {
+                name: "TOKENBROKER_AUTH0_MAX_IN_FLIGHT",
+            });
+        }
+        if self.auth0_max_attempts == 0 {
+            return Err(ConfigError::Zero {
+                name: "TOKENBROKER_AUTH0_MAX_ATTEMPTS",
+            });
+        }
+        Ok(ResilienceSettings {
+            outbound: OutboundLimits {
+                rate_per_second: self.auth0_rate_limit,
+                burst: self.auth0_burst,
+                max_in_flight: self.auth0_max_in_flight,
+                max_attempts: self.auth0_max_attempts,
+                max_wait: self.auth0_timeout,
+            },
+            stale_if_error: self.stale_if_error,
+        })
+    }
+
     /// Validated shutdown and reload settings.
     pub fn run_settings(&self) -> Result<RunSettings, ConfigError> {
         require_positive("TOKENBROKER_RELOAD_INTERVAL", self.reload_interval)?;

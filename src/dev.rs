@@ -36,6 +36,7 @@ pub enum DevError {
 pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Result<(), DevError> {
     let cache = args.common.cache_settings()?;
     let run_settings = args.common.run_settings()?;
+    let resilience = args.common.resilience_settings()?;
     let pki = DevPki::load_or_create(&args.dir)?;
     let client_secret = random_secret();
     let emulator = Emulator::start(EmulatorConfig::new(
@@ -67,10 +68,13 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Re
         },
     };
     let broker = Broker {
-        store: Arc::new(IdentityStore::new(
-            Auth0Client::new(auth0).map_err(ServerError::from)?,
-            cache,
-        )),
+        store: Arc::new(
+            IdentityStore::new(
+                Auth0Client::with_limits(auth0, resilience.outbound).map_err(ServerError::from)?,
+                cache,
+            )
+            .with_stale_if_error(resilience.stale_if_error),
+        ),
         policy: Arc::new(PolicyStore::open(Some(&policy_path)).map_err(ServerError::from)?),
         tls: Arc::new(tls),
     };

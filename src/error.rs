@@ -67,10 +67,11 @@ impl From<Auth0Error> for BrokerError {
                 reason: error.to_string(),
                 retry_after: None,
             },
-            Auth0Error::RateLimited { retry_after }
-            | Auth0Error::ServerError { retry_after, .. } => Self::Unavailable {
+            Auth0Error::RateLimited { .. }
+            | Auth0Error::ServerError { .. }
+            | Auth0Error::Throttled { .. } => Self::Unavailable {
+                retry_after: error.retry_after(),
                 reason: error.to_string(),
-                retry_after,
             },
             Auth0Error::ManagementTokenRejected => Self::Unavailable {
                 reason: "Auth0 rejected a freshly issued Management API token".to_owned(),

@@ -85,10 +85,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let broker = Broker {
-        store: Arc::new(IdentityStore::new(
-            Auth0Client::new(config.auth0)?,
-            config.cache,
-        )),
+        store: Arc::new(
+            IdentityStore::new(
+                Auth0Client::with_limits(config.auth0, config.resilience.outbound)?,
+                config.cache,
+            )
+            .with_stale_if_error(config.resilience.stale_if_error),
+        ),
         policy: Arc::new(PolicyStore::open(config.policy.as_deref())?),
         tls: Arc::new(TlsStore::open(config.tls)?),
     };

@@ -116,6 +116,14 @@ impl CallContext {
 
     /// Runs `work`, giving up with DEADLINE_EXCEEDED just before the caller
     /// would, or with UNAVAILABLE when the shutdown grace period ends.
+    /// When calls to Auth0 made for this RPC must have given up.
+    fn auth0_deadline(&self) -> Option<tokio::time::Instant> {
+        self.deadline.map(|deadline| {
+            tokio::time::Instant::from_std(self.started)
+                + deadline.saturating_sub(deadline_headroom(deadline))
+        })
+    }
+
     async fn bounded<T>(
         &self,
         drain: &Drain,
@@ -185,7 +193,7 @@ impl TokenBroker for TokenBrokerService {
         let result = call
             .bounded(
                 &self.drain,
-                self.get_token(&call.caller, &request, &selector),
+                self.get_token(&call.caller, &request, &selector, call.auth0_deadline()),
             )
             .await;
         let wanted = describe_request(&request.provider, &request.connection);
@@ -212,7 +220,10 @@ impl TokenBroker for TokenBrokerService {
         let call = CallContext::of("ListIdpTokens", &request);
         let request = request.into_inner();
         let result = call
-            .bounded(&self.drain, self.list_tokens(&call.caller, &request))
+            .bounded(
+                &self.drain,
+                self.list_tokens(&call.caller, &request, call.auth0_deadline()),
+            )
             .await;
         call.audit(
             &request.user_id,
@@ -264,6 +275,7 @@ impl TokenBrokerService {
         caller: &str,
         request: &GetIdpTokenRequest,
         selector: &Selector,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<IdpToken, BrokerError> {
         let user_id = UserId::parse(&request.user_id)?;
         let rule = self.policy.current().rule_for(caller)?;
@@ -272,7 +284,10 @@ impl TokenBrokerService {
                 provider: request.provider.clone(),
             });
         }
-        let Lookup { user, from_cache } = self.store.lookup(&user_id, request.bypass_cache).await?;
+        let Lookup { user, from_cache } = self
+            .store
+            .lookup(&user_id, request.bypass_cache, deadline)
+            .await?;
         let identity =
             selection::select(&user, selector, &|provider| rule.allows_provider(provider))?;
         Ok(to_proto(identity, &user, from_cache))
@@ -282,10 +297,11 @@ impl TokenBrokerService {
         &self,
         caller: &str,
         request: &ListIdpTokensRequest,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<Vec<IdpToken>, BrokerError> {
         let user_id = UserId::parse(&request.user_id)?;
         let rule = self.policy.current().rule_for(caller)?;
-        let Lookup { user, from_cache } = self.store.lookup(&user_id, false).await?;
+        let Lookup { user, from_cache } = self.store.lookup(&user_id, false, deadline).await?;
         if !user.idp_tokens_readable && user.identities.iter().all(|i| i.access_token.is_none()) {
             return Err(BrokerError::NoToken {
                 wanted: "any of the user's identities".to_owned(),

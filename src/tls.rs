@@ -87,11 +87,13 @@ fn load_client_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 /// clients whose certificate chains to the client CA (no anonymous clients).
 pub fn load_server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = load_client_roots(&files.client_ca).map_err(|e| e.of_setting("TOKENBROKER_CLIENT_CA"))?;
+    let roots =
+        load_client_roots(&files.client_ca).map_err(|e| e.of_setting("TOKENBROKER_CLIENT_CA"))?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| file_error(&files.client_ca, e))?;
-    let certificates = load_certificates(&files.cert).map_err(|e| e.of_setting("TOKENBROKER_TLS_CERT"))?;
+    let certificates =
+        load_certificates(&files.cert).map_err(|e| e.of_setting("TOKENBROKER_TLS_CERT"))?;
     let key = load_private_key(&files.key).map_err(|e| e.of_setting("TOKENBROKER_TLS_KEY"))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -42,9 +42,33 @@ pub enum Auth0Error {
     },
     #[error("Auth0 sent a body the broker cannot read: {0}")]
     InvalidBody(String),
+    #[error("the broker's own Auth0 rate limit is exhausted")]
+    Throttled { retry_after: Duration },
 }
 
 impl Auth0Error {
+    /// Whether trying again later may succeed (429, 5xx, network, timeout).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited { .. }
+                | Self::ServerError { .. }
+                | Self::Unreachable(_)
+                | Self::Timeout
+        )
+    }
+
+    /// How long Auth0 (or the broker's own limiter) asked us to wait.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after } | Self::ServerError { retry_after, .. } => {
+                *retry_after
+            }
+            Self::Throttled { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
     /// Maps a transport failure; the request URL in reqwest's message holds at
     /// most a user id, never a credential.
     pub fn from_transport(error: reqwest::Error) -> Self {

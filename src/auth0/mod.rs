@@ -3,9 +3,14 @@
 
 mod error;
 mod model;
+mod outbound;
 
 pub use error::{retry_delay, Auth0Error, ErrorBody};
 pub use model::{Identity, ManagementToken, UserIdentities, IDP_TOKENS_SCOPE};
+pub use outbound::OutboundLimits;
+
+use outbound::Outbound;
+use tokio::time::Instant as Deadline;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -36,6 +41,8 @@ pub struct Auth0Client {
     settings: Auth0Settings,
     /// Numbers each Management token, so a 401 drops only the rejected one.
     next_generation: AtomicU64,
+    /// Rate limit, in-flight bound and retries for every request.
+    outbound: Outbound,
 }
 
 #[derive(Serialize)]
@@ -93,8 +100,17 @@ impl IdpUserIdBody {
 }
 
 impl Auth0Client {
-    /// Builds the HTTP client with the configured timeouts (rustls, no OpenSSL).
+    /// Builds the HTTP client with the configured timeouts (rustls, no OpenSSL)
+    /// and the default [`OutboundLimits`].
     pub fn new(settings: Auth0Settings) -> Result<Self, Auth0Error> {
+        Self::with_limits(settings, OutboundLimits::default())
+    }
+
+    /// Like [`Auth0Client::new`] with explicit limits on calls to Auth0.
+    pub fn with_limits(
+        settings: Auth0Settings,
+        limits: OutboundLimits,
+    ) -> Result<Self, Auth0Error> {
         let http = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout)
             .timeout(settings.request_timeout)
@@ -105,6 +121,7 @@ impl Auth0Client {
             http,
             settings,
             next_generation: AtomicU64::new(1),
+            outbound: Outbound::new(limits),
         })
     }
 
@@ -113,8 +130,11 @@ impl Auth0Client {
         &self.settings.base_url
     }
 
-    /// Client-credentials grant for a Management API token.
-    pub async fn fetch_management_token(&self) -> Result<ManagementToken, Auth0Error> {
+    /// Client-credentials grant for a Management API token; retried within `deadline`.
+    pub async fn fetch_management_token(
+        &self,
+        deadline: Option<Deadline>,
+    ) -> Result<ManagementToken, Auth0Error> {
         let form = ClientCredentialsForm {
             grant_type: "client_credentials",
             client_id: &self.settings.client_id,
@@ -124,16 +144,23 @@ impl Auth0Client {
         let body = serde_urlencoded::to_string(&form).map_err(|e| {
             Auth0Error::InvalidBody(format!("cannot encode the token request: {e}"))
         })?;
-        let started = Instant::now();
-        let request = self
-            .http
-            .post(format!("{}/oauth/token", self.settings.base_url))
-            .header(
-                CONTENT_TYPE,
-                HeaderValue::from_static("application/x-www-form-urlencoded"),
-            )
-            .body(body);
-        let token: TokenBody = send_json(request, "/oauth/token", token_endpoint_error).await?;
+        let url = format!("{}/oauth/token", self.settings.base_url);
+        let mut started = Instant::now();
+        let token: TokenBody = self
+            .outbound
+            .call(deadline, || {
+                started = Instant::now();
+                let request = self
+                    .http
+                    .post(&url)
+                    .header(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("application/x-www-form-urlencoded"),
+                    )
+                    .body(body.clone());
+                send_json(request, "/oauth/token", token_endpoint_error)
+            })
+            .await?;
         Ok(ManagementToken {
             secret: token.access_token,
             lifetime: Duration::from_secs(token.expires_in),
@@ -143,17 +170,25 @@ impl Auth0Client {
         })
     }
 
-    /// `GET /api/v2/users/{id}` with the id encoded as one path segment.
+    /// `GET /api/v2/users/{id}` with the id encoded as one path segment;
+    /// retried within `deadline`.
     pub async fn fetch_user(
         &self,
         token: &ManagementToken,
         user_id: &UserId,
+        deadline: Option<Deadline>,
     ) -> Result<UserIdentities, Auth0Error> {
-        let request = self
-            .http
-            .get(self.user_url(user_id))
-            .bearer_auth(token.secret.expose_secret());
-        let user: UserBody = send_json(request, "/api/v2/users", users_endpoint_error).await?;
+        let url = self.user_url(user_id);
+        let user: UserBody = self
+            .outbound
+            .call(deadline, || {
+                let request = self
+                    .http
+                    .get(&url)
+                    .bearer_auth(token.secret.expose_secret());
+                send_json(request, "/api/v2/users", users_endpoint_error)
+            })
+            .await?;
         Ok(into_user_identities(
             user_id,
             user,

@@ -1,0 +1,222 @@
+//! Protects the tenant's Management API quota, which every other app of the
+//! tenant shares: a client-side rate limit (governor), a bound on requests in
+//! flight, and retries of transient failures that honour what Auth0 asks
+//! (`Retry-After`, `x-ratelimit-reset`) and never outlive the caller.
+
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use rand::Rng;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::time::Instant;
+
+use super::Auth0Error;
+
+/// First backoff step when Auth0 did not say how long to wait.
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+
+/// Limits on calls to Auth0.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboundLimits {
+    /// Sustained requests per second to Auth0 (both endpoints).
+    pub rate_per_second: NonZeroU32,
+    /// Requests allowed at once above the sustained rate.
+    pub burst: NonZeroU32,
+    /// Requests to Auth0 in flight at once.
+    pub max_in_flight: usize,
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+    /// Longest wait for a slot, or before a retry, when the caller set no
+    /// deadline; also the longest `Retry-After` the broker will sit out.
+    pub max_wait: Duration,
+}
+
+impl Default for OutboundLimits {
+    fn default() -> Self {
+        Self {
+            rate_per_second: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
+            burst: NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN),
+            max_in_flight: 32,
+            max_attempts: 3,
+            max_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The gate every Auth0 request passes.
+pub struct Outbound {
+    limiter: DefaultDirectRateLimiter,
+    in_flight: Semaphore,
+    limits: OutboundLimits,
+}
+
+impl Outbound {
+    pub fn new(limits: OutboundLimits) -> Self {
+        let quota = Quota::per_second(limits.rate_per_second).allow_burst(limits.burst);
+        Self {
+            limiter: RateLimiter::direct(quota),
+            in_flight: Semaphore::new(limits.max_in_flight.max(1)),
+            limits,
+        }
+    }
+
+    /// Runs `attempt` within the limits, retrying transient failures. Gives
+    /// up at once when the next wait would pass `deadline`.
+    pub async fn call<T, F, Fut>(
+        &self,
+        deadline: Option<Instant>,
+        mut attempt: F,
+    ) -> Result<T, Auth0Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Auth0Error>>,
+    {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let permit = self.admit(deadline).await?;
+            let error = match attempt().await {
+                Ok(value) => return Ok(value),
+                Err(error) => error,
+            };
+            drop(permit);
+            if !error.is_transient() || attempts >= self.limits.max_attempts {
+                return Err(error);
+            }
+            let wait = error.retry_after().unwrap_or_else(|| backoff(attempts));
+            if wait > self.limits.max_wait || deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                return Err(error);
+            }
+            tracing::warn!(%error, attempt = attempts, retry_in_ms = wait.as_millis() as u64, "retrying Auth0");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// A rate-limit slot and an in-flight permit, or THROTTLED when neither
+    /// comes before the deadline.
+    async fn admit(&self, deadline: Option<Instant>) -> Result<SemaphorePermit<'_>, Auth0Error> {
+        let give_up_at = deadline.unwrap_or_else(|| Instant::now() + self.limits.max_wait);
+        while let Err(not_until) = self.limiter.check() {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            if Instant::now() + wait >= give_up_at {
+                tracing::warn!(
+                    wait_ms = wait.as_millis() as u64,
+                    "Auth0 request refused: client-side rate limit"
+                );
+                return Err(Auth0Error::Throttled { retry_after: wait });
+            }
+            tokio::time::sleep(wait).await;
+        }
+        match tokio::time::timeout_at(give_up_at, self.in_flight.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(Auth0Error::Throttled {
+                retry_after: Duration::from_millis(100),
+            }),
+        }
+    }
+}
+
+/// Exponential backoff from 250 ms with jitter (50–100 % of the step), so
+/// many replicas do not retry in lockstep.
+fn backoff(attempt: u32) -> Duration {
+    let step = BACKOFF_BASE * 2u32.saturating_pow(attempt.saturating_sub(1));
+    step.mul_f64(rand::rng().random_range(0.5..=1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn limits(max_attempts: u32) -> OutboundLimits {
+        OutboundLimits {
+            max_attempts,
+            ..OutboundLimits::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_are_retried_with_the_delay_auth0_asked_for() {
+        let outbound = Outbound::new(limits(3));
+        let calls = AtomicU32::new(0);
+        let started = Instant::now();
+        let result = outbound
+            .call(None, || async {
+                match calls.fetch_add(1, Ordering::SeqCst) {
+                    0 => Err(Auth0Error::RateLimited {
+                        retry_after: Some(Duration::from_secs(2)),
+                    }),
+                    _ => Ok("ok"),
+                }
+            })
+            .await;
+        assert_eq!(result.unwrap(), "ok");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(started.elapsed() >= Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_max_attempts_then_the_last_error() {
+        let outbound = Outbound::new(limits(3));
+        let calls = AtomicU32::new(0);
+        let result: Result<(), _> = outbound
+            .call(None, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(Auth0Error::ServerError {
+                    status: 503,
+                    retry_after: None,
+                })
+            })
+            .await;
+        assert!(matches!(
+            result,
+            Err(Auth0Error::ServerError { status: 503, .. })
+        ));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_retry_when_the_wait_would_pass_the_deadline() {
+        let outbound = Outbound::new(limits(3));
+        let calls = AtomicU32::new(0);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let result: Result<(), _> = outbound
+            .call(Some(deadline), || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(Auth0Error::RateLimited {
+                    retry_after: Some(Duration::from_secs(5)),
+                })
+            })
+            .await;
+        assert!(matches!(result, Err(Auth0Error::RateLimited { .. })));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_errors_are_not_retried() {
+        let outbound = Outbound::new(limits(3));
+        let calls = AtomicU32::new(0);
+        let _ = outbound
+            .call(None, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(Auth0Error::UserNotFound)
+            })
+            .await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn backoff_doubles_from_250ms_with_jitter() {
+        for attempt in 1..=3 {
+            let step = BACKOFF_BASE * 2u32.pow(attempt - 1);
+            let wait = backoff(attempt);
+            assert!(
+                wait >= step / 2 && wait <= step,
+                "{wait:?} for attempt {attempt}"
+            );
+        }
+    }
+}
