@@ -31,7 +31,7 @@ pub enum Command {
     /// Run in production against a real Auth0 tenant.
     Serve(Box<ServeArgs>),
     /// Run with an embedded Auth0 emulator, a generated dev PKI and no account.
-    Dev(DevArgs),
+    Dev(Box<DevArgs>),
 }
 
 /// Log output format; JSON for log shippers, text for humans.

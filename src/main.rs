@@ -29,7 +29,7 @@ async fn main() -> ExitCode {
         }
         Command::Dev(args) => {
             telemetry::init(args.common.log_format);
-            match dev::run(args, first_signal()).await {
+            match dev::run(*args, first_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => fail(&error, 1),
             }

@@ -6,41 +6,17 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use tokenbroker::emulator::{seed, EmulatorConfig, Endpoint, Fault};
-use tokenbroker::proto::{
-    GetIdpTokenRequest, IdpToken, InvalidateUserRequest, ListIdpTokensRequest,
-};
+use tokenbroker::proto::{GetIdpTokenRequest, IdpToken, ListIdpTokensRequest};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-use crate::support::{Options, TestBroker, CLIENT_ID, CLIENT_SECRET, RPC_BOUND};
+use crate::support::{
+    bounded, get_on, get_request, Options, TestBroker, CLIENT_ID, CLIENT_SECRET, CLIENT_SPIFFE_ID,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Local helpers
 // ---------------------------------------------------------------------------------------------
-
-/// `ListIdpTokens` with the default client, bounded by [`RPC_BOUND`].
-async fn list(broker: &TestBroker, user_id: &str) -> Result<Vec<IdpToken>, Status> {
-    let mut client = broker.client().await;
-    let request = ListIdpTokensRequest {
-        user_id: user_id.to_owned(),
-    };
-    let response = tokio::time::timeout(RPC_BOUND, client.list_idp_tokens(request))
-        .await
-        .expect("ListIdpTokens answered within the bound")?;
-    Ok(response.into_inner().tokens)
-}
-
-/// `InvalidateUser` with the default client, bounded by [`RPC_BOUND`].
-async fn invalidate(broker: &TestBroker, user_id: &str) -> Result<(), Status> {
-    let mut client = broker.client().await;
-    let request = InvalidateUserRequest {
-        user_id: user_id.to_owned(),
-    };
-    tokio::time::timeout(RPC_BOUND, client.invalidate_user(request))
-        .await
-        .expect("InvalidateUser answered within the bound")
-        .map(|_| ())
-}
 
 /// Fails when `status` carries a planted token or either client secret.
 fn assert_leaks_nothing(status: &Status) {
@@ -66,6 +42,67 @@ fn expect_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, what: 
     );
     assert_leaks_nothing(&status);
     status
+}
+
+/// [`expect_code`], and the message must mention `needle`.
+fn expect_code_naming<T: std::fmt::Debug>(
+    result: Result<T, Status>,
+    code: Code,
+    what: &str,
+    needle: &str,
+) -> Status {
+    let status = expect_code(result, code, what);
+    assert!(
+        status.message().contains(needle),
+        "{what}: the message mentions {needle:?}: {status:?}"
+    );
+    status
+}
+
+/// The delay of the `google.rpc.RetryInfo` an UNAVAILABLE after a 429 carries.
+fn retry_delay(status: &Status) -> Duration {
+    status
+        .get_details_retry_info()
+        .expect("UNAVAILABLE after a 429 carries google.rpc.RetryInfo")
+        .retry_delay
+        .expect("RetryInfo has a delay")
+}
+
+/// A broker whose emulator grants Management tokens with only `scope`.
+async fn broker_with_scope(scope: &str) -> TestBroker {
+    TestBroker::start_with(Options {
+        emulator: EmulatorConfig {
+            scope: scope.into(),
+            ..EmulatorConfig::new(CLIENT_ID, CLIENT_SECRET)
+        },
+        ..Default::default()
+    })
+    .await
+}
+
+/// A broker whose next five answers from `endpoint` are `fault`, and the
+/// UNAVAILABLE of the `GetIdpToken` that runs into them. For the token
+/// endpoint, a first call has cached the Management token and revoking it
+/// forces a new grant.
+async fn unavailable_after(endpoint: Endpoint, fault: Fault, what: &str) -> (TestBroker, Status) {
+    let broker = TestBroker::start().await;
+    let (user, provider) = match endpoint {
+        Endpoint::Token => {
+            broker
+                .get(seed::GITHUB_USER, "github")
+                .await
+                .expect("token");
+            (seed::GOOGLE_USER, "google-oauth2")
+        }
+        _ => (seed::GITHUB_USER, "github"),
+    };
+    // Several, so that a retry budget of a few attempts is exhausted as well.
+    broker.emulator.inject_faults(endpoint, vec![fault; 5]);
+    if endpoint == Endpoint::Token {
+        broker.emulator.revoke_management_tokens();
+    }
+    let status = expect_code(broker.get(user, provider).await, Code::Unavailable, what);
+    (broker, status)
 }
 
 /// Seconds from `earlier` to `later`, with nanosecond precision.
@@ -111,12 +148,12 @@ async fn github_token_is_released_with_a_numeric_id_as_text() {
 #[tokio::test]
 async fn empty_user_id_is_invalid_argument() {
     let broker = TestBroker::start().await;
-    let status = expect_code(
+    expect_code_naming(
         broker.get("", "github").await,
         Code::InvalidArgument,
         "empty user_id",
+        "user_id",
     );
-    assert!(status.message().contains("user_id"), "{status:?}");
     assert_eq!(broker.emulator.calls().users, 0);
     broker.stop().await;
 }
@@ -126,12 +163,12 @@ async fn user_id_over_512_bytes_is_invalid_argument() {
     let broker = TestBroker::start().await;
     let long = format!("auth0|{}", "a".repeat(513 - "auth0|".len()));
     assert_eq!(long.len(), 513);
-    let status = expect_code(
+    expect_code_naming(
         broker.get(&long, "").await,
         Code::InvalidArgument,
         "513-byte user_id",
+        "512",
     );
-    assert!(status.message().contains("512"), "{status:?}");
     // Bytes, not characters: 257 two-byte characters are 514 bytes.
     let wide = "é".repeat(257);
     assert_eq!(wide.chars().count(), 257);
@@ -188,7 +225,7 @@ async fn dot_segment_user_ids_are_invalid_argument() {
             &format!("user_id {user_id:?}"),
         );
         expect_code(
-            list(&broker, user_id).await,
+            broker.list(user_id).await,
             Code::InvalidArgument,
             &format!("ListIdpTokens {user_id:?}"),
         );
@@ -201,21 +238,17 @@ async fn dot_segment_user_ids_are_invalid_argument() {
 #[tokio::test]
 async fn list_with_an_invalid_user_id_is_invalid_argument() {
     let broker = TestBroker::start().await;
-    expect_code(
-        list(&broker, "").await,
-        Code::InvalidArgument,
-        "ListIdpTokens with empty user_id",
-    );
-    expect_code(
-        list(&broker, &"x".repeat(513)).await,
-        Code::InvalidArgument,
-        "ListIdpTokens with 513-byte user_id",
-    );
-    expect_code(
-        list(&broker, "auth0|a\nb").await,
-        Code::InvalidArgument,
-        "ListIdpTokens with a newline",
-    );
+    for (user_id, what) in [
+        (String::new(), "empty user_id"),
+        ("x".repeat(513), "513-byte user_id"),
+        ("auth0|a\nb".to_owned(), "a newline"),
+    ] {
+        expect_code(
+            broker.list(&user_id).await,
+            Code::InvalidArgument,
+            &format!("ListIdpTokens with {what}"),
+        );
+    }
     assert_eq!(broker.emulator.calls().users, 0);
     broker.stop().await;
 }
@@ -223,23 +256,20 @@ async fn list_with_an_invalid_user_id_is_invalid_argument() {
 #[tokio::test]
 async fn invalidate_with_an_invalid_user_id_is_invalid_argument() {
     let broker = TestBroker::start().await;
-    expect_code(
-        invalidate(&broker, "").await,
-        Code::InvalidArgument,
-        "InvalidateUser with empty user_id",
-    );
-    expect_code(
-        invalidate(&broker, &"x".repeat(513)).await,
-        Code::InvalidArgument,
-        "InvalidateUser with 513-byte user_id",
-    );
-    expect_code(
-        invalidate(&broker, "..").await,
-        Code::InvalidArgument,
-        "InvalidateUser with ..",
-    );
+    for (user_id, what) in [
+        (String::new(), "empty user_id"),
+        ("x".repeat(513), "513-byte user_id"),
+        ("..".to_owned(), ".."),
+    ] {
+        expect_code(
+            broker.invalidate(&user_id).await,
+            Code::InvalidArgument,
+            &format!("InvalidateUser with {what}"),
+        );
+    }
     // A valid id is accepted, whether or not it is cached.
-    invalidate(&broker, seed::GITHUB_USER)
+    broker
+        .invalidate(seed::GITHUB_USER)
         .await
         .expect("InvalidateUser with a valid id");
     assert_eq!(broker.emulator.calls().users, 0);
@@ -249,9 +279,6 @@ async fn invalidate_with_an_invalid_user_id_is_invalid_argument() {
 // ---------------------------------------------------------------------------------------------
 // PERMISSION_DENIED: caller not allowed this provider/RPC by the policy
 // ---------------------------------------------------------------------------------------------
-
-/// The SPIFFE id of the harness's default client certificate.
-const HARNESS_CALLER: &str = "spiffe://test.example/ns/it/sa/client";
 
 #[tokio::test]
 async fn unlisted_caller_is_permission_denied() {
@@ -269,12 +296,12 @@ async fn unlisted_caller_is_permission_denied() {
         "unlisted caller, GetIdpToken",
     );
     expect_code(
-        list(&broker, seed::LINKED_USER).await,
+        broker.list(seed::LINKED_USER).await,
         Code::PermissionDenied,
         "unlisted caller, ListIdpTokens",
     );
     expect_code(
-        invalidate(&broker, seed::GITHUB_USER).await,
+        broker.invalidate(seed::GITHUB_USER).await,
         Code::PermissionDenied,
         "unlisted caller, InvalidateUser",
     );
@@ -290,24 +317,24 @@ async fn unlisted_caller_is_permission_denied() {
 async fn provider_outside_the_callers_policy_is_permission_denied() {
     let broker = TestBroker::start_with(Options {
         policy_toml: Some(format!(
-            "[[caller]]\nid = \"{HARNESS_CALLER}\"\nproviders = [\"google-oauth2\"]\ninvalidate = false\n"
+            "[[caller]]\nid = \"{CLIENT_SPIFFE_ID}\"\nproviders = [\"google-oauth2\"]\ninvalidate = false\n"
         )),
         ..Default::default()
     })
     .await;
-    let status = expect_code(
+    expect_code_naming(
         broker.get(seed::GITHUB_USER, "github").await,
         Code::PermissionDenied,
         "github asked by a google-only caller",
+        "github",
     );
-    assert!(status.message().contains("github"), "{status:?}");
     assert_eq!(
         broker.emulator.calls().users,
         0,
         "denied before asking Auth0"
     );
     expect_code(
-        invalidate(&broker, seed::GITHUB_USER).await,
+        broker.invalidate(seed::GITHUB_USER).await,
         Code::PermissionDenied,
         "InvalidateUser without invalidate = true",
     );
@@ -333,7 +360,7 @@ async fn unknown_user_is_not_found() {
         "unknown user, GetIdpToken",
     );
     expect_code(
-        list(&broker, "github|99999999").await,
+        broker.list("github|99999999").await,
         Code::NotFound,
         "unknown user, ListIdpTokens",
     );
@@ -344,40 +371,33 @@ async fn unknown_user_is_not_found() {
 #[tokio::test]
 async fn provider_the_user_has_no_identity_for_is_not_found() {
     let broker = TestBroker::start().await;
-    let status = expect_code(
+    expect_code_naming(
         broker.get(seed::DATABASE_USER, "github").await,
         Code::NotFound,
         "database user asked for github",
+        "github",
     );
-    assert!(status.message().contains("github"), "{status:?}");
     broker.stop().await;
 }
 
 #[tokio::test]
 async fn connection_the_user_has_no_identity_for_is_not_found() {
     let broker = TestBroker::start().await;
-    let request = GetIdpTokenRequest {
-        user_id: seed::GITHUB_USER.to_owned(),
-        connection: seed::CORP_SSO_CONNECTION.to_owned(),
-        ..Default::default()
-    };
-    expect_code(
-        broker.get_with(request).await,
-        Code::NotFound,
-        "github user asked for corp-sso",
-    );
-    // Provider and connection must both match.
-    let request = GetIdpTokenRequest {
-        user_id: seed::LINKED_USER.to_owned(),
-        provider: "github".to_owned(),
-        connection: seed::CORP_SSO_CONNECTION.to_owned(),
-        ..Default::default()
-    };
-    expect_code(
-        broker.get_with(request).await,
-        Code::NotFound,
-        "linked user asked for github on corp-sso",
-    );
+    // The second row: provider and connection must both match.
+    for (user_id, provider, what) in [
+        (seed::GITHUB_USER, "", "github user asked for corp-sso"),
+        (
+            seed::LINKED_USER,
+            "github",
+            "linked user asked for github on corp-sso",
+        ),
+    ] {
+        let request = GetIdpTokenRequest {
+            connection: seed::CORP_SSO_CONNECTION.to_owned(),
+            ..get_request(user_id, provider)
+        };
+        expect_code(broker.get_with(request).await, Code::NotFound, what);
+    }
     broker.stop().await;
 }
 
@@ -409,53 +429,30 @@ async fn identity_without_a_token_is_failed_precondition() {
 
 #[tokio::test]
 async fn management_token_without_idp_token_scope_is_failed_precondition() {
-    let broker = TestBroker::start_with(Options {
-        emulator: EmulatorConfig {
-            scope: "read:users".into(),
-            ..EmulatorConfig::new(CLIENT_ID, CLIENT_SECRET)
-        },
-        ..Default::default()
-    })
-    .await;
-    let status = expect_code(
+    let broker = broker_with_scope("read:users").await;
+    expect_code_naming(
         broker.get(seed::GITHUB_USER, "github").await,
         Code::FailedPrecondition,
         "GetIdpToken without read:user_idp_tokens",
+        "read:user_idp_tokens",
     );
-    assert!(
-        status.message().contains("read:user_idp_tokens"),
-        "{status:?}"
-    );
-    let status = expect_code(
-        list(&broker, seed::LINKED_USER).await,
+    expect_code_naming(
+        broker.list(seed::LINKED_USER).await,
         Code::FailedPrecondition,
         "ListIdpTokens without read:user_idp_tokens",
-    );
-    assert!(
-        status.message().contains("read:user_idp_tokens"),
-        "{status:?}"
+        "read:user_idp_tokens",
     );
     broker.stop().await;
 }
 
 #[tokio::test]
 async fn management_token_without_any_users_scope_is_failed_precondition() {
-    let broker = TestBroker::start_with(Options {
-        emulator: EmulatorConfig {
-            scope: "read:clients".into(),
-            ..EmulatorConfig::new(CLIENT_ID, CLIENT_SECRET)
-        },
-        ..Default::default()
-    })
-    .await;
-    let status = expect_code(
+    let broker = broker_with_scope("read:clients").await;
+    expect_code_naming(
         broker.get(seed::GITHUB_USER, "github").await,
         Code::FailedPrecondition,
         "GetIdpToken with a token that may not read users",
-    );
-    assert!(
-        status.message().contains("read:user_idp_tokens"),
-        "{status:?}"
+        "read:user_idp_tokens",
     );
     assert!(broker.emulator.calls().users >= 1);
     broker.stop().await;
@@ -493,62 +490,36 @@ async fn rejected_broker_credentials_are_failed_precondition_not_unauthenticated
 
 #[tokio::test]
 async fn auth0_server_error_is_unavailable() {
-    let broker = TestBroker::start().await;
-    // Several, so that a retry budget of a few attempts is exhausted as well.
-    broker
-        .emulator
-        .inject_faults(Endpoint::Users, vec![Fault::Status(503); 5]);
-    expect_code(
-        broker.get(seed::GITHUB_USER, "github").await,
-        Code::Unavailable,
-        "Auth0 answers 503",
-    );
+    let (broker, _) =
+        unavailable_after(Endpoint::Users, Fault::Status(503), "Auth0 answers 503").await;
     assert!(broker.emulator.calls().users >= 1);
     broker.stop().await;
 }
 
 #[tokio::test]
 async fn auth0_rate_limit_is_unavailable_with_retry_info() {
-    let broker = TestBroker::start().await;
     let limited = Fault::RateLimited {
         retry_after: Some(7),
         reset_in_secs: 7,
     };
-    broker
-        .emulator
-        .inject_faults(Endpoint::Users, vec![limited; 5]);
-    let status = expect_code(
-        broker.get(seed::GITHUB_USER, "github").await,
-        Code::Unavailable,
-        "Auth0 answers 429",
-    );
-    let retry = status
-        .get_details_retry_info()
-        .expect("UNAVAILABLE after a 429 carries google.rpc.RetryInfo");
-    assert_eq!(retry.retry_delay, Some(Duration::from_secs(7)));
+    let (broker, status) = unavailable_after(Endpoint::Users, limited, "Auth0 answers 429").await;
+    assert_eq!(retry_delay(&status), Duration::from_secs(7));
     broker.stop().await;
 }
 
 #[tokio::test]
 async fn auth0_rate_limit_without_retry_after_waits_until_the_reset() {
-    let broker = TestBroker::start().await;
     let limited = Fault::RateLimited {
         retry_after: None,
         reset_in_secs: 30,
     };
-    broker
-        .emulator
-        .inject_faults(Endpoint::Users, vec![limited; 5]);
-    let status = expect_code(
-        broker.get(seed::GITHUB_USER, "github").await,
-        Code::Unavailable,
+    let (broker, status) = unavailable_after(
+        Endpoint::Users,
+        limited,
         "Auth0 answers 429 with x-ratelimit-reset only",
-    );
-    let delay = status
-        .get_details_retry_info()
-        .expect("UNAVAILABLE after a 429 carries google.rpc.RetryInfo")
-        .retry_delay
-        .expect("RetryInfo has a delay");
+    )
+    .await;
+    let delay = retry_delay(&status);
     // Epoch seconds on both sides, plus a slow machine: a few seconds of slack.
     assert!(
         (Duration::from_secs(25)..=Duration::from_secs(31)).contains(&delay),
@@ -559,48 +530,24 @@ async fn auth0_rate_limit_without_retry_after_waits_until_the_reset() {
 
 #[tokio::test]
 async fn auth0_token_endpoint_failures_are_unavailable() {
-    let broker = TestBroker::start().await;
-    // A first call caches the Management token; revoking it forces a new grant.
-    broker
-        .get(seed::GITHUB_USER, "github")
-        .await
-        .expect("token");
-    broker
-        .emulator
-        .inject_faults(Endpoint::Token, vec![Fault::Status(503); 5]);
-    broker.emulator.revoke_management_tokens();
-    expect_code(
-        broker.get(seed::GOOGLE_USER, "google-oauth2").await,
-        Code::Unavailable,
+    let (broker, _) = unavailable_after(
+        Endpoint::Token,
+        Fault::Status(503),
         "/oauth/token answers 503",
-    );
+    )
+    .await;
     broker.stop().await;
 }
 
 #[tokio::test]
 async fn auth0_token_endpoint_rate_limit_is_unavailable_with_retry_info() {
-    let broker = TestBroker::start().await;
-    broker
-        .get(seed::GITHUB_USER, "github")
-        .await
-        .expect("token");
     let limited = Fault::RateLimited {
         retry_after: Some(11),
         reset_in_secs: 11,
     };
-    broker
-        .emulator
-        .inject_faults(Endpoint::Token, vec![limited; 5]);
-    broker.emulator.revoke_management_tokens();
-    let status = expect_code(
-        broker.get(seed::GOOGLE_USER, "google-oauth2").await,
-        Code::Unavailable,
-        "/oauth/token answers 429",
-    );
-    let retry = status
-        .get_details_retry_info()
-        .expect("UNAVAILABLE after a 429 carries google.rpc.RetryInfo");
-    assert_eq!(retry.retry_delay, Some(Duration::from_secs(11)));
+    let (broker, status) =
+        unavailable_after(Endpoint::Token, limited, "/oauth/token answers 429").await;
+    assert_eq!(retry_delay(&status), Duration::from_secs(11));
     broker.stop().await;
 }
 
@@ -618,7 +565,7 @@ async fn unreachable_auth0_is_unavailable() {
     );
     assert!(!status.message().contains(CLIENT_SECRET), "{status:?}");
     expect_code(
-        list(&broker, seed::LINKED_USER).await,
+        broker.list(seed::LINKED_USER).await,
         Code::Unavailable,
         "Auth0 unreachable, ListIdpTokens",
     );
@@ -640,6 +587,12 @@ async fn unreachable_auth0_is_unavailable() {
 /// few tens of milliseconds all twenty pass even on a loaded machine.
 #[tokio::test]
 async fn caller_deadline_passing_is_deadline_exceeded_not_cancelled() {
+    fn with_deadline<T>(message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(Duration::from_millis(300));
+        request
+    }
+
     const ATTEMPTS: usize = 20;
     let broker = TestBroker::start().await;
     broker.emulator.set_latency(Duration::from_secs(3));
@@ -648,24 +601,14 @@ async fn caller_deadline_passing_is_deadline_exceeded_not_cancelled() {
     for attempt in 0..ATTEMPTS {
         let started = Instant::now();
         let result = if attempt % 2 == 0 {
-            let mut request = tonic::Request::new(GetIdpTokenRequest {
-                user_id: seed::GITHUB_USER.to_owned(),
-                provider: "github".to_owned(),
-                ..Default::default()
-            });
-            request.set_timeout(Duration::from_millis(300));
-            tokio::time::timeout(RPC_BOUND, client.get_idp_token(request))
-                .await
-                .expect("GetIdpToken answered within the bound")
-                .map(|_| ())
+            let request = with_deadline(get_request(seed::GITHUB_USER, "github"));
+            get_on(&mut client, request).await.map(|_| ())
         } else {
-            let mut request = tonic::Request::new(ListIdpTokensRequest {
+            let request = with_deadline(ListIdpTokensRequest {
                 user_id: seed::LINKED_USER.to_owned(),
             });
-            request.set_timeout(Duration::from_millis(300));
-            tokio::time::timeout(RPC_BOUND, client.list_idp_tokens(request))
+            bounded("ListIdpTokens", client.list_idp_tokens(request))
                 .await
-                .expect("ListIdpTokens answered within the bound")
                 .map(|_| ())
         };
         let elapsed = started.elapsed();
@@ -774,9 +717,8 @@ async fn linked_user_token_is_selected_by_connection() {
     let broker = TestBroker::start().await;
     let token = broker
         .get_with(GetIdpTokenRequest {
-            user_id: seed::LINKED_USER.to_owned(),
             connection: seed::CORP_SSO_CONNECTION.to_owned(),
-            ..Default::default()
+            ..get_request(seed::LINKED_USER, "")
         })
         .await
         .expect("token");
@@ -800,7 +742,7 @@ async fn no_selector_means_the_first_identity_with_a_token() {
 #[tokio::test]
 async fn list_returns_exactly_the_token_bearing_identities_without_refresh_tokens() {
     let broker = TestBroker::start().await;
-    let tokens = list(&broker, seed::LINKED_USER).await.expect("tokens");
+    let tokens = broker.list(seed::LINKED_USER).await.expect("tokens");
     let mut found: Vec<(&str, &str)> = tokens
         .iter()
         .map(|token| (token.provider.as_str(), token.access_token.as_str()))
@@ -835,7 +777,7 @@ async fn list_for_a_user_without_tokens_is_failed_precondition_or_empty() {
     let broker = TestBroker::start().await;
     // DESIGN.md: ListIdpTokens returns the tokens the caller may have; a user
     // with none has nothing to return, and the broker must not invent one.
-    match list(&broker, seed::DATABASE_USER).await {
+    match broker.list(seed::DATABASE_USER).await {
         Ok(tokens) => assert!(tokens.is_empty(), "{tokens:?}"),
         Err(status) => {
             assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");

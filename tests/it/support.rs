@@ -1,6 +1,7 @@
 //! Shared test harness: a broker on port 0 with a fresh PKI and its own
 //! emulator, and mTLS clients with any certificate.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,19 +13,149 @@ use tokenbroker::emulator::{Emulator, EmulatorConfig, Endpoint, Fault};
 use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, LeafSpec};
 use tokenbroker::policy::{Policy, PolicyStore};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
-use tokenbroker::proto::{GetIdpTokenRequest, IdpToken};
+use tokenbroker::proto::{
+    GetIdpTokenRequest, IdpToken, InvalidateUserRequest, ListIdpTokensRequest,
+};
 use tokenbroker::server::{self, Broker, Listeners};
 use tokenbroker::tls::TlsStore;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::Status;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 /// Client id and secret the test broker uses against its emulator.
 pub const CLIENT_ID: &str = "tokenbroker-test";
 pub const CLIENT_SECRET: &str = "test-client-secret-5d1f0c";
 
+/// The SPIFFE id of the harness's default client certificate.
+pub const CLIENT_SPIFFE_ID: &str = "spiffe://test.example/ns/it/sa/client";
+
 /// Upper bound for any single RPC in a test, so nothing can hang.
 pub const RPC_BOUND: Duration = Duration::from_secs(20);
+
+/// Awaits `future`, bounded by [`RPC_BOUND`]; panics naming `what` if it takes longer.
+pub async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(RPC_BOUND, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {RPC_BOUND:?}"))
+}
+
+/// Polls `check` until it returns `true` or `timeout` has passed (a bounded
+/// number of times, as long as each check is bounded). Returns the last answer.
+pub async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let interval = (timeout / 200).clamp(Duration::from_millis(10), Duration::from_millis(100));
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// A `GetIdpToken` request for `user_id`'s token from `provider` (`""`: any).
+pub fn get_request(user_id: &str, provider: &str) -> GetIdpTokenRequest {
+    GetIdpTokenRequest {
+        user_id: user_id.to_owned(),
+        provider: provider.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// [`get_request`] with `bypass_cache` set.
+pub fn bypass_request(user_id: &str, provider: &str) -> GetIdpTokenRequest {
+    GetIdpTokenRequest {
+        bypass_cache: true,
+        ..get_request(user_id, provider)
+    }
+}
+
+/// An mTLS channel to a broker at `addr`, trusting `ca_pem` for the server and
+/// presenting `cert` (or no certificate).
+pub async fn mtls_channel(
+    addr: SocketAddr,
+    ca_pem: &str,
+    cert: Option<&IssuedCertificate>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some(cert) = cert {
+        tls = tls.identity(Identity::from_pem(&cert.cert_pem, &cert.key_pem));
+    }
+    Channel::from_shared(format!("https://{addr}"))
+        .expect("uri")
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
+/// A `TokenBroker` client over [`mtls_channel`].
+pub async fn mtls_client(
+    addr: SocketAddr,
+    ca_pem: &str,
+    cert: Option<&IssuedCertificate>,
+) -> Result<TokenBrokerClient<Channel>, tonic::transport::Error> {
+    Ok(TokenBrokerClient::new(
+        mtls_channel(addr, ca_pem, cert).await?,
+    ))
+}
+
+/// `GetIdpToken` on an existing client, bounded by [`RPC_BOUND`].
+pub async fn get_on(
+    client: &mut TokenBrokerClient<Channel>,
+    request: impl tonic::IntoRequest<GetIdpTokenRequest>,
+) -> Result<IdpToken, Status> {
+    let response = bounded("GetIdpToken", client.get_idp_token(request)).await?;
+    Ok(response
+        .into_inner()
+        .token
+        .expect("response carries a token"))
+}
+
+/// `ListIdpTokens` for `user_id` on an existing client, bounded by [`RPC_BOUND`].
+pub async fn list_on(
+    client: &mut TokenBrokerClient<Channel>,
+    user_id: &str,
+) -> Result<Vec<IdpToken>, Status> {
+    let request = ListIdpTokensRequest {
+        user_id: user_id.to_owned(),
+    };
+    let response = bounded("ListIdpTokens", client.list_idp_tokens(request)).await?;
+    Ok(response.into_inner().tokens)
+}
+
+/// `InvalidateUser` for `user_id` on an existing client, bounded by [`RPC_BOUND`].
+pub async fn invalidate_on(
+    client: &mut TokenBrokerClient<Channel>,
+    user_id: &str,
+) -> Result<(), Status> {
+    let request = InvalidateUserRequest {
+        user_id: user_id.to_owned(),
+    };
+    bounded("InvalidateUser", client.invalidate_user(request))
+        .await
+        .map(|_| ())
+}
+
+/// The serving status `client` reports for `service` (`""`: the server as a
+/// whole), bounded by [`RPC_BOUND`].
+pub async fn health_status(
+    client: &mut HealthClient<Channel>,
+    service: &str,
+) -> Result<i32, Status> {
+    let request = HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    let response = bounded("Health/Check", client.check(request)).await?;
+    Ok(response.into_inner().status)
+}
 
 /// How a test wants its broker.
 pub struct Options {
@@ -99,9 +230,7 @@ impl TestBroker {
         let ca = CertificateAuthority::generate("test client and server CA").expect("CA");
         let server_cert = ca.issue(&LeafSpec::loopback_server()).expect("server cert");
         let client_cert = ca
-            .issue(&LeafSpec::spiffe_client(
-                "spiffe://test.example/ns/it/sa/client",
-            ))
+            .issue(&LeafSpec::spiffe_client(CLIENT_SPIFFE_ID))
             .expect("client cert");
         let files = TlsFiles {
             cert: dir.path().join("server.pem"),
@@ -185,9 +314,7 @@ impl TestBroker {
         cert: Option<&IssuedCertificate>,
         server_ca_pem: &str,
     ) -> Result<TokenBrokerClient<Channel>, tonic::transport::Error> {
-        Ok(TokenBrokerClient::new(
-            self.channel_with(cert, server_ca_pem).await?,
-        ))
+        mtls_client(self.addr, server_ca_pem, cert).await
     }
 
     /// A raw channel, for health and reflection clients.
@@ -196,39 +323,42 @@ impl TestBroker {
         cert: Option<&IssuedCertificate>,
         server_ca_pem: &str,
     ) -> Result<Channel, tonic::transport::Error> {
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(server_ca_pem))
-            .domain_name("localhost");
-        if let Some(cert) = cert {
-            tls = tls.identity(Identity::from_pem(&cert.cert_pem, &cert.key_pem));
-        }
-        Channel::from_shared(format!("https://{}", self.addr))
-            .expect("uri")
-            .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
+        mtls_channel(self.addr, server_ca_pem, cert).await
     }
 
     /// `GetIdpToken` for `user_id`/`provider` with the default client, bounded by [`RPC_BOUND`].
-    pub async fn get(&self, user_id: &str, provider: &str) -> Result<IdpToken, tonic::Status> {
-        let request = GetIdpTokenRequest {
-            user_id: user_id.to_owned(),
-            provider: provider.to_owned(),
-            ..Default::default()
-        };
-        self.get_with(request).await
+    pub async fn get(&self, user_id: &str, provider: &str) -> Result<IdpToken, Status> {
+        self.get_with(get_request(user_id, provider)).await
     }
 
-    pub async fn get_with(&self, request: GetIdpTokenRequest) -> Result<IdpToken, tonic::Status> {
-        let mut client = self.client().await;
-        let response = tokio::time::timeout(RPC_BOUND, client.get_idp_token(request))
+    /// `GetIdpToken` for `user_id`/`provider` presenting `cert` (which must pass
+    /// the handshake), bounded by [`RPC_BOUND`].
+    pub async fn get_as(
+        &self,
+        cert: &IssuedCertificate,
+        user_id: &str,
+        provider: &str,
+    ) -> Result<IdpToken, Status> {
+        let mut client = self
+            .client_with(Some(cert), &self.ca.cert_pem)
             .await
-            .expect("RPC answered within the bound")?;
-        Ok(response
-            .into_inner()
-            .token
-            .expect("response carries a token"))
+            .expect("client with the given certificate connects");
+        get_on(&mut client, get_request(user_id, provider)).await
+    }
+
+    /// `GetIdpToken` with the default client, bounded by [`RPC_BOUND`].
+    pub async fn get_with(&self, request: GetIdpTokenRequest) -> Result<IdpToken, Status> {
+        get_on(&mut self.client().await, request).await
+    }
+
+    /// `ListIdpTokens` with the default client, bounded by [`RPC_BOUND`].
+    pub async fn list(&self, user_id: &str) -> Result<Vec<IdpToken>, Status> {
+        list_on(&mut self.client().await, user_id).await
+    }
+
+    /// `InvalidateUser` with the default client, bounded by [`RPC_BOUND`].
+    pub async fn invalidate(&self, user_id: &str) -> Result<(), Status> {
+        invalidate_on(&mut self.client().await, user_id).await
     }
 
     /// Asks the broker to shut down (like SIGTERM) without waiting.
