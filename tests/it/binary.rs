@@ -9,16 +9,14 @@ use std::process::{ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 use tokenbroker::emulator::{seed, Emulator, EmulatorConfig, Endpoint, Fault};
-use tokenbroker::pki::{write_file, CertificateAuthority, LeafSpec};
+use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, LeafSpec};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
-use tokenbroker::proto::{
-    GetIdpTokenRequest, IdpToken, InvalidateUserRequest, ListIdpTokensRequest,
-};
+use tokenbroker::proto::GetIdpTokenRequest;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
-use crate::support::RPC_BOUND;
+use crate::support::{bypass_request, get_on, get_request, invalidate_on, list_on, mtls_client};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenbroker");
 
@@ -70,68 +68,25 @@ async fn terminate(child: &mut Child) -> ExitStatus {
         .expect("wait for tokenbroker")
 }
 
-/// An mTLS client for a broker at `addr`, trusting `ca_pem`, presenting `cert_pem`/`key_pem`.
-async fn mtls_client(
-    addr: SocketAddr,
-    ca_pem: &str,
-    cert_pem: &str,
-    key_pem: &str,
-) -> Result<TokenBrokerClient<Channel>, tonic::transport::Error> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca_pem))
-        .identity(Identity::from_pem(cert_pem, key_pem))
-        .domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://{addr}"))
-        .expect("uri")
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
-    Ok(TokenBrokerClient::new(channel))
-}
-
 /// Connects once the child listens; fails fast if it exits first. Bounded.
 async fn connect_when_listening(
     child: &mut Child,
     addr: SocketAddr,
     ca_pem: &str,
-    cert_pem: &str,
-    key_pem: &str,
+    cert: &IssuedCertificate,
 ) -> TokenBrokerClient<Channel> {
     let deadline = tokio::time::Instant::now() + PROCESS_BOUND;
     loop {
         if let Some(status) = child.try_wait().expect("poll child") {
             panic!("tokenbroker exited before it listened: {status}");
         }
-        match mtls_client(addr, ca_pem, cert_pem, key_pem).await {
+        match mtls_client(addr, ca_pem, Some(cert)).await {
             Ok(client) => return client,
             Err(_) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(error) => panic!("tokenbroker did not listen on {addr} in time: {error:?}"),
         }
-    }
-}
-
-async fn get(
-    client: &mut TokenBrokerClient<Channel>,
-    request: GetIdpTokenRequest,
-) -> Result<IdpToken, tonic::Status> {
-    let response = tokio::time::timeout(RPC_BOUND, client.get_idp_token(request))
-        .await
-        .expect("RPC answered within the bound")?;
-    Ok(response
-        .into_inner()
-        .token
-        .expect("response carries a token"))
-}
-
-fn get_request(user_id: &str, provider: &str, bypass_cache: bool) -> GetIdpTokenRequest {
-    GetIdpTokenRequest {
-        user_id: user_id.to_owned(),
-        provider: provider.to_owned(),
-        bypass_cache,
-        ..Default::default()
     }
 }
 
@@ -202,6 +157,20 @@ impl BadStart {
             names: names.iter().map(|name| (*name).to_owned()).collect(),
         }
     }
+
+    /// Checks that `stderr` is one `tokenbroker: error:` line naming all of
+    /// [`Self::names`], and returns it.
+    fn error_line<'a>(&self, stderr: &'a str) -> &'a str {
+        let line = one_error_line(self.what, stderr);
+        for name in &self.names {
+            assert!(
+                line.contains(name.as_str()),
+                "{}: the line names {name:?}: {line}",
+                self.what
+            );
+        }
+        line
+    }
 }
 
 #[tokio::test]
@@ -257,14 +226,9 @@ async fn bad_config_fails_at_start_with_one_line_naming_the_setting() {
         ),
     ];
 
-    for BadStart {
-        what,
-        set,
-        unset,
-        names,
-    } in cases
-    {
-        let output = serve_with(set, &unset).await;
+    for case in cases {
+        let what = case.what;
+        let output = serve_with(case.set.clone(), &case.unset).await;
         let stderr = String::from_utf8_lossy(&output.stderr);
 
         assert_eq!(
@@ -272,13 +236,7 @@ async fn bad_config_fails_at_start_with_one_line_naming_the_setting() {
             Some(2),
             "{what}: exit code 2 for a bad config; stderr: {stderr}"
         );
-        let line = one_error_line(what, &stderr);
-        for name in &names {
-            assert!(
-                line.contains(name.as_str()),
-                "{what}: the line names {name:?}: {line}"
-            );
-        }
+        let line = case.error_line(&stderr);
         let stdout = String::from_utf8_lossy(&output.stdout);
         for secret in ["dummy-inline-secret-7c41", "file-secret-value-3e9a"] {
             assert!(
@@ -335,34 +293,23 @@ async fn unusable_tls_or_policy_file_fails_at_start_with_one_line_naming_the_fil
             &[&format!("{policy}:")],
         ),
     ];
-    for BadStart {
-        what,
-        set,
-        unset,
-        names,
-    } in cases
-    {
+    for case in cases {
         // Good TLS files unless the case replaces one.
         let mut overrides: Vec<(&str, String)> = good_tls
             .iter()
-            .filter(|(key, _)| set.iter().all(|(k, _)| k != key))
+            .filter(|(key, _)| case.set.iter().all(|(k, _)| k != key))
             .cloned()
             .collect();
-        overrides.extend(set);
-        let output = serve_with(overrides, &unset).await;
+        overrides.extend(case.set.iter().cloned());
+        let output = serve_with(overrides, &case.unset).await;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
             !output.status.success() && output.status.code().is_some(),
-            "{what}: the broker refuses to start; status {}",
+            "{}: the broker refuses to start; status {}",
+            case.what,
             output.status
         );
-        let line = one_error_line(what, &stderr);
-        for name in &names {
-            assert!(
-                line.contains(name.as_str()),
-                "{what}: the line names {name:?}: {line}"
-            );
-        }
+        case.error_line(&stderr);
     }
 }
 
@@ -409,7 +356,7 @@ async fn exercise_everything(
     client: &mut TokenBrokerClient<Channel>,
     emulator: &Emulator,
 ) -> usize {
-    let token = get(client, get_request(seed::GITHUB_USER, "github", false))
+    let token = get_on(client, get_request(seed::GITHUB_USER, "github"))
         .await
         .expect("the broker serves the seeded GitHub token");
     assert_eq!(token.access_token, seed::GITHUB_ACCESS_TOKEN);
@@ -417,52 +364,30 @@ async fn exercise_everything(
 
     for (user, provider) in seeded_requests() {
         for request in [
-            get_request(user, provider, false),
-            get_request(user, "", false),
-            get_request(user, provider, true),
+            get_request(user, provider),
+            get_request(user, ""),
+            bypass_request(user, provider),
         ] {
-            released += usize::from(get(client, request).await.is_ok());
+            released += usize::from(get_on(client, request).await.is_ok());
         }
-        let _ = tokio::time::timeout(
-            RPC_BOUND,
-            client.list_idp_tokens(ListIdpTokensRequest {
-                user_id: user.to_owned(),
-            }),
-        )
-        .await
-        .expect("ListIdpTokens answered within the bound");
-        let _ = tokio::time::timeout(
-            RPC_BOUND,
-            client.invalidate_user(InvalidateUserRequest {
-                user_id: user.to_owned(),
-            }),
-        )
-        .await
-        .expect("InvalidateUser answered within the bound");
+        let _ = list_on(client, user).await;
+        let _ = invalidate_on(client, user).await;
     }
-    let _ = get(
-        client,
-        get_request("auth0|no-such-user-0001", "github", false),
-    )
-    .await;
-    let _ = get(client, get_request(seed::GITHUB_USER, "twitter", false)).await;
-    let _ = get(client, get_request("bad\u{7}id", "", false)).await;
-    let _ = get(
+    let _ = get_on(client, get_request("auth0|no-such-user-0001", "github")).await;
+    let _ = get_on(client, get_request(seed::GITHUB_USER, "twitter")).await;
+    let _ = get_on(client, get_request("bad\u{7}id", "")).await;
+    let _ = get_on(
         client,
         GetIdpTokenRequest {
             connection: seed::CORP_SSO_CONNECTION.to_owned(),
-            ..get_request(seed::LINKED_USER, "", true)
+            ..bypass_request(seed::LINKED_USER, "")
         },
     )
     .await;
 
     // A revoked Management token: 401, new token, retry.
     emulator.revoke_management_tokens();
-    let _ = get(
-        client,
-        get_request(seed::GOOGLE_USER, "google-oauth2", true),
-    )
-    .await;
+    let _ = get_on(client, bypass_request(seed::GOOGLE_USER, "google-oauth2")).await;
     // Auth0 failing: 500 and 429 on the users endpoint.
     emulator.inject_faults(
         Endpoint::Users,
@@ -474,19 +399,19 @@ async fn exercise_everything(
             },
         ],
     );
-    let _ = get(client, get_request(seed::TWITTER_USER, "twitter", true)).await;
-    let _ = get(client, get_request(seed::TWITTER_USER, "twitter", true)).await;
+    let _ = get_on(client, bypass_request(seed::TWITTER_USER, "twitter")).await;
+    let _ = get_on(client, bypass_request(seed::TWITTER_USER, "twitter")).await;
     // A Management token without read:user_idp_tokens (error log with the scope).
     emulator.set_scope("read:users");
     emulator.revoke_management_tokens();
-    let _ = get(client, get_request(seed::LINKED_USER, "github", true)).await;
+    let _ = get_on(client, bypass_request(seed::LINKED_USER, "github")).await;
     // The broker's own credentials rejected on /oauth/token.
     emulator.set_scope("read:users read:user_idp_tokens");
     emulator.revoke_management_tokens();
     emulator.inject_faults(Endpoint::Token, vec![Fault::Status(401)]);
-    let _ = get(client, get_request(seed::ODD_ID_USER, "oauth2", true)).await;
+    let _ = get_on(client, bypass_request(seed::ODD_ID_USER, "oauth2")).await;
     // And back to normal.
-    let token = get(client, get_request(seed::TWITTER_USER, "twitter", true))
+    let token = get_on(client, bypass_request(seed::TWITTER_USER, "twitter"))
         .await
         .expect("the broker recovers");
     assert_eq!(token.access_token_secret, seed::TWITTER_ACCESS_TOKEN_SECRET);
@@ -545,31 +470,16 @@ async fn logs_never_contain_a_token_or_the_client_secret() {
         .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
     let mut child = command.spawn().expect("spawn tokenbroker serve");
 
-    let mut client = connect_when_listening(
-        &mut child,
-        addr,
-        &ca.cert_pem,
-        &client_cert.cert_pem,
-        &client_cert.key_pem,
-    )
-    .await;
+    let mut client = connect_when_listening(&mut child, addr, &ca.cert_pem, &client_cert).await;
     let released = exercise_everything(&mut client, &emulator).await;
     drop(client);
     // A caller the policy does not list is refused, and that is logged too.
-    let mut stranger = mtls_client(
-        addr,
-        &ca.cert_pem,
-        &stranger_cert.cert_pem,
-        &stranger_cert.key_pem,
-    )
-    .await
-    .expect("a certificate from the client CA passes the handshake");
-    let refused = get(
-        &mut stranger,
-        get_request(seed::GITHUB_USER, "github", false),
-    )
-    .await
-    .expect_err("an unlisted caller gets no token");
+    let mut stranger = mtls_client(addr, &ca.cert_pem, Some(&stranger_cert))
+        .await
+        .expect("a certificate from the client CA passes the handshake");
+    let refused = get_on(&mut stranger, get_request(seed::GITHUB_USER, "github"))
+        .await
+        .expect_err("an unlisted caller gets no token");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     drop(stranger);
     let status = terminate(&mut child).await;
@@ -716,10 +626,12 @@ async fn run_dev_once(dir: &Path) -> String {
     );
 
     let ca_pem = std::fs::read_to_string(&ca_path).expect("dev wrote ca.pem");
-    let cert_pem = std::fs::read_to_string(&cert_path).expect("dev wrote client.pem");
-    let key_pem = std::fs::read_to_string(&key_path).expect("dev wrote client.key");
-    let mut client = connect_when_listening(&mut child, addr, &ca_pem, &cert_pem, &key_pem).await;
-    let token = get(&mut client, get_request(seed::GITHUB_USER, "github", false))
+    let cert = IssuedCertificate {
+        cert_pem: std::fs::read_to_string(&cert_path).expect("dev wrote client.pem"),
+        key_pem: std::fs::read_to_string(&key_path).expect("dev wrote client.key"),
+    };
+    let mut client = connect_when_listening(&mut child, addr, &ca_pem, &cert).await;
+    let token = get_on(&mut client, get_request(seed::GITHUB_USER, "github"))
         .await
         .expect("the dev broker serves the seeded GitHub token");
     assert_eq!(token.access_token, seed::GITHUB_ACCESS_TOKEN);

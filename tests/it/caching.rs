@@ -12,12 +12,14 @@ use futures::future::join_all;
 use serde_json::{json, Value};
 use tokenbroker::config::CacheSettings;
 use tokenbroker::emulator::{seed, CallCounts, EmulatorConfig};
-use tokenbroker::proto::token_broker_client::TokenBrokerClient;
-use tokenbroker::proto::{GetIdpTokenRequest, IdpToken, InvalidateUserRequest};
-use tonic::transport::Channel;
-use tonic::Code;
+use tokenbroker::proto::IdpToken;
+use tokio::task::JoinHandle;
+use tonic::{Code, Status};
 
-use crate::support::{Options, TestBroker, CLIENT_ID, CLIENT_SECRET, RPC_BOUND};
+use crate::support::{
+    bounded, bypass_request, eventually, get_on, get_request as request, invalidate_on, Options,
+    TestBroker, CLIENT_ID, CLIENT_SECRET,
+};
 
 /// Options with the given cache settings and a default emulator.
 fn with_cache(user_ttl: Duration, user_capacity: u64, negative_ttl: Duration) -> Options {
@@ -28,28 +30,6 @@ fn with_cache(user_ttl: Duration, user_capacity: u64, negative_ttl: Duration) ->
             negative_ttl,
         },
         ..Options::default()
-    }
-}
-
-/// `GetIdpToken` on an existing client, bounded by [`RPC_BOUND`].
-async fn get_on(
-    client: &mut TokenBrokerClient<Channel>,
-    request: GetIdpTokenRequest,
-) -> Result<IdpToken, tonic::Status> {
-    let response = tokio::time::timeout(RPC_BOUND, client.get_idp_token(request))
-        .await
-        .expect("RPC answered within the bound")?;
-    Ok(response
-        .into_inner()
-        .token
-        .expect("response carries a token"))
-}
-
-fn request(user_id: &str, provider: &str) -> GetIdpTokenRequest {
-    GetIdpTokenRequest {
-        user_id: user_id.to_owned(),
-        provider: provider.to_owned(),
-        ..Default::default()
     }
 }
 
@@ -86,6 +66,51 @@ fn github_profile(user_id: &str, idp_user_id: u64, access_token: &str) -> Value 
 /// The raw path the broker requests for a user id of letters, digits and `|`.
 fn users_path(user_id: &str) -> String {
     format!("/api/v2/users/{}", user_id.replace('|', "%7C"))
+}
+
+/// Creates `user` (GitHub id `idp_user_id`) with `old_token`, warms up, and
+/// starts a cold read of it that the emulator holds back for 1 s (it computes
+/// its answer at once, so the read carries the profile as it was). Once that
+/// read has reached Auth0, changes the user's token to `new_token` and removes
+/// the latency. Returns the read still in flight.
+async fn read_in_flight_then_change(
+    broker: &TestBroker,
+    user: &'static str,
+    idp_user_id: u64,
+    old_token: &str,
+    new_token: &str,
+) -> JoinHandle<Result<IdpToken, Status>> {
+    broker
+        .emulator
+        .upsert_user(github_profile(user, idp_user_id, old_token));
+    warm_up_and_reset(broker).await;
+    broker.emulator.set_latency(Duration::from_secs(1));
+    let mut reader = broker.client().await;
+    let in_flight = tokio::spawn(async move { get_on(&mut reader, request(user, "github")).await });
+    eventually(Duration::from_secs(2), async || {
+        broker.emulator.user_calls_for(user) != 0
+    })
+    .await;
+    assert_eq!(
+        broker.emulator.user_calls_for(user),
+        1,
+        "the cold read reached Auth0"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    broker
+        .emulator
+        .upsert_user(github_profile(user, idp_user_id, new_token));
+    broker.emulator.set_latency(Duration::ZERO);
+    in_flight
+}
+
+/// Waits (bounded) for a read started by [`read_in_flight_then_change`].
+async fn finish(in_flight: JoinHandle<Result<IdpToken, Status>>) -> IdpToken {
+    bounded("the in-flight read", in_flight)
+        .await
+        .expect("task completes")
+        .expect("in-flight read succeeds")
 }
 
 #[tokio::test]
@@ -175,15 +200,9 @@ async fn bypass_cache_reads_auth0_again_and_refreshes_the_cache() {
     // fetched_at has sub-microsecond resolution; make "newer" unambiguous.
     tokio::time::sleep(Duration::from_millis(20)).await;
 
-    let bypassed = get_on(
-        &mut client,
-        GetIdpTokenRequest {
-            bypass_cache: true,
-            ..request(seed::GITHUB_USER, "github")
-        },
-    )
-    .await
-    .expect("bypass call succeeds");
+    let bypassed = get_on(&mut client, bypass_request(seed::GITHUB_USER, "github"))
+        .await
+        .expect("bypass call succeeds");
 
     assert_eq!(broker.emulator.calls().users, 1, "bypass_cache reads Auth0");
     assert_eq!(
@@ -221,15 +240,9 @@ async fn invalidate_user_makes_the_next_call_read_auth0() {
         .expect("first call succeeds");
     broker.emulator.reset_counters();
 
-    tokio::time::timeout(
-        RPC_BOUND,
-        client.invalidate_user(InvalidateUserRequest {
-            user_id: seed::TWITTER_USER.to_owned(),
-        }),
-    )
-    .await
-    .expect("RPC answered within the bound")
-    .expect("InvalidateUser succeeds");
+    invalidate_on(&mut client, seed::TWITTER_USER)
+        .await
+        .expect("InvalidateUser succeeds");
     assert_eq!(
         broker.emulator.calls().users,
         0,
@@ -547,7 +560,7 @@ async fn user_cache_holds_no_more_than_its_capacity() {
     // operations once its interval has passed; keep re-fetching all five
     // (bounded) until some had to be read again.
     let mut rounds = 0;
-    while broker.emulator.calls().users <= 5 && rounds < 20 {
+    eventually(Duration::from_secs(8), async || {
         rounds += 1;
         tokio::time::sleep(Duration::from_millis(400)).await;
         for (i, user) in users.iter().enumerate() {
@@ -556,7 +569,9 @@ async fn user_cache_holds_no_more_than_its_capacity() {
                 .expect("re-fetch succeeds");
             assert_eq!(token.access_token, format!("gho_capacity_{i}"));
         }
-    }
+        broker.emulator.calls().users > 5
+    })
+    .await;
     assert!(
         broker.emulator.calls().users > 5,
         "after {rounds} rounds of re-fetching five users, a cache of capacity 2 still held all of them"
@@ -591,24 +606,15 @@ async fn bypass_cache_and_invalidate_also_clear_a_remembered_not_found() {
     assert_eq!(status.code(), Code::NotFound, "the 404 is remembered");
 
     let found = broker
-        .get_with(GetIdpTokenRequest {
-            bypass_cache: true,
-            ..request(late, "github")
-        })
+        .get_with(bypass_request(late, "github"))
         .await
         .expect("bypass_cache reads Auth0 past a remembered 404");
     assert_eq!(found.access_token, "gho_late_1");
 
-    let mut client = broker.client().await;
-    tokio::time::timeout(
-        RPC_BOUND,
-        client.invalidate_user(InvalidateUserRequest {
-            user_id: late_too.to_owned(),
-        }),
-    )
-    .await
-    .expect("RPC answered within the bound")
-    .expect("InvalidateUser succeeds");
+    broker
+        .invalidate(late_too)
+        .await
+        .expect("InvalidateUser succeeds");
     let found = broker
         .get(late_too, "github")
         .await
@@ -621,49 +627,23 @@ async fn bypass_cache_and_invalidate_also_clear_a_remembered_not_found() {
 async fn invalidate_user_is_not_undone_by_a_read_that_was_already_in_flight() {
     let broker = TestBroker::start().await;
     let user = "github|600001";
-    broker
-        .emulator
-        .upsert_user(github_profile(user, 600_001, "gho_before_relink"));
-    warm_up_and_reset(&broker).await;
-    // The emulator computes its answer at once, then holds it back for 1 s:
-    // the in-flight read below carries the profile as it was before the change.
-    broker.emulator.set_latency(Duration::from_secs(1));
-    let mut reader = broker.client().await;
-    let in_flight = tokio::spawn(async move { get_on(&mut reader, request(user, "github")).await });
-    let mut polls = 0;
-    while broker.emulator.user_calls_for(user) == 0 && polls < 200 {
-        polls += 1;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(
-        broker.emulator.user_calls_for(user),
-        1,
-        "the cold read reached Auth0"
-    );
-    tokio::time::sleep(Duration::from_millis(50)).await;
-
-    // The user's token changes in Auth0, then a caller invalidates the user.
-    broker
-        .emulator
-        .upsert_user(github_profile(user, 600_001, "gho_after_relink"));
-    broker.emulator.set_latency(Duration::ZERO);
-    let mut client = broker.client().await;
-    tokio::time::timeout(
-        RPC_BOUND,
-        client.invalidate_user(InvalidateUserRequest {
-            user_id: user.to_owned(),
-        }),
+    // The user's token changes in Auth0 while a read is in flight, then a
+    // caller invalidates the user.
+    let in_flight = read_in_flight_then_change(
+        &broker,
+        user,
+        600_001,
+        "gho_before_relink",
+        "gho_after_relink",
     )
-    .await
-    .expect("RPC answered within the bound")
-    .expect("InvalidateUser succeeds");
+    .await;
+    let mut client = broker.client().await;
+    invalidate_on(&mut client, user)
+        .await
+        .expect("InvalidateUser succeeds");
 
     // The read that started before the invalidation may return the old token...
-    let old = tokio::time::timeout(RPC_BOUND, in_flight)
-        .await
-        .expect("in-flight read finishes")
-        .expect("task completes")
-        .expect("in-flight read succeeds");
+    let old = finish(in_flight).await;
     assert_eq!(old.access_token, "gho_before_relink");
 
     // ...but a call made after InvalidateUser returned must not be served the
@@ -684,47 +664,16 @@ async fn invalidate_user_is_not_undone_by_a_read_that_was_already_in_flight() {
 async fn bypass_cache_refresh_is_not_overwritten_by_an_older_read_in_flight() {
     let broker = TestBroker::start().await;
     let user = "github|600002";
-    broker
-        .emulator
-        .upsert_user(github_profile(user, 600_002, "gho_old_profile"));
-    warm_up_and_reset(&broker).await;
-    // The emulator computes its answer at once, then holds it back for 1 s.
-    broker.emulator.set_latency(Duration::from_secs(1));
-    let mut reader = broker.client().await;
-    let in_flight = tokio::spawn(async move { get_on(&mut reader, request(user, "github")).await });
-    let mut polls = 0;
-    while broker.emulator.user_calls_for(user) == 0 && polls < 200 {
-        polls += 1;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(
-        broker.emulator.user_calls_for(user),
-        1,
-        "the cold read reached Auth0"
-    );
-    tokio::time::sleep(Duration::from_millis(50)).await;
-
-    broker
-        .emulator
-        .upsert_user(github_profile(user, 600_002, "gho_new_profile"));
-    broker.emulator.set_latency(Duration::ZERO);
+    let in_flight =
+        read_in_flight_then_change(&broker, user, 600_002, "gho_old_profile", "gho_new_profile")
+            .await;
     let mut client = broker.client().await;
-    let refreshed = get_on(
-        &mut client,
-        GetIdpTokenRequest {
-            bypass_cache: true,
-            ..request(user, "github")
-        },
-    )
-    .await
-    .expect("bypass call succeeds");
+    let refreshed = get_on(&mut client, bypass_request(user, "github"))
+        .await
+        .expect("bypass call succeeds");
     assert_eq!(refreshed.access_token, "gho_new_profile");
 
-    let old = tokio::time::timeout(RPC_BOUND, in_flight)
-        .await
-        .expect("in-flight read finishes")
-        .expect("task completes")
-        .expect("in-flight read succeeds");
+    let old = finish(in_flight).await;
     assert_eq!(old.access_token, "gho_old_profile");
 
     let next = get_on(&mut client, request(user, "github"))

@@ -6,52 +6,64 @@ use std::time::{Duration, Instant};
 use tokenbroker::config::RunSettings;
 use tokenbroker::emulator::{seed, Fault};
 use tokenbroker::pki::{write_file, CertificateAuthority, LeafSpec};
-use tonic::Code;
+use tokenbroker::proto::token_broker_client::TokenBrokerClient;
+use tokenbroker::proto::IdpToken;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-use crate::support::{Options, TestBroker, RPC_BOUND};
+use crate::support::{
+    bounded, eventually, get_on, get_request, health_status as status_of, Options, TestBroker,
+    CLIENT_SPIFFE_ID,
+};
 
 const READINESS: &str = "tokenbroker.v1.TokenBroker";
 
-async fn plaintext_health(broker: &TestBroker) -> HealthClient<tonic::transport::Channel> {
+/// A plaintext channel to the broker's health port.
+async fn plaintext_channel(broker: &TestBroker) -> Channel {
     let addr = broker.health_addr.expect("health listener requested");
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+    Channel::from_shared(format!("http://{addr}"))
         .expect("uri")
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .expect("plaintext health connects");
-    HealthClient::new(channel)
+        .expect("plaintext health connects")
 }
 
-async fn status_of(
-    client: &mut HealthClient<tonic::transport::Channel>,
-    service: &str,
-) -> Result<i32, tonic::Status> {
-    let request = HealthCheckRequest {
-        service: service.to_owned(),
-    };
-    let response = tokio::time::timeout(RPC_BOUND, client.check(request))
-        .await
-        .expect("bounded")?;
-    Ok(response.into_inner().status)
+async fn plaintext_health(broker: &TestBroker) -> HealthClient<Channel> {
+    HealthClient::new(plaintext_channel(broker).await)
 }
 
 /// Polls the plaintext health port until `service` reports `wanted`, for up to 15 s.
 async fn wait_for_status(
-    client: &mut HealthClient<tonic::transport::Channel>,
+    client: &mut HealthClient<Channel>,
     service: &str,
     wanted: ServingStatus,
 ) -> bool {
-    for _ in 0..150 {
-        if status_of(client, service).await.ok() == Some(wanted as i32) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
+    eventually(Duration::from_secs(15), async || {
+        status_of(client, service).await.ok() == Some(wanted as i32)
+    })
+    .await
+}
+
+/// The status in the next message of a health watch, bounded.
+async fn next_status(stream: &mut Streaming<HealthCheckResponse>) -> i32 {
+    bounded("the next watch message", stream.message())
+        .await
+        .expect("ok")
+        .expect("message")
+        .status
+}
+
+/// Asks for the seeded GitHub user's GitHub token on `client` in the
+/// background (bounded), so the RPC can be in flight when shutdown begins.
+fn get_in_background(
+    mut client: TokenBrokerClient<Channel>,
+) -> JoinHandle<Result<IdpToken, Status>> {
+    tokio::spawn(async move { get_on(&mut client, get_request(seed::GITHUB_USER, "github")).await })
 }
 
 fn with_health() -> Options {
@@ -89,24 +101,10 @@ async fn readiness_turns_serving_only_after_the_first_management_token() {
 #[tokio::test]
 async fn plaintext_port_serves_health_only() {
     let broker = TestBroker::start_with(with_health()).await;
-    let addr = broker.health_addr.expect("health listener");
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
+    let mut api = TokenBrokerClient::new(plaintext_channel(&broker).await);
+    let status = get_on(&mut api, get_request(seed::GITHUB_USER, "github"))
         .await
-        .expect("connects");
-    let mut api = tokenbroker::proto::token_broker_client::TokenBrokerClient::new(channel);
-    let status = tokio::time::timeout(
-        RPC_BOUND,
-        api.get_idp_token(tokenbroker::proto::GetIdpTokenRequest {
-            user_id: seed::GITHUB_USER.into(),
-            provider: "github".into(),
-            ..Default::default()
-        }),
-    )
-    .await
-    .expect("bounded")
-    .unwrap_err();
+        .unwrap_err();
     assert_eq!(
         status.code(),
         Code::Unimplemented,
@@ -120,53 +118,26 @@ async fn health_watch_reports_not_serving_as_soon_as_shutdown_begins() {
     let mut broker = TestBroker::start_with(with_health()).await;
     let mut health = plaintext_health(&broker).await;
     assert!(wait_for_status(&mut health, READINESS, ServingStatus::Serving).await);
-    let mut liveness = tokio::time::timeout(
-        RPC_BOUND,
-        health.watch(HealthCheckRequest {
-            service: String::new(),
-        }),
-    )
-    .await
-    .expect("bounded")
-    .expect("watch")
-    .into_inner();
-    let mut readiness = tokio::time::timeout(
-        RPC_BOUND,
-        health.watch(HealthCheckRequest {
-            service: READINESS.into(),
-        }),
-    )
-    .await
-    .expect("bounded")
-    .expect("watch")
-    .into_inner();
-    let first = tokio::time::timeout(RPC_BOUND, liveness.message())
-        .await
-        .expect("bounded");
-    assert_eq!(
-        first.expect("ok").expect("message").status,
-        ServingStatus::Serving as i32
-    );
-    let first = tokio::time::timeout(RPC_BOUND, readiness.message())
-        .await
-        .expect("bounded");
-    assert_eq!(
-        first.expect("ok").expect("message").status,
-        ServingStatus::Serving as i32
-    );
+    let mut streams = Vec::new();
+    for service in ["", READINESS] {
+        let request = HealthCheckRequest {
+            service: service.to_owned(),
+        };
+        let stream = bounded("Health/Watch", health.watch(request))
+            .await
+            .expect("watch")
+            .into_inner();
+        streams.push(stream);
+    }
+    for stream in &mut streams {
+        assert_eq!(next_status(stream).await, ServingStatus::Serving as i32);
+    }
 
     broker.begin_shutdown();
-    for stream in [&mut liveness, &mut readiness] {
-        let next = tokio::time::timeout(RPC_BOUND, stream.message())
-            .await
-            .expect("bounded");
-        assert_eq!(
-            next.expect("ok").expect("message").status,
-            ServingStatus::NotServing as i32
-        );
+    for stream in &mut streams {
+        assert_eq!(next_status(stream).await, ServingStatus::NotServing as i32);
     }
-    drop(liveness);
-    drop(readiness);
+    drop(streams);
     assert!(broker.wait_stopped().await.is_some(), "server stopped");
 }
 
@@ -174,29 +145,14 @@ async fn health_watch_reports_not_serving_as_soon_as_shutdown_begins() {
 async fn in_flight_rpc_completes_during_shutdown_and_new_connections_are_refused() {
     let mut broker = TestBroker::start().await;
     broker.emulator.set_latency(Duration::from_millis(1500));
-    let mut client = broker.client().await;
-    let in_flight = tokio::spawn(async move {
-        tokio::time::timeout(
-            RPC_BOUND,
-            client.get_idp_token(tokenbroker::proto::GetIdpTokenRequest {
-                user_id: seed::GITHUB_USER.into(),
-                provider: "github".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-    });
+    let in_flight = get_in_background(broker.client().await);
     tokio::time::sleep(Duration::from_millis(400)).await;
     broker.begin_shutdown();
     let answer = in_flight
         .await
         .expect("task")
-        .expect("bounded")
         .expect("RPC completed during drain");
-    assert_eq!(
-        answer.into_inner().token.expect("token").access_token,
-        seed::GITHUB_ACCESS_TOKEN
-    );
+    assert_eq!(answer.access_token, seed::GITHUB_ACCESS_TOKEN);
     let stopped = broker.wait_stopped().await.expect("server stopped");
     assert!(stopped.is_ok(), "clean exit: {stopped:?}");
     assert!(
@@ -219,26 +175,12 @@ async fn rpc_still_running_after_the_grace_period_gets_unavailable() {
     })
     .await;
     broker.emulator.set_latency(Duration::from_secs(8));
-    let mut client = broker.client().await;
+    let client = broker.client().await;
     let started = Instant::now();
-    let in_flight = tokio::spawn(async move {
-        tokio::time::timeout(
-            RPC_BOUND,
-            client.get_idp_token(tokenbroker::proto::GetIdpTokenRequest {
-                user_id: seed::GITHUB_USER.into(),
-                provider: "github".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-    });
+    let in_flight = get_in_background(client);
     tokio::time::sleep(Duration::from_millis(300)).await;
     broker.begin_shutdown();
-    let status = in_flight
-        .await
-        .expect("task")
-        .expect("bounded")
-        .unwrap_err();
+    let status = in_flight.await.expect("task").unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
         status.message().contains("shutting down"),
@@ -273,46 +215,27 @@ async fn rotated_certificates_are_used_without_restart_and_open_connections_surv
         .issue(&LeafSpec::loopback_server())
         .expect("server cert");
     let client = new_ca
-        .issue(&LeafSpec::spiffe_client(
-            "spiffe://test.example/ns/it/sa/client",
-        ))
+        .issue(&LeafSpec::spiffe_client(CLIENT_SPIFFE_ID))
         .expect("client cert");
     replace_file(&broker.files.client_ca, &new_ca.cert_pem, false);
     replace_file(&broker.files.key, &server.key_pem, true);
     replace_file(&broker.files.cert, &server.cert_pem, false);
 
     let mut connected = None;
-    for _ in 0..100 {
+    eventually(Duration::from_secs(10), async || {
         if let Ok(mut fresh) = broker.client_with(Some(&client), &new_ca.cert_pem).await {
-            let call = fresh.get_idp_token(tokenbroker::proto::GetIdpTokenRequest {
-                user_id: seed::GITHUB_USER.into(),
-                provider: "github".into(),
-                ..Default::default()
-            });
-            if let Ok(Ok(response)) = tokio::time::timeout(RPC_BOUND, call).await {
-                connected = Some(response.into_inner());
-                break;
-            }
+            connected = get_on(&mut fresh, get_request(seed::GITHUB_USER, "github"))
+                .await
+                .ok();
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let response = connected.expect("a client trusting only the new CA connects after the swap");
-    assert_eq!(
-        response.token.expect("token").access_token,
-        seed::GITHUB_ACCESS_TOKEN
-    );
+        connected.is_some()
+    })
+    .await;
+    let token = connected.expect("a client trusting only the new CA connects after the swap");
+    assert_eq!(token.access_token, seed::GITHUB_ACCESS_TOKEN);
     assert!(broker.tls.reloads() >= 1);
 
-    let still_open = tokio::time::timeout(
-        RPC_BOUND,
-        old_client.get_idp_token(tokenbroker::proto::GetIdpTokenRequest {
-            user_id: seed::GITHUB_USER.into(),
-            provider: "github".into(),
-            ..Default::default()
-        }),
-    )
-    .await
-    .expect("bounded");
+    let still_open = get_on(&mut old_client, get_request(seed::GITHUB_USER, "github")).await;
     assert!(
         still_open.is_ok(),
         "the connection opened before rotation keeps working"
@@ -329,12 +252,10 @@ async fn unreadable_new_key_keeps_the_old_certificate() {
         .await
         .expect("before the bad key");
     replace_file(&broker.files.key, "not a key", true);
-    for _ in 0..100 {
-        if broker.tls.failed_reloads() > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(5), async || {
+        broker.tls.failed_reloads() > 0
+    })
+    .await;
     assert!(broker.tls.failed_reloads() > 0, "the bad key was noticed");
     broker
         .get(seed::GITHUB_USER, "github")

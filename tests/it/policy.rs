@@ -5,13 +5,12 @@ use std::time::Duration;
 
 use tokenbroker::emulator::seed;
 use tokenbroker::pki::{write_file, LeafSpec};
-use tokenbroker::proto::{InvalidateUserRequest, ListIdpTokensRequest};
-use tonic::Code;
+use tokenbroker::proto::GetIdpTokenRequest;
+use tonic::{Code, Status};
 
-use crate::support::{Options, TestBroker, RPC_BOUND};
-
-/// The identity of the harness's default client certificate.
-const DEFAULT_CLIENT: &str = "spiffe://test.example/ns/it/sa/client";
+use crate::support::{
+    eventually, get_request, Options, TestBroker, CLIENT_SPIFFE_ID as DEFAULT_CLIENT,
+};
 
 fn policy(entries: &[(&str, &str, bool)]) -> String {
     entries
@@ -20,6 +19,13 @@ fn policy(entries: &[(&str, &str, bool)]) -> String {
             format!("[[caller]]\nid = \"{id}\"\nproviders = [{providers}]\ninvalidate = {invalidate}\n\n")
         })
         .collect()
+}
+
+/// Expects PERMISSION_DENIED; returns the status for further checks.
+fn denied<T: std::fmt::Debug>(result: Result<T, Status>) -> Status {
+    let status = result.expect_err("the policy denies this");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    status
 }
 
 async fn broker_with_policy(text: String) -> TestBroker {
@@ -45,30 +51,10 @@ async fn listed_caller_gets_its_provider() {
 async fn unlisted_caller_is_denied_every_rpc_without_reaching_auth0() {
     let broker =
         broker_with_policy(policy(&[("spiffe://test.example/other", "\"*\"", true)])).await;
-    let get = broker.get(seed::GITHUB_USER, "github").await.unwrap_err();
-    assert_eq!(get.code(), Code::PermissionDenied);
+    let get = denied(broker.get(seed::GITHUB_USER, "github").await);
     assert!(get.message().contains(DEFAULT_CLIENT), "{}", get.message());
-    let mut client = broker.client().await;
-    let list = tokio::time::timeout(
-        RPC_BOUND,
-        client.list_idp_tokens(ListIdpTokensRequest {
-            user_id: seed::LINKED_USER.into(),
-        }),
-    )
-    .await
-    .expect("bounded")
-    .unwrap_err();
-    assert_eq!(list.code(), Code::PermissionDenied);
-    let invalidate = tokio::time::timeout(
-        RPC_BOUND,
-        client.invalidate_user(InvalidateUserRequest {
-            user_id: seed::GITHUB_USER.into(),
-        }),
-    )
-    .await
-    .expect("bounded")
-    .unwrap_err();
-    assert_eq!(invalidate.code(), Code::PermissionDenied);
+    denied(broker.list(seed::LINKED_USER).await);
+    denied(broker.invalidate(seed::GITHUB_USER).await);
     assert_eq!(broker.emulator.calls().users, 0);
     broker.stop().await;
 }
@@ -76,11 +62,7 @@ async fn unlisted_caller_is_denied_every_rpc_without_reaching_auth0() {
 #[tokio::test]
 async fn provider_outside_the_callers_list_is_denied_by_name() {
     let broker = broker_with_policy(policy(&[(DEFAULT_CLIENT, "\"github\"", false)])).await;
-    let status = broker
-        .get(seed::GOOGLE_USER, "google-oauth2")
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied);
+    let status = denied(broker.get(seed::GOOGLE_USER, "google-oauth2").await);
     assert!(
         status.message().contains("google-oauth2"),
         "{}",
@@ -98,15 +80,11 @@ async fn provider_outside_the_callers_list_is_denied_by_name() {
 #[tokio::test]
 async fn connection_of_a_denied_provider_is_denied() {
     let broker = broker_with_policy(policy(&[(DEFAULT_CLIENT, "\"github\"", false)])).await;
-    let status = broker
-        .get_with(tokenbroker::proto::GetIdpTokenRequest {
-            user_id: seed::LINKED_USER.into(),
-            connection: seed::CORP_SSO_CONNECTION.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied);
+    let request = GetIdpTokenRequest {
+        connection: seed::CORP_SSO_CONNECTION.into(),
+        ..get_request(seed::LINKED_USER, "")
+    };
+    let status = denied(broker.get_with(request).await);
     assert!(status.message().contains("oauth2"), "{}", status.message());
     broker.stop().await;
 }
@@ -115,18 +93,7 @@ async fn connection_of_a_denied_provider_is_denied() {
 async fn list_returns_only_the_providers_the_caller_may_have() {
     let broker =
         broker_with_policy(policy(&[(DEFAULT_CLIENT, "\"github\", \"oauth2\"", false)])).await;
-    let mut client = broker.client().await;
-    let tokens = tokio::time::timeout(
-        RPC_BOUND,
-        client.list_idp_tokens(ListIdpTokensRequest {
-            user_id: seed::LINKED_USER.into(),
-        }),
-    )
-    .await
-    .expect("bounded")
-    .expect("allowed")
-    .into_inner()
-    .tokens;
+    let tokens = broker.list(seed::LINKED_USER).await.expect("allowed");
     let mut providers: Vec<_> = tokens.iter().map(|t| t.provider.as_str()).collect();
     providers.sort_unstable();
     assert_eq!(providers, ["github", "oauth2"]);
@@ -150,36 +117,20 @@ async fn first_identity_skips_providers_the_caller_may_not_have() {
 
 #[tokio::test]
 async fn invalidate_needs_the_invalidate_permission() {
-    let denied = broker_with_policy(policy(&[(DEFAULT_CLIENT, "\"*\"", false)])).await;
-    let mut client = denied.client().await;
-    let status = tokio::time::timeout(
-        RPC_BOUND,
-        client.invalidate_user(InvalidateUserRequest {
-            user_id: seed::GITHUB_USER.into(),
-        }),
-    )
-    .await
-    .expect("bounded")
-    .unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied);
+    let denying = broker_with_policy(policy(&[(DEFAULT_CLIENT, "\"*\"", false)])).await;
+    let status = denied(denying.invalidate(seed::GITHUB_USER).await);
     assert!(
         status.message().contains("invalidate"),
         "{}",
         status.message()
     );
-    denied.stop().await;
+    denying.stop().await;
 
     let allowed = broker_with_policy(policy(&[(DEFAULT_CLIENT, "\"*\"", true)])).await;
-    let mut client = allowed.client().await;
-    tokio::time::timeout(
-        RPC_BOUND,
-        client.invalidate_user(InvalidateUserRequest {
-            user_id: seed::GITHUB_USER.into(),
-        }),
-    )
-    .await
-    .expect("bounded")
-    .expect("invalidate allowed");
+    allowed
+        .invalidate(seed::GITHUB_USER)
+        .await
+        .expect("invalidate allowed");
     allowed.stop().await;
 }
 
@@ -209,51 +160,20 @@ async fn callers_are_identified_by_spiffe_id_then_dns_name_then_common_name() {
         })
         .expect("cert");
     for (cert, allowed) in [(&dns, true), (&cn, true), (&spiffe, false)] {
-        let mut client = broker
-            .client_with(Some(cert), &broker.ca.cert_pem)
-            .await
-            .expect("connects");
-        let result = tokio::time::timeout(
-            RPC_BOUND,
-            client.get_idp_token(tokenbroker::proto::GetIdpTokenRequest {
-                user_id: seed::GITHUB_USER.into(),
-                provider: "github".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .expect("bounded");
-        match (allowed, result) {
-            (true, Ok(_)) => {}
-            (false, Err(status)) => assert_eq!(status.code(), Code::PermissionDenied),
-            (allowed, other) => panic!("allowed={allowed} but got {other:?}"),
+        let result = broker.get_as(cert, seed::GITHUB_USER, "github").await;
+        if allowed {
+            result.expect("allowed");
+        } else {
+            denied(result);
         }
     }
     broker.stop().await;
 }
 
-/// Polls `check` every 50 ms for up to 10 s.
-async fn eventually(mut check: impl AsyncFnMut() -> bool) -> bool {
-    for _ in 0..200 {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
 #[tokio::test]
 async fn edited_policy_takes_effect_and_a_broken_one_is_ignored() {
     let broker = broker_with_policy(policy(&[(DEFAULT_CLIENT, "\"github\"", false)])).await;
-    assert_eq!(
-        broker
-            .get(seed::GOOGLE_USER, "google-oauth2")
-            .await
-            .unwrap_err()
-            .code(),
-        Code::PermissionDenied
-    );
+    denied(broker.get(seed::GOOGLE_USER, "google-oauth2").await);
     write_file(
         &broker.policy_path,
         &policy(&[(DEFAULT_CLIENT, "\"github\", \"google-oauth2\"", false)]),
@@ -261,7 +181,11 @@ async fn edited_policy_takes_effect_and_a_broken_one_is_ignored() {
     )
     .expect("write");
     assert!(
-        eventually(async || broker.get(seed::GOOGLE_USER, "google-oauth2").await.is_ok()).await,
+        eventually(Duration::from_secs(10), async || broker
+            .get(seed::GOOGLE_USER, "google-oauth2")
+            .await
+            .is_ok())
+        .await,
         "the new policy was never applied"
     );
     write_file(

@@ -3,18 +3,19 @@
 //! percent-encoded path segment that can never reach another Management API
 //! endpoint, and reflection and health are served over the same mTLS port.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use tokenbroker::emulator::seed;
 use tokenbroker::pki::{CertificateAuthority, IssuedCertificate, LeafSpec};
-use tokenbroker::proto::{GetIdpTokenRequest, IdpToken};
+use tokenbroker::proto::IdpToken;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
-use crate::support::{TestBroker, RPC_BOUND};
+use crate::support::{
+    bounded, eventually, get_on, get_request, health_status, TestBroker, CLIENT_SPIFFE_ID,
+};
 
 /// The API service, as reflection and readiness name it.
 const API_SERVICE: &str = "tokenbroker.v1.TokenBroker";
@@ -27,9 +28,7 @@ async fn attempt_with(
     broker: &TestBroker,
     cert: Option<&IssuedCertificate>,
 ) -> Result<IdpToken, String> {
-    let connected = tokio::time::timeout(RPC_BOUND, broker.client_with(cert, &broker.ca.cert_pem))
-        .await
-        .expect("connect finished within the bound");
+    let connected = bounded("connect", broker.client_with(cert, &broker.ca.cert_pem)).await;
     // The TLS 1.3 client finishes its side of the handshake before the server
     // has checked its certificate, so connecting may succeed lazily and only
     // the first RPC sees the refusal.
@@ -37,16 +36,8 @@ async fn attempt_with(
         Ok(client) => client,
         Err(error) => return Err(format!("connect failed: {error}")),
     };
-    let request = GetIdpTokenRequest {
-        user_id: seed::GITHUB_USER.to_owned(),
-        provider: "github".to_owned(),
-        ..Default::default()
-    };
-    match tokio::time::timeout(RPC_BOUND, client.get_idp_token(request))
-        .await
-        .expect("RPC finished within the bound")
-    {
-        Ok(response) => Ok(response.into_inner().token.unwrap_or_default()),
+    match get_on(&mut client, get_request(seed::GITHUB_USER, "github")).await {
+        Ok(token) => Ok(token),
         Err(status) => {
             // The refusal is the handshake's, never an RPC the broker answered
             // (not even the interceptor's PERMISSION_DENIED).
@@ -65,6 +56,87 @@ async fn attempt_with(
     }
 }
 
+/// Asserts that a caller presenting `cert` (or none) gets no token and that
+/// nothing reached Auth0.
+async fn assert_refused(broker: &TestBroker, cert: Option<&IssuedCertificate>, what: &str) {
+    let outcome = attempt_with(broker, cert).await;
+    assert!(outcome.is_err(), "{what} got a token: {outcome:?}");
+    assert_eq!(broker.emulator.calls().users, 0);
+}
+
+/// The raw paths of the requests that reached the emulator's users endpoint.
+fn user_paths(broker: &TestBroker) -> Vec<String> {
+    broker
+        .emulator
+        .seen_paths()
+        .into_iter()
+        .filter(|path| path.starts_with("/api/v2/users/"))
+        .collect()
+}
+
+/// Asserts that `path` below `/api/v2/users/` is exactly one non-empty segment.
+fn assert_one_segment(path: &str) -> &str {
+    let segment = path
+        .strip_prefix("/api/v2/users/")
+        .unwrap_or_else(|| panic!("request outside /api/v2/users/: {path}"));
+    assert!(
+        !segment.is_empty() && !segment.contains('/'),
+        "not exactly one segment: {path}"
+    );
+    segment
+}
+
+/// Asserts that reflection's service list holds the API and health services.
+fn assert_lists_both_services(names: &[String]) {
+    for service in [API_SERVICE, HEALTH_SERVICE] {
+        assert!(names.iter().any(|name| name == service), "{names:?}");
+    }
+}
+
+/// The service names server reflection `$version` (`v1` or `v1alpha`) lists,
+/// bounded by [`RPC_BOUND`](crate::support::RPC_BOUND). The two versions are
+/// distinct generated types of the same shape, hence a macro.
+macro_rules! reflected_services {
+    ($broker:expr, $version:ident) => {{
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+
+        let broker: &TestBroker = $broker;
+        let channel = broker
+            .channel_with(Some(&broker.client_cert), &broker.ca.cert_pem)
+            .await
+            .expect("channel");
+        let mut client = ServerReflectionClient::new(channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        bounded("server reflection", async {
+            let mut responses = client
+                .server_reflection_info(tokio_stream::iter(vec![request]))
+                .await
+                .expect("reflection stream opens")
+                .into_inner();
+            let response = responses
+                .next()
+                .await
+                .expect("one response")
+                .expect("response is not an error");
+            match response.message_response {
+                Some(MessageResponse::ListServicesResponse(list)) => list
+                    .service
+                    .into_iter()
+                    .map(|service| service.name)
+                    .collect::<Vec<_>>(),
+                other => panic!("not a service list: {other:?}"),
+            }
+        })
+        .await
+    }};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Handshake rows of the status table
 // ---------------------------------------------------------------------------------------------
@@ -72,12 +144,7 @@ async fn attempt_with(
 #[tokio::test]
 async fn caller_without_a_client_certificate_is_refused() {
     let broker = TestBroker::start().await;
-    let outcome = attempt_with(&broker, None).await;
-    assert!(
-        outcome.is_err(),
-        "a caller without a certificate got a token: {outcome:?}"
-    );
-    assert_eq!(broker.emulator.calls().users, 0);
+    assert_refused(&broker, None, "a caller without a certificate").await;
     // The same broker still serves a caller with a good certificate.
     let token = broker
         .get(seed::GITHUB_USER, "github")
@@ -93,16 +160,14 @@ async fn caller_with_a_certificate_from_another_ca_is_refused() {
     let other_ca = CertificateAuthority::generate("other CA").expect("CA");
     // Same SPIFFE id as the harness's good client: only the issuer differs.
     let foreign = other_ca
-        .issue(&LeafSpec::spiffe_client(
-            "spiffe://test.example/ns/it/sa/client",
-        ))
+        .issue(&LeafSpec::spiffe_client(CLIENT_SPIFFE_ID))
         .expect("client cert");
-    let outcome = attempt_with(&broker, Some(&foreign)).await;
-    assert!(
-        outcome.is_err(),
-        "a caller with a foreign certificate got a token: {outcome:?}"
-    );
-    assert_eq!(broker.emulator.calls().users, 0);
+    assert_refused(
+        &broker,
+        Some(&foreign),
+        "a caller with a foreign certificate",
+    )
+    .await;
     broker.stop().await;
 }
 
@@ -114,12 +179,7 @@ async fn certificate_for_server_use_only_is_refused_as_a_client_certificate() {
         .ca
         .issue(&LeafSpec::loopback_server())
         .expect("server cert");
-    let outcome = attempt_with(&broker, Some(&server_only)).await;
-    assert!(
-        outcome.is_err(),
-        "a serverAuth-only certificate got a token: {outcome:?}"
-    );
-    assert_eq!(broker.emulator.calls().users, 0);
+    assert_refused(&broker, Some(&server_only), "a serverAuth-only certificate").await;
     broker.stop().await;
 }
 
@@ -134,15 +194,9 @@ async fn odd_user_id_is_one_encoded_path_segment() {
     assert_eq!(token.access_token, seed::ODD_ID_ACCESS_TOKEN);
     assert_eq!(token.connection, seed::CORP_SSO_CONNECTION);
     assert_eq!(broker.emulator.user_calls_for(seed::ODD_ID_USER), 1);
-    let user_paths: Vec<String> = broker
-        .emulator
-        .seen_paths()
-        .into_iter()
-        .filter(|path| path.starts_with("/api/v2/users/"))
-        .collect();
+    let user_paths = user_paths(&broker);
     assert_eq!(user_paths.len(), 1, "{user_paths:?}");
-    let segment = &user_paths[0]["/api/v2/users/".len()..];
-    assert!(!segment.contains('/'), "not one segment: {segment}");
+    let segment = assert_one_segment(&user_paths[0]);
     assert!(segment.contains("%2F"), "slash not encoded: {segment}");
     assert!(!segment.contains(' '), "space not encoded: {segment}");
     assert_eq!(broker.emulator.calls().other, 0);
@@ -168,11 +222,9 @@ async fn non_ascii_user_id_is_one_encoded_path_segment() {
     assert_eq!(token.access_token, TOKEN);
     assert_eq!(token.idp_user_id, "corp-sso|jörg");
     assert_eq!(broker.emulator.user_calls_for(USER), 1);
-    for path in broker.emulator.seen_paths() {
-        if let Some(segment) = path.strip_prefix("/api/v2/users/") {
-            assert!(!segment.contains('/'), "not one segment: {path}");
-            assert!(segment.is_ascii(), "not percent-encoded: {path}");
-        }
+    for path in user_paths(&broker) {
+        let segment = assert_one_segment(&path);
+        assert!(segment.is_ascii(), "not percent-encoded: {path}");
     }
     broker.stop().await;
 }
@@ -217,13 +269,7 @@ async fn path_traversal_user_ids_never_reach_another_endpoint() {
         if path == "/oauth/token" {
             continue;
         }
-        let segment = path
-            .strip_prefix("/api/v2/users/")
-            .unwrap_or_else(|| panic!("request outside /api/v2/users/: {path}"));
-        assert!(
-            !segment.is_empty() && !segment.contains('/'),
-            "not exactly one segment: {path}"
-        );
+        let segment = assert_one_segment(path);
         assert!(
             segment != "." && segment != ".." && !segment.eq_ignore_ascii_case("%2e%2e"),
             "dot segment reached Auth0: {path}"
@@ -238,89 +284,17 @@ async fn path_traversal_user_ids_never_reach_another_endpoint() {
 
 #[tokio::test]
 async fn server_reflection_v1_lists_the_services_over_mtls() {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-
     let broker = TestBroker::start().await;
-    let channel = broker
-        .channel_with(Some(&broker.client_cert), &broker.ca.cert_pem)
-        .await
-        .expect("channel");
-    let mut client = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let names = tokio::time::timeout(RPC_BOUND, async {
-        let mut responses = client
-            .server_reflection_info(tokio_stream::iter(vec![request]))
-            .await
-            .expect("reflection stream opens")
-            .into_inner();
-        let response = responses
-            .next()
-            .await
-            .expect("one response")
-            .expect("response is not an error");
-        match response.message_response {
-            Some(MessageResponse::ListServicesResponse(list)) => list
-                .service
-                .into_iter()
-                .map(|service| service.name)
-                .collect::<Vec<_>>(),
-            other => panic!("not a service list: {other:?}"),
-        }
-    })
-    .await
-    .expect("reflection answered within the bound");
-    assert!(names.iter().any(|name| name == API_SERVICE), "{names:?}");
-    assert!(names.iter().any(|name| name == HEALTH_SERVICE), "{names:?}");
+    let names = reflected_services!(&broker, v1);
+    assert_lists_both_services(&names);
     broker.stop().await;
 }
 
 #[tokio::test]
 async fn server_reflection_v1alpha_lists_the_services_over_mtls() {
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-
     let broker = TestBroker::start().await;
-    let channel = broker
-        .channel_with(Some(&broker.client_cert), &broker.ca.cert_pem)
-        .await
-        .expect("channel");
-    let mut client = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let names = tokio::time::timeout(RPC_BOUND, async {
-        let mut responses = client
-            .server_reflection_info(tokio_stream::iter(vec![request]))
-            .await
-            .expect("reflection stream opens")
-            .into_inner();
-        let response = responses
-            .next()
-            .await
-            .expect("one response")
-            .expect("response is not an error");
-        match response.message_response {
-            Some(MessageResponse::ListServicesResponse(list)) => list
-                .service
-                .into_iter()
-                .map(|service| service.name)
-                .collect::<Vec<_>>(),
-            other => panic!("not a service list: {other:?}"),
-        }
-    })
-    .await
-    .expect("reflection answered within the bound");
-    assert!(names.iter().any(|name| name == API_SERVICE), "{names:?}");
-    assert!(names.iter().any(|name| name == HEALTH_SERVICE), "{names:?}");
+    let names = reflected_services!(&broker, v1alpha);
+    assert_lists_both_services(&names);
     broker.stop().await;
 }
 
@@ -332,31 +306,22 @@ async fn health_reports_alive_and_ready_over_mtls() {
         .await
         .expect("channel");
     let mut health = HealthClient::new(channel);
-    let check = |service: &str| HealthCheckRequest {
-        service: service.to_owned(),
-    };
-    let alive = tokio::time::timeout(RPC_BOUND, health.check(check("")))
+    let alive = health_status(&mut health, "")
         .await
-        .expect("health answered within the bound")
-        .expect("health check of \"\"")
-        .into_inner();
-    assert_eq!(alive.status, ServingStatus::Serving as i32);
+        .expect("health check of \"\"");
+    assert_eq!(alive, ServingStatus::Serving as i32);
 
     // Readiness flips once the first Management token has been obtained.
-    let give_up = Instant::now() + Duration::from_secs(5);
-    let ready = loop {
-        let status = tokio::time::timeout(RPC_BOUND, health.check(check(API_SERVICE)))
+    let mut ready = None;
+    eventually(Duration::from_secs(5), async || {
+        let status = health_status(&mut health, API_SERVICE)
             .await
-            .expect("health answered within the bound")
-            .expect("health check of the API service")
-            .into_inner()
-            .status;
-        if status == ServingStatus::Serving as i32 || Instant::now() >= give_up {
-            break status;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(ready, ServingStatus::Serving as i32);
+            .expect("health check of the API service");
+        ready = Some(status);
+        status == ServingStatus::Serving as i32
+    })
+    .await;
+    assert_eq!(ready, Some(ServingStatus::Serving as i32));
     assert!(broker.emulator.calls().token >= 1);
     broker.stop().await;
 }
@@ -364,19 +329,10 @@ async fn health_reports_alive_and_ready_over_mtls() {
 #[tokio::test]
 async fn health_is_refused_without_a_client_certificate_on_the_mtls_port() {
     let broker = TestBroker::start().await;
-    let connected = tokio::time::timeout(RPC_BOUND, broker.channel_with(None, &broker.ca.cert_pem))
-        .await
-        .expect("connect finished within the bound");
+    let connected = bounded("connect", broker.channel_with(None, &broker.ca.cert_pem)).await;
     if let Ok(channel) = connected {
         let mut health = HealthClient::new(channel);
-        let result = tokio::time::timeout(
-            RPC_BOUND,
-            health.check(HealthCheckRequest {
-                service: String::new(),
-            }),
-        )
-        .await
-        .expect("health answered within the bound");
+        let result = health_status(&mut health, "").await;
         assert!(
             result.is_err(),
             "health answered a caller without a certificate: {result:?}"
