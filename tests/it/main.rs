@@ -5,6 +5,7 @@ mod binary;
 mod caching;
 mod lifecycle;
 mod policy;
+mod resilience;
 mod security;
 mod status_codes;
 mod support;

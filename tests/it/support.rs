@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokenbroker::auth0::Auth0Client;
-use tokenbroker::cache::IdentityStore;
+use tokenbroker::auth0::OutboundLimits;
+use tokenbroker::cache::{IdentityStore, DEFAULT_STALE_IF_ERROR};
 use tokenbroker::config::{Auth0Settings, CacheSettings, RunSettings, TlsFiles};
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Endpoint, Fault};
 use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, LeafSpec};
@@ -172,6 +173,10 @@ pub struct Options {
     /// Also serve plaintext health on a second port.
     pub health_listener: bool,
     pub run: RunSettings,
+    /// Rate limit, in-flight bound and retries towards Auth0.
+    pub outbound: OutboundLimits,
+    /// How long past its TTL a user may be served while Auth0 fails.
+    pub stale_if_error: Duration,
 }
 
 impl Default for Options {
@@ -188,6 +193,8 @@ impl Default for Options {
             auth0_base_url: None,
             token_faults: Vec::new(),
             health_listener: false,
+            outbound: OutboundLimits::default(),
+            stale_if_error: DEFAULT_STALE_IF_ERROR,
             run: RunSettings {
                 shutdown_grace: Duration::from_secs(20),
                 reload_interval: Duration::from_millis(100),
@@ -260,10 +267,13 @@ impl TestBroker {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
         };
-        let store = Arc::new(IdentityStore::new(
-            Auth0Client::new(auth0).expect("client"),
-            options.cache,
-        ));
+        let store = Arc::new(
+            IdentityStore::new(
+                Auth0Client::with_limits(auth0, options.outbound).expect("client"),
+                options.cache,
+            )
+            .with_stale_if_error(options.stale_if_error),
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let health = if options.health_listener {
@@ -359,6 +369,18 @@ impl TestBroker {
     /// `InvalidateUser` with the default client, bounded by [`RPC_BOUND`].
     pub async fn invalidate(&self, user_id: &str) -> Result<(), Status> {
         invalidate_on(&mut self.client().await, user_id).await
+    }
+
+    /// Takes Auth0 down: the broker's emulator stops, so its port refuses
+    /// connections (a fresh emulator on another port takes its place in the
+    /// struct, unused by the broker).
+    pub async fn stop_auth0(&mut self) {
+        let spare = Emulator::start(EmulatorConfig::new(CLIENT_ID, CLIENT_SECRET))
+            .await
+            .expect("spare emulator");
+        std::mem::replace(&mut self.emulator, spare)
+            .shutdown()
+            .await;
     }
 
     /// Asks the broker to shut down (like SIGTERM) without waiting.

@@ -1,0 +1,380 @@
+//! Auth0 slow, rate-limited or down: retries, the client-side rate limit,
+//! deadlines and stale-if-error, against the emulator's fault knobs.
+
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokenbroker::auth0::OutboundLimits;
+use tokenbroker::config::CacheSettings;
+use tokenbroker::emulator::{seed, Endpoint, Fault};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::support::{get_on, get_request, Options, TestBroker};
+
+fn limits(rate: u32, burst: u32, max_wait: Duration) -> OutboundLimits {
+    OutboundLimits {
+        rate_per_second: NonZeroU32::new(rate).expect("rate"),
+        burst: NonZeroU32::new(burst).expect("burst"),
+        max_wait,
+        ..OutboundLimits::default()
+    }
+}
+
+/// A broker whose Management token is already fetched and whose counters are zero.
+async fn warm(options: Options) -> TestBroker {
+    let broker = TestBroker::start_with(options).await;
+    broker
+        .get(seed::TWITTER_USER, "twitter")
+        .await
+        .expect("warm-up");
+    broker.emulator.reset_counters();
+    broker
+}
+
+fn short_ttl(user_ttl: Duration, stale_if_error: Duration) -> Options {
+    Options {
+        cache: CacheSettings {
+            user_ttl,
+            user_capacity: 1000,
+            negative_ttl: Duration::from_secs(30),
+        },
+        stale_if_error,
+        ..Options::default()
+    }
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_until_auth0_answers() {
+    let broker = warm(Options::default()).await;
+    broker.emulator.inject_faults(
+        Endpoint::Users,
+        vec![Fault::Status(503), Fault::Status(502)],
+    );
+    let token = broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("third attempt succeeds");
+    assert_eq!(token.access_token, seed::GITHUB_ACCESS_TOKEN);
+    assert_eq!(broker.emulator.user_calls_for(seed::GITHUB_USER), 3);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn retry_after_is_waited_out_before_the_retry() {
+    let broker = warm(Options::default()).await;
+    broker.emulator.inject_faults(
+        Endpoint::Users,
+        vec![Fault::RateLimited {
+            retry_after: Some(1),
+            reset_in_secs: 30,
+        }],
+    );
+    let started = Instant::now();
+    broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("retry succeeds");
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(broker.emulator.user_calls_for(seed::GITHUB_USER), 2);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn ratelimit_reset_is_waited_out_when_there_is_no_retry_after() {
+    let broker = warm(Options::default()).await;
+    broker.emulator.inject_faults(
+        Endpoint::Users,
+        vec![Fault::RateLimited {
+            retry_after: None,
+            reset_in_secs: 2,
+        }],
+    );
+    let started = Instant::now();
+    broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("retry succeeds");
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "waited {:?}",
+        started.elapsed()
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn exhausted_retries_are_unavailable_with_the_delay_auth0_asked_for() {
+    let broker = warm(Options::default()).await;
+    let rate_limited = Fault::RateLimited {
+        retry_after: Some(1),
+        reset_in_secs: 1,
+    };
+    broker
+        .emulator
+        .inject_faults(Endpoint::Users, vec![rate_limited; 3]);
+    let status = broker.get(seed::GITHUB_USER, "github").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    let retry = status.get_details_retry_info().expect("RetryInfo detail");
+    assert_eq!(retry.retry_delay, Some(Duration::from_secs(1)));
+    assert_eq!(
+        broker.emulator.user_calls_for(seed::GITHUB_USER),
+        3,
+        "three attempts"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn no_retry_is_started_that_would_outlive_the_callers_deadline() {
+    let broker = warm(Options::default()).await;
+    broker.emulator.inject_faults(
+        Endpoint::Users,
+        vec![Fault::RateLimited {
+            retry_after: Some(5),
+            reset_in_secs: 5,
+        }],
+    );
+    let mut client = broker.client().await;
+    let mut request = tonic::Request::new(get_request(seed::GITHUB_USER, "github"));
+    request.set_timeout(Duration::from_secs(2));
+    let started = Instant::now();
+    let status = get_on(&mut client, request).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "gave up at once, not at the deadline"
+    );
+    let retry = status.get_details_retry_info().expect("RetryInfo detail");
+    assert_eq!(retry.retry_delay, Some(Duration::from_secs(5)));
+    assert_eq!(broker.emulator.user_calls_for(seed::GITHUB_USER), 1);
+    broker.stop().await;
+}
+
+fn synthetic_user(index: usize) -> (String, serde_json::Value) {
+    let user_id = format!("github|{}", 900_000 + index);
+    let user = json!({
+        "user_id": user_id,
+        "identities": [{
+            "provider": "github", "connection": "github", "user_id": 900_000 + index,
+            "isSocial": true, "access_token": format!("gho_synthetic_{index}")
+        }]
+    });
+    (user_id, user)
+}
+
+#[tokio::test]
+async fn a_burst_of_cold_users_never_exceeds_the_rate_limit() {
+    const USERS: usize = 100;
+    const RATE: u32 = 10;
+    const BURST: u32 = 10;
+    let broker = warm(Options {
+        outbound: limits(RATE, BURST, Duration::from_secs(30)),
+        ..Options::default()
+    })
+    .await;
+    let users: Vec<String> = (0..USERS)
+        .map(|index| {
+            let (user_id, user) = synthetic_user(index);
+            broker.emulator.upsert_user(user);
+            user_id
+        })
+        .collect();
+    // The warm-up used limiter cells; let the bucket refill before measuring.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let client = broker.client().await;
+    let started = Instant::now();
+    let requests = users.iter().chain(users.iter()).map(|user_id| {
+        let mut client = client.clone();
+        let user_id = user_id.clone();
+        tokio::spawn(async move { get_on(&mut client, get_request(&user_id, "github")).await })
+    });
+    let all = futures::future::join_all(requests);
+    tokio::pin!(all);
+    let mut samples = Vec::new();
+    let results = loop {
+        tokio::select! {
+            results = &mut all => break results,
+            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                samples.push((started.elapsed(), broker.emulator.calls().users));
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "bounded");
+    };
+    for result in results {
+        result
+            .expect("task")
+            .expect("every request is answered with a token");
+    }
+    assert_eq!(
+        broker.emulator.calls().users,
+        USERS as u64,
+        "one read per user"
+    );
+    for (elapsed, calls) in samples {
+        let allowed = f64::from(BURST) + f64::from(RATE) * elapsed.as_secs_f64() + 1.0;
+        assert!(
+            (calls as f64) <= allowed,
+            "{calls} calls after {elapsed:?}, limit allows {allowed}"
+        );
+    }
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn cache_hits_do_not_wait_behind_a_saturated_rate_limit() {
+    let broker = warm(Options {
+        outbound: limits(1, 1, Duration::from_secs(10)),
+        ..Options::default()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("cached now");
+    let cold: Vec<_> = (0..4)
+        .map(|index| {
+            let (user_id, user) = synthetic_user(index);
+            broker.emulator.upsert_user(user);
+            user_id
+        })
+        .collect();
+    let client = broker.client().await;
+    let queued: Vec<_> = cold
+        .into_iter()
+        .map(|user_id| {
+            let mut client = client.clone();
+            tokio::spawn(async move { get_on(&mut client, get_request(&user_id, "github")).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let hit = broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("cache hit");
+    assert!(hit.from_cache);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "a hit waited {:?} behind cold reads queued for seconds",
+        started.elapsed()
+    );
+    for task in queued {
+        let _ = task.await;
+    }
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn cached_users_are_served_while_auth0_is_down() {
+    let mut broker = TestBroker::start().await;
+    broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("cached");
+    broker.stop_auth0().await;
+    let token = broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("served from cache");
+    assert!(token.from_cache);
+    assert_eq!(
+        broker
+            .get(seed::GOOGLE_USER, "google-oauth2")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unavailable,
+        "a cold user cannot be served"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn expired_entries_are_served_stale_within_the_window_and_refused_after() {
+    let mut broker =
+        TestBroker::start_with(short_ttl(Duration::from_secs(1), Duration::from_secs(2))).await;
+    let fresh = broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("fresh");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    broker.stop_auth0().await;
+    let stale = broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("stale-if-error");
+    assert!(stale.from_cache);
+    assert_eq!(
+        stale.fetched_at, fresh.fetched_at,
+        "the old read, marked as cached"
+    );
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(
+        broker
+            .get(seed::GITHUB_USER, "github")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unavailable,
+        "past the window"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn stale_if_error_never_serves_a_token_past_its_known_expiry() {
+    let broker =
+        TestBroker::start_with(short_ttl(Duration::from_secs(60), Duration::from_secs(600))).await;
+    let user_id = "google-oauth2|short-lived";
+    broker.emulator.upsert_user(json!({
+        "user_id": user_id,
+        "identities": [{
+            "provider": "google-oauth2", "connection": "google-oauth2", "user_id": "short-lived",
+            "isSocial": true, "access_token": "ya29.short_lived", "expires_in": 1
+        }]
+    }));
+    broker.get(user_id, "google-oauth2").await.expect("fresh");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    broker
+        .emulator
+        .inject_faults(Endpoint::Users, vec![Fault::Status(503); 3]);
+    assert_eq!(
+        broker
+            .get(user_id, "google-oauth2")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unavailable,
+        "an expired token is not served stale"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn stale_if_error_zero_turns_it_off() {
+    let broker = TestBroker::start_with(short_ttl(Duration::from_secs(1), Duration::ZERO)).await;
+    broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("fresh");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    broker
+        .emulator
+        .inject_faults(Endpoint::Users, vec![Fault::Status(503); 3]);
+    assert_eq!(
+        broker
+            .get(seed::GITHUB_USER, "github")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unavailable
+    );
+    broker.stop().await;
+}
