@@ -19,6 +19,7 @@ use tokio::time::Instant as Deadline;
 use crate::auth0::{Auth0Client, Auth0Error, ManagementToken, UserIdentities};
 use crate::config::CacheSettings;
 use crate::error::BrokerError;
+use crate::stats;
 use crate::user_id::UserId;
 
 /// A user as the cache holds it: found, or known not to exist.
@@ -173,6 +174,12 @@ impl IdentityStore {
         });
     }
 
+    /// Users held now (moka's count, settled first).
+    pub async fn cached_users(&self) -> u64 {
+        self.users.run_pending_tasks().await;
+        self.users.entry_count()
+    }
+
     /// Stale entries served since start.
     pub fn stale_serves(&self) -> u64 {
         self.stale_serves.load(Ordering::Relaxed)
@@ -205,10 +212,11 @@ impl IdentityStore {
             }
         };
         match cached.state {
-            UserState::Found(user) => Ok(Lookup {
-                from_cache: user.fetched_instant < started,
-                user,
-            }),
+            UserState::Found(user) => {
+                let from_cache = user.fetched_instant < started;
+                stats::cache_lookup(if from_cache { "hit" } else { "miss" });
+                Ok(Lookup { from_cache, user })
+            }
             UserState::NotFound => Err(BrokerError::UserNotFound),
         }
     }
@@ -232,6 +240,7 @@ impl IdentityStore {
             return Err(error);
         }
         self.stale_serves.fetch_add(1, Ordering::Relaxed);
+        stats::cache_lookup("stale");
         tracing::warn!(
             user_id = %user_id,
             age_secs = user.fetched_instant.elapsed().as_secs(),
@@ -348,6 +357,7 @@ impl IdentityStore {
     ) -> Result<Arc<ManagementToken>, Auth0Error> {
         match self.auth0.fetch_management_token(deadline).await {
             Ok(token) => {
+                stats::management_token_refreshed(token.lifetime);
                 tracing::info!(
                     expires_in_secs = token.lifetime.as_secs(),
                     reuse_secs = token.reuse_window().as_secs(),

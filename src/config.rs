@@ -97,6 +97,10 @@ pub struct CommonArgs {
     #[arg(long, env = "TOKENBROKER_STALE_IF_ERROR", default_value = "10m", value_parser = humantime::parse_duration)]
     pub stale_if_error: Duration,
 
+    /// Plaintext HTTP listener for Prometheus metrics (`/metrics`); off when unset.
+    #[arg(long, env = "TOKENBROKER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Plaintext listener serving only gRPC health, for kubelet `grpc:` probes (which speak no mTLS).
     #[arg(long, env = "TOKENBROKER_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
@@ -257,6 +261,7 @@ pub struct TlsFiles {
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub health_listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
     /// `None` means `--allow-any-caller`.
     pub policy: Option<PathBuf>,
     pub run: RunSettings,
@@ -298,6 +303,7 @@ impl ServeArgs {
         Ok(ServeConfig {
             listen: self.listen,
             health_listen: self.common.health_listen,
+            metrics_listen: self.common.metrics_listen,
             policy,
             run: self.common.run_settings()?,
             resilience: self.common.resilience_settings()?,

@@ -37,6 +37,9 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Re
     let cache = args.common.cache_settings()?;
     let run_settings = args.common.run_settings()?;
     let resilience = args.common.resilience_settings()?;
+    if let Some(addr) = args.common.metrics_listen {
+        crate::stats::install_exporter(addr).map_err(ServerError::from)?;
+    }
     let pki = DevPki::load_or_create(&args.dir)?;
     let client_secret = random_secret();
     let emulator = Emulator::start(EmulatorConfig::new(

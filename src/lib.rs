@@ -33,6 +33,7 @@ pub mod selection;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod stats;
 pub mod telemetry;
 pub mod tls;
 pub mod user_id;

@@ -241,8 +241,10 @@ impl PolicyStore {
             Ok(policy) => {
                 tracing::info!(path = %path.display(), callers = policy.listed_callers(), "policy reloaded");
                 self.current.store(std::sync::Arc::new(policy));
+                crate::stats::policy_reload(true);
             }
             Err(error) => {
+                crate::stats::policy_reload(false);
                 tracing::error!(%error, "policy not reloaded: keeping the previous policy");
             }
         }

@@ -51,6 +51,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Metrics(#[from] crate::stats::MetricsError),
     #[error("gRPC server task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -59,7 +61,10 @@ impl ServerError {
     /// Whether an operator-supplied file or setting is at fault (exit code 2),
     /// rather than the runtime.
     pub fn is_config(&self) -> bool {
-        matches!(self, Self::Tls(_) | Self::Policy(_) | Self::Bind { .. })
+        matches!(
+            self,
+            Self::Tls(_) | Self::Policy(_) | Self::Bind { .. } | Self::Metrics(_)
+        )
     }
 }
 
@@ -84,6 +89,9 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    if let Some(addr) = config.metrics_listen {
+        crate::stats::install_exporter(addr)?;
+    }
     let broker = Broker {
         store: Arc::new(
             IdentityStore::new(
@@ -133,6 +141,7 @@ pub async fn run(
         tokio::spawn(become_ready(broker.store.clone(), health_reporter.clone())),
         watch_policy(&broker.policy, settings.reload_interval),
         watch_tls(&broker.tls, settings.reload_interval),
+        tokio::spawn(report_cache_size(broker.store.clone())),
     ];
     let (drain_control, drain) = Drain::new();
     let (stop_accepting, accepting) = tokio::sync::watch::channel(false);
@@ -249,6 +258,15 @@ fn watch_policy(policy: &Arc<PolicyStore>, interval: Duration) -> JoinHandle<()>
 fn watch_tls(tls: &Arc<TlsStore>, interval: Duration) -> JoinHandle<()> {
     let tls_for_reload = tls.clone();
     reload::watch_files(tls.paths(), interval, move || tls_for_reload.reload())
+}
+
+/// Keeps the cached-users gauge current.
+async fn report_cache_size(store: Arc<IdentityStore>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        ticker.tick().await;
+        crate::stats::cache_users(store.cached_users().await);
+    }
 }
 
 fn reflection_builder() -> tonic_reflection::server::Builder<'static> {

@@ -20,6 +20,7 @@ use crate::proto::{
 };
 use crate::selection::{self, Selector};
 use crate::shutdown::Drain;
+use crate::stats;
 use crate::tls;
 use crate::user_id::UserId;
 
@@ -150,6 +151,10 @@ impl CallContext {
 
     /// One audit event per decision to release or refuse tokens.
     fn audit(&self, user_id: &str, wanted: &str, outcome: &Result<Released, BrokerError>) {
+        let code = outcome
+            .as_ref()
+            .map_or_else(BrokerError::code, |_| tonic::Code::Ok);
+        stats::rpc_finished(self.method, code, self.started.elapsed());
         match outcome {
             Ok(released) => tracing::info!(
                 target: "audit",
@@ -164,7 +169,7 @@ impl CallContext {
                 latency_ms = self.latency_ms(),
             ),
             Err(error) => {
-                let code = format!("{:?}", error.code());
+                let code = stats::code_name(error.code());
                 if error.needs_operator() {
                     tracing::error!(target: "audit", caller = %self.caller, method = self.method, user_id, requested = wanted, outcome = "refused", code, reason = %error, latency_ms = self.latency_ms());
                 } else {
@@ -252,6 +257,10 @@ impl TokenBroker for TokenBrokerService {
         let call = CallContext::of("InvalidateUser", &request);
         let request = request.into_inner();
         let result = self.invalidate(&call.caller, &request).await;
+        let code = result
+            .as_ref()
+            .map_or_else(BrokerError::code, |()| tonic::Code::Ok);
+        stats::rpc_finished(call.method, code, call.started.elapsed());
         tracing::info!(
             target: "audit",
             caller = %call.caller,

@@ -150,10 +150,12 @@ impl TlsStore {
             Ok(config) => {
                 self.current.store(config);
                 self.reloads.fetch_add(1, Ordering::Relaxed);
+                crate::stats::tls_reload(true);
                 tracing::info!("TLS certificate, key and client CA reloaded");
             }
             Err(error) => {
                 self.failed_reloads.fetch_add(1, Ordering::Relaxed);
+                crate::stats::tls_reload(false);
                 tracing::error!(%error, "TLS material not reloaded: keeping the previous certificate and client CA");
             }
         }

@@ -22,6 +22,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Auth0Settings;
+use crate::stats;
 use crate::user_id::UserId;
 
 /// Everything but RFC 3986 unreserved characters is encoded, so a user id is
@@ -31,6 +32,10 @@ const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'_')
     .remove(b'~');
+
+/// Endpoint names for errors and metric labels.
+const TOKEN_ENDPOINT: &str = "/oauth/token";
+const USERS_ENDPOINT: &str = "/api/v2/users";
 
 /// Only the fields the broker needs; Auth0 returns less data and less PII.
 const USER_FIELDS_QUERY: &str = "fields=user_id%2Cidentities&include_fields=true";
@@ -148,7 +153,7 @@ impl Auth0Client {
         let mut started = Instant::now();
         let token: TokenBody = self
             .outbound
-            .call(deadline, || {
+            .call(TOKEN_ENDPOINT, deadline, || {
                 started = Instant::now();
                 let request = self
                     .http
@@ -158,7 +163,7 @@ impl Auth0Client {
                         HeaderValue::from_static("application/x-www-form-urlencoded"),
                     )
                     .body(body.clone());
-                send_json(request, "/oauth/token", token_endpoint_error)
+                send_json(request, TOKEN_ENDPOINT, token_endpoint_error)
             })
             .await?;
         Ok(ManagementToken {
@@ -181,12 +186,12 @@ impl Auth0Client {
         let url = self.user_url(user_id);
         let user: UserBody = self
             .outbound
-            .call(deadline, || {
+            .call(USERS_ENDPOINT, deadline, || {
                 let request = self
                     .http
                     .get(&url)
                     .bearer_auth(token.secret.expose_secret());
-                send_json(request, "/api/v2/users", users_endpoint_error)
+                send_json(request, USERS_ENDPOINT, users_endpoint_error)
             })
             .await?;
         Ok(into_user_identities(
@@ -209,11 +214,19 @@ impl Auth0Client {
 /// endpoint's own error mapping.
 async fn send_json<T: serde::de::DeserializeOwned>(
     request: reqwest::RequestBuilder,
-    endpoint: &str,
+    endpoint: &'static str,
     map_error: fn(StatusCode, &reqwest::header::HeaderMap, &[u8]) -> Auth0Error,
 ) -> Result<T, Auth0Error> {
-    let response = request.send().await.map_err(Auth0Error::from_transport)?;
+    let started = Instant::now();
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(error) => {
+            stats::auth0_request(endpoint, 0, started.elapsed());
+            return Err(Auth0Error::from_transport(error));
+        }
+    };
     let status = response.status();
+    stats::auth0_request(endpoint, status.as_u16(), started.elapsed());
     let headers = response.headers().clone();
     let bytes = response.bytes().await.map_err(Auth0Error::from_transport)?;
     if !status.is_success() {

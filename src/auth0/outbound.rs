@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use super::Auth0Error;
+use crate::stats;
 
 /// First backoff step when Auth0 did not say how long to wait.
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
@@ -67,6 +68,7 @@ impl Outbound {
     /// up at once when the next wait would pass `deadline`.
     pub async fn call<T, F, Fut>(
         &self,
+        endpoint: &'static str,
         deadline: Option<Instant>,
         mut attempt: F,
     ) -> Result<T, Auth0Error>
@@ -90,7 +92,8 @@ impl Outbound {
             if wait > self.limits.max_wait || deadline.is_some_and(|d| Instant::now() + wait >= d) {
                 return Err(error);
             }
-            tracing::warn!(%error, attempt = attempts, retry_in_ms = wait.as_millis() as u64, "retrying Auth0");
+            stats::auth0_retry(endpoint);
+            tracing::warn!(%error, endpoint, attempt = attempts, retry_in_ms = wait.as_millis() as u64, "retrying Auth0");
             tokio::time::sleep(wait).await;
         }
     }
@@ -102,12 +105,14 @@ impl Outbound {
         while let Err(not_until) = self.limiter.check() {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             if Instant::now() + wait >= give_up_at {
+                stats::ratelimit_rejection();
                 tracing::warn!(
                     wait_ms = wait.as_millis() as u64,
                     "Auth0 request refused: client-side rate limit"
                 );
                 return Err(Auth0Error::Throttled { retry_after: wait });
             }
+            stats::ratelimit_wait();
             tokio::time::sleep(wait).await;
         }
         match tokio::time::timeout_at(give_up_at, self.in_flight.acquire()).await {
@@ -144,7 +149,7 @@ mod tests {
         let calls = AtomicU32::new(0);
         let started = Instant::now();
         let result = outbound
-            .call(None, || async {
+            .call("test", None, || async {
                 match calls.fetch_add(1, Ordering::SeqCst) {
                     0 => Err(Auth0Error::RateLimited {
                         retry_after: Some(Duration::from_secs(2)),
@@ -163,7 +168,7 @@ mod tests {
         let outbound = Outbound::new(limits(3));
         let calls = AtomicU32::new(0);
         let result: Result<(), _> = outbound
-            .call(None, || async {
+            .call("test", None, || async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Err(Auth0Error::ServerError {
                     status: 503,
@@ -184,7 +189,7 @@ mod tests {
         let calls = AtomicU32::new(0);
         let deadline = Instant::now() + Duration::from_secs(1);
         let result: Result<(), _> = outbound
-            .call(Some(deadline), || async {
+            .call("test", Some(deadline), || async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Err(Auth0Error::RateLimited {
                     retry_after: Some(Duration::from_secs(5)),
@@ -200,7 +205,7 @@ mod tests {
         let outbound = Outbound::new(limits(3));
         let calls = AtomicU32::new(0);
         let _ = outbound
-            .call(None, || async {
+            .call("test", None, || async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Err::<(), _>(Auth0Error::UserNotFound)
             })

@@ -419,7 +419,7 @@ async fn exercise_everything(
 }
 
 #[tokio::test]
-async fn logs_never_contain_a_token_or_the_client_secret() {
+async fn logs_and_metrics_never_contain_a_token_or_the_client_secret() {
     const CLIENT_ID: &str = "tokenbroker-binary-test";
     const CLIENT_SECRET: &str = "binary-test-client-secret-b71e0d";
     const CALLER_ID: &str = "spiffe://test.example/ns/it/sa/binary";
@@ -428,48 +428,29 @@ async fn logs_never_contain_a_token_or_the_client_secret() {
         .await
         .expect("emulator starts");
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ca = CertificateAuthority::generate("binary test CA").expect("CA");
-    let server = ca.issue(&LeafSpec::loopback_server()).expect("server cert");
-    let client_cert = ca
-        .issue(&LeafSpec::spiffe_client(CALLER_ID))
-        .expect("client cert");
-    let stranger_cert = ca
-        .issue(&LeafSpec::spiffe_client(STRANGER_ID))
-        .expect("stranger cert");
-    let path = |name: &str| dir.path().join(name);
-    write_file(&path("server.pem"), &server.cert_pem, false).expect("write");
-    write_file(&path("server.key"), &server.key_pem, true).expect("write");
-    write_file(&path("ca.pem"), &ca.cert_pem, false).expect("write");
-    write_file(&path("secret"), &format!("{CLIENT_SECRET}\n"), true).expect("write");
-    // Every provider but "auth0", so denials are logged too.
-    let policy = format!(
-        "[[caller]]\nid = \"{CALLER_ID}\"\nproviders = [\"github\", \"google-oauth2\", \"twitter\", \"oauth2\"]\ninvalidate = true\n"
+    let served = ServedBinary::start(
+        &emulator,
+        (CLIENT_ID, CLIENT_SECRET),
+        &[CALLER_ID, STRANGER_ID],
+        // Every provider but "auth0", so denials are logged too.
+        &format!(
+            "[[caller]]\nid = \"{CALLER_ID}\"\nproviders = [\"github\", \"google-oauth2\", \"twitter\", \"oauth2\"]\ninvalidate = true\n"
+        ),
+        "trace,h2=info,hyper=info,tower=info,rustls=info",
     );
-    write_file(&path("policy.toml"), &policy, false).expect("write");
-    let stdout_path = path("stdout.log");
-    let stderr_path = path("stderr.log");
-
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let mut command = tokenbroker(&["serve"]);
-    command
-        .env("AUTH0_DOMAIN", emulator.base_url())
-        .env("AUTH0_CLIENT_ID", CLIENT_ID)
-        .env("AUTH0_CLIENT_SECRET_FILE", path("secret"))
-        .env("TOKENBROKER_LISTEN", addr.to_string())
-        .env("TOKENBROKER_TLS_CERT", path("server.pem"))
-        .env("TOKENBROKER_TLS_KEY", path("server.key"))
-        .env("TOKENBROKER_CLIENT_CA", path("ca.pem"))
-        .env("TOKENBROKER_POLICY", path("policy.toml"))
-        .env("TOKENBROKER_LOG_FORMAT", "json")
-        .env(
-            "RUST_LOG",
-            "trace,h2=info,hyper=info,tower=info,rustls=info",
-        )
-        .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
-    let mut child = command.spawn().expect("spawn tokenbroker serve");
-
+    let ServedBinary {
+        mut child,
+        addr,
+        metrics_addr,
+        ca,
+        mut client_certs,
+        server_key_pem,
+        stdout_path,
+        stderr_path,
+        _dir,
+    } = served;
+    let stranger_cert = client_certs.pop().expect("stranger cert");
+    let client_cert = client_certs.pop().expect("client cert");
     let mut client = connect_when_listening(&mut child, addr, &ca.cert_pem, &client_cert).await;
     let released = exercise_everything(&mut client, &emulator).await;
     drop(client);
@@ -482,13 +463,16 @@ async fn logs_never_contain_a_token_or_the_client_secret() {
         .expect_err("an unlisted caller gets no token");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     drop(stranger);
+    let metrics = scrape_metrics(metrics_addr).await;
+    assert_metrics_moved(&metrics);
     let status = terminate(&mut child).await;
     assert!(status.success(), "serve exits cleanly on SIGTERM: {status}");
     emulator.shutdown().await;
 
     let stdout = std::fs::read_to_string(&stdout_path).expect("read stdout");
     let stderr = std::fs::read_to_string(&stderr_path).expect("read stderr");
-    let all = format!("{stdout}\n{stderr}");
+    // The metrics output is held to the same rule as the logs.
+    let all = format!("{stdout}\n{stderr}\n{metrics}");
     for secret in seed::planted_secrets() {
         assert!(
             !all.contains(secret),
@@ -504,7 +488,7 @@ async fn logs_never_contain_a_token_or_the_client_secret() {
         "a Management API token leaked into the logs"
     );
     for (name, pem) in [
-        ("server", &server.key_pem),
+        ("server", &server_key_pem),
         ("client", &client_cert.key_pem),
     ] {
         let body = pem.lines().nth(1).expect("a PEM key has a body");
@@ -666,4 +650,162 @@ async fn dev_command_serves_the_seeded_github_token() {
         first_ca, second_ca,
         "the second run reuses the dev PKI instead of generating a new CA"
     );
+}
+
+/// The Prometheus text of the broker's metrics endpoint.
+async fn scrape_metrics(addr: SocketAddr) -> String {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("http client");
+    let response = http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("metrics endpoint answers");
+    assert!(response.status().is_success(), "{}", response.status());
+    response.text().await.expect("metrics body")
+}
+
+/// Counters moved for the RPCs and Auth0 calls the test made, and no label
+/// carries a user id.
+fn assert_metrics_moved(metrics: &str) {
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|line| line.starts_with(prefix))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        value("tokenbroker_rpc_total{method=\"GetIdpToken\",code=\"OK\"}") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        value("tokenbroker_rpc_total{method=\"GetIdpToken\",code=\"PERMISSION_DENIED\"}") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        value("tokenbroker_auth0_requests_total{endpoint=\"/api/v2/users\",status=\"200\"}") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        value("tokenbroker_cache_lookups_total{outcome=\"hit\"}") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        value("tokenbroker_management_token_refreshes_total") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tokenbroker_rpc_duration_seconds_bucket"),
+        "latency histograms"
+    );
+    for user in seed::user_ids() {
+        assert!(!metrics.contains(user), "a user id became a label: {user}");
+    }
+}
+
+/// `tokenbroker serve` as a child process against `emulator`, with a fresh
+/// PKI, a policy, JSON logs to files and a metrics port.
+struct ServedBinary {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    ca: CertificateAuthority,
+    /// One client certificate per requested caller id, in order.
+    client_certs: Vec<IssuedCertificate>,
+    /// To check the key never reaches a log.
+    server_key_pem: String,
+    stdout_path: std::path::PathBuf,
+    stderr_path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ServedBinary {
+    fn start(
+        emulator: &Emulator,
+        (client_id, client_secret): (&str, &str),
+        caller_ids: &[&str],
+        policy: &str,
+        rust_log: &str,
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = CertificateAuthority::generate("binary test CA").expect("CA");
+        let server = ca.issue(&LeafSpec::loopback_server()).expect("server cert");
+        let client_certs = caller_ids
+            .iter()
+            .map(|id| ca.issue(&LeafSpec::spiffe_client(id)).expect("client cert"))
+            .collect();
+        let path = |name: &str| dir.path().join(name);
+        write_file(&path("server.pem"), &server.cert_pem, false).expect("write");
+        write_file(&path("server.key"), &server.key_pem, true).expect("write");
+        write_file(&path("ca.pem"), &ca.cert_pem, false).expect("write");
+        write_file(&path("secret"), &format!("{client_secret}\n"), true).expect("write");
+        write_file(&path("policy.toml"), policy, false).expect("write");
+        let stdout_path = path("stdout.log");
+        let stderr_path = path("stderr.log");
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let metrics_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let mut command = tokenbroker(&["serve"]);
+        command
+            .env("TOKENBROKER_METRICS_LISTEN", metrics_addr.to_string())
+            .env("AUTH0_DOMAIN", emulator.base_url())
+            .env("AUTH0_CLIENT_ID", client_id)
+            .env("AUTH0_CLIENT_SECRET_FILE", path("secret"))
+            .env("TOKENBROKER_LISTEN", addr.to_string())
+            .env("TOKENBROKER_TLS_CERT", path("server.pem"))
+            .env("TOKENBROKER_TLS_KEY", path("server.key"))
+            .env("TOKENBROKER_CLIENT_CA", path("ca.pem"))
+            .env("TOKENBROKER_POLICY", path("policy.toml"))
+            .env("TOKENBROKER_LOG_FORMAT", "json")
+            .env("RUST_LOG", rust_log)
+            .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
+        let child = command.spawn().expect("spawn tokenbroker serve");
+        Self {
+            child,
+            addr,
+            metrics_addr,
+            ca,
+            client_certs,
+            server_key_pem: server.key_pem,
+            stdout_path,
+            stderr_path,
+            _dir: dir,
+        }
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_rpc_finish_and_exits_0() {
+    const CALLER_ID: &str = "spiffe://test.example/ns/it/sa/drain";
+    let emulator = Emulator::start(EmulatorConfig::new("drain-test", "drain-test-secret"))
+        .await
+        .expect("emulator starts");
+    let mut served = ServedBinary::start(
+        &emulator,
+        ("drain-test", "drain-test-secret"),
+        &[CALLER_ID],
+        &format!("[[caller]]\nid = \"{CALLER_ID}\"\nproviders = [\"*\"]\n"),
+        "info",
+    );
+    let cert = served.client_certs.pop().expect("cert");
+    let mut client =
+        connect_when_listening(&mut served.child, served.addr, &served.ca.cert_pem, &cert).await;
+    emulator.set_latency(Duration::from_millis(1500));
+    let in_flight =
+        tokio::spawn(
+            async move { get_on(&mut client, get_request(seed::GITHUB_USER, "github")).await },
+        );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = terminate(&mut served.child).await;
+    let token = in_flight
+        .await
+        .expect("task")
+        .expect("the RPC in flight at SIGTERM completes");
+    assert_eq!(token.access_token, seed::GITHUB_ACCESS_TOKEN);
+    assert!(status.success(), "exit 0 after draining: {status}");
+    emulator.shutdown().await;
 }

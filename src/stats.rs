@@ -1,0 +1,185 @@
+//! Prometheus metrics (`metrics` facade, `metrics-exporter-prometheus`).
+//! Label values are fixed vocabularies (method, code, endpoint, outcome):
+//! never a user id, caller id or token, so cardinality stays bounded and
+//! nothing secret reaches a scrape. Without an exporter the calls are no-ops.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+/// Histogram buckets (seconds): sub-millisecond cache hits up to slow Auth0 calls.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("TOKENBROKER_METRICS_LISTEN {addr}: {reason}")]
+pub struct MetricsError {
+    addr: SocketAddr,
+    reason: String,
+}
+
+/// Serves `/metrics` in Prometheus text format on `addr` (plaintext: bind it
+/// to a pod-internal address) and describes every metric.
+pub fn install_exporter(addr: SocketAddr) -> Result<(), MetricsError> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets(LATENCY_BUCKETS)
+        .and_then(|builder| builder.install())
+        .map_err(|error| MetricsError {
+            addr,
+            reason: error.to_string(),
+        })?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    describe_counter!(
+        "tokenbroker_rpc_total",
+        "RPCs answered, by method and gRPC code"
+    );
+    describe_histogram!(
+        "tokenbroker_rpc_duration_seconds",
+        Unit::Seconds,
+        "RPC latency by method"
+    );
+    describe_counter!(
+        "tokenbroker_cache_lookups_total",
+        "User lookups by outcome: hit, miss, stale"
+    );
+    describe_gauge!(
+        "tokenbroker_cache_users",
+        "Users held in the identity cache"
+    );
+    describe_counter!(
+        "tokenbroker_auth0_requests_total",
+        "Requests to Auth0 by endpoint and HTTP status (0 = no answer)"
+    );
+    describe_histogram!(
+        "tokenbroker_auth0_request_duration_seconds",
+        Unit::Seconds,
+        "Auth0 latency by endpoint"
+    );
+    describe_counter!(
+        "tokenbroker_auth0_retries_total",
+        "Retries of Auth0 requests by endpoint"
+    );
+    describe_counter!(
+        "tokenbroker_ratelimit_waits_total",
+        "Auth0 requests that waited for the client-side rate limit"
+    );
+    describe_counter!(
+        "tokenbroker_ratelimit_rejections_total",
+        "Auth0 requests refused by the client-side rate limit"
+    );
+    describe_counter!(
+        "tokenbroker_management_token_refreshes_total",
+        "Management API tokens obtained"
+    );
+    describe_gauge!(
+        "tokenbroker_management_token_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "When the current Management token expires (Unix time); alert on it minus time()"
+    );
+    describe_counter!(
+        "tokenbroker_tls_reloads_total",
+        "TLS material reloads by outcome: success, failure"
+    );
+    describe_counter!(
+        "tokenbroker_policy_reloads_total",
+        "Policy reloads by outcome: success, failure"
+    );
+}
+
+/// One answered RPC.
+pub fn rpc_finished(method: &'static str, code: tonic::Code, elapsed: Duration) {
+    counter!("tokenbroker_rpc_total", "method" => method, "code" => code_name(code)).increment(1);
+    histogram!("tokenbroker_rpc_duration_seconds", "method" => method)
+        .record(elapsed.as_secs_f64());
+}
+
+/// A user lookup: `hit`, `miss` or `stale`.
+pub fn cache_lookup(outcome: &'static str) {
+    counter!("tokenbroker_cache_lookups_total", "outcome" => outcome).increment(1);
+}
+
+/// Current number of cached users.
+pub fn cache_users(count: u64) {
+    gauge!("tokenbroker_cache_users").set(count as f64);
+}
+
+/// One request to Auth0; `status` 0 when no HTTP answer came.
+pub fn auth0_request(endpoint: &'static str, status: u16, elapsed: Duration) {
+    counter!("tokenbroker_auth0_requests_total", "endpoint" => endpoint, "status" => status.to_string()).increment(1);
+    histogram!("tokenbroker_auth0_request_duration_seconds", "endpoint" => endpoint)
+        .record(elapsed.as_secs_f64());
+}
+
+pub fn auth0_retry(endpoint: &'static str) {
+    counter!("tokenbroker_auth0_retries_total", "endpoint" => endpoint).increment(1);
+}
+
+pub fn ratelimit_wait() {
+    counter!("tokenbroker_ratelimit_waits_total").increment(1);
+}
+
+pub fn ratelimit_rejection() {
+    counter!("tokenbroker_ratelimit_rejections_total").increment(1);
+}
+
+/// A new Management token valid for `lifetime` from now.
+pub fn management_token_refreshed(lifetime: Duration) {
+    counter!("tokenbroker_management_token_refreshes_total").increment(1);
+    let expiry = SystemTime::now() + lifetime;
+    if let Ok(since_epoch) = expiry.duration_since(UNIX_EPOCH) {
+        gauge!("tokenbroker_management_token_expiry_timestamp_seconds")
+            .set(since_epoch.as_secs_f64());
+    }
+}
+
+pub fn tls_reload(success: bool) {
+    counter!("tokenbroker_tls_reloads_total", "outcome" => outcome(success)).increment(1);
+}
+
+pub fn policy_reload(success: bool) {
+    counter!("tokenbroker_policy_reloads_total", "outcome" => outcome(success)).increment(1);
+}
+
+fn outcome(success: bool) -> &'static str {
+    if success {
+        "success"
+    } else {
+        "failure"
+    }
+}
+
+/// gRPC code names as in the spec (`NOT_FOUND`), for stable label values.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
