@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use tokenbroker::auth0::OutboundLimits;
 use tokenbroker::emulator::{seed, EmulatorConfig, Endpoint, Fault};
 use tokenbroker::proto::{GetIdpTokenRequest, IdpToken, ListIdpTokensRequest};
 use tonic::{Code, Status};
@@ -85,7 +86,15 @@ async fn broker_with_scope(scope: &str) -> TestBroker {
 /// endpoint, a first call has cached the Management token and revoking it
 /// forces a new grant.
 async fn unavailable_after(endpoint: Endpoint, fault: Fault, what: &str) -> (TestBroker, Status) {
-    let broker = TestBroker::start().await;
+    // One attempt: this is about the status mapping; retries are tested in `resilience`.
+    let broker = TestBroker::start_with(Options {
+        outbound: OutboundLimits {
+            max_attempts: 1,
+            ..OutboundLimits::default()
+        },
+        ..Options::default()
+    })
+    .await;
     let (user, provider) = match endpoint {
         Endpoint::Token => {
             broker
@@ -96,7 +105,6 @@ async fn unavailable_after(endpoint: Endpoint, fault: Fault, what: &str) -> (Tes
         }
         _ => (seed::GITHUB_USER, "github"),
     };
-    // Several, so that a retry budget of a few attempts is exhausted as well.
     broker.emulator.inject_faults(endpoint, vec![fault; 5]);
     if endpoint == Endpoint::Token {
         broker.emulator.revoke_management_tokens();
