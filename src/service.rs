@@ -150,10 +150,10 @@ impl CallContext {
     }
 
     /// One audit event per decision to release or refuse tokens.
-    fn audit(&self, user_id: &str, wanted: &str, outcome: &Result<Released, BrokerError>) {
+    fn audit(&self, user_id: &str, wanted: &str, outcome: Result<Released, &BrokerError>) {
         let code = outcome
             .as_ref()
-            .map_or_else(BrokerError::code, |_| tonic::Code::Ok);
+            .map_or_else(|error| error.code(), |_| tonic::Code::Ok);
         stats::rpc_finished(self.method, code, self.started.elapsed());
         match outcome {
             Ok(released) => tracing::info!(
@@ -186,6 +186,19 @@ struct Released {
     from_cache: bool,
 }
 
+impl Released {
+    fn of(tokens: &[IdpToken]) -> Self {
+        Self {
+            providers: tokens
+                .iter()
+                .map(|token| token.provider.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            from_cache: tokens.first().is_some_and(|token| token.from_cache),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl TokenBroker for TokenBrokerService {
     async fn get_idp_token(
@@ -205,13 +218,9 @@ impl TokenBroker for TokenBrokerService {
         call.audit(
             &request.user_id,
             &wanted,
-            &result
+            result
                 .as_ref()
-                .map(|token| Released {
-                    providers: token.provider.clone(),
-                    from_cache: token.from_cache,
-                })
-                .map_err(Clone::clone),
+                .map(|token| Released::of(std::slice::from_ref(token))),
         );
         result
             .map(|token| Response::new(GetIdpTokenResponse { token: Some(token) }))
@@ -233,17 +242,7 @@ impl TokenBroker for TokenBrokerService {
         call.audit(
             &request.user_id,
             "all",
-            &result
-                .as_ref()
-                .map(|tokens| Released {
-                    providers: tokens
-                        .iter()
-                        .map(|token| token.provider.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    from_cache: tokens.first().is_some_and(|token| token.from_cache),
-                })
-                .map_err(Clone::clone),
+            result.as_ref().map(|tokens| Released::of(tokens)),
         );
         result
             .map(|tokens| Response::new(ListIdpTokensResponse { tokens }))
