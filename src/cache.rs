@@ -1,11 +1,18 @@
-//! The two moka caches in front of Auth0 and the reads that fill them.
+//! The moka caches in front of Auth0 and the reads that fill them.
 //!
 //! * Management token: one entry, kept for its lifetime minus a margin;
 //!   concurrent misses share one `/oauth/token` call; a 401 from the users
 //!   endpoint drops exactly the rejected token and the read is retried once.
-//! * Users: all identities of a user, keyed by user id, bounded, kept for the
-//!   configured TTL but never past a known token expiry; concurrent misses for
-//!   one user share one `/api/v2/users` call; a 404 is remembered briefly.
+//! * Users: all identities of a user, keyed by user id, bounded. An entry
+//!   answers lookups for the configured TTL (never past a known token
+//!   expiry), then stays on for the stale-if-error window as the copy to
+//!   serve if Auth0 fails; one entry per user serves both. A 404 is
+//!   remembered briefly. Concurrent reads of one user share one
+//!   `/api/v2/users` call.
+//!
+//! A cache hit costs one moka `get` and one atomic load: the per-user
+//! invalidation stamps are only consulted when some invalidation happened
+//! after the entry was read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,13 +36,38 @@ enum UserState {
     NotFound,
 }
 
-/// A cache entry and the logical time its Auth0 read started, so a read that
+/// A cache entry, the logical time its Auth0 read started (so a read that
 /// began before an `InvalidateUser` or `bypass_cache` cannot bring the old
-/// profile back when it lands late.
+/// profile back when it lands late), and until when it answers lookups.
 #[derive(Clone)]
 struct CachedUser {
     state: UserState,
     read_started: u64,
+    /// After this the entry is only a stale-if-error fallback.
+    fresh_until: Instant,
+}
+
+impl CachedUser {
+    fn is_fresh(&self) -> bool {
+        Instant::now() < self.fresh_until
+    }
+
+    /// A found user none of whose tokens is known to have expired.
+    fn servable_stale(&self) -> bool {
+        match &self.state {
+            UserState::Found(user) => user
+                .earliest_token_expiry()
+                .is_none_or(|expiry| expiry > SystemTime::now()),
+            UserState::NotFound => false,
+        }
+    }
+
+    fn age(&self) -> Duration {
+        match &self.state {
+            UserState::Found(user) => user.fetched_instant.elapsed(),
+            UserState::NotFound => Duration::ZERO,
+        }
+    }
 }
 
 /// What a lookup returns: the user and whether this RPC was served from cache.
@@ -49,14 +81,22 @@ pub struct Lookup {
 pub struct IdentityStore {
     auth0: Auth0Client,
     management: Cache<(), Arc<ManagementToken>>,
+    /// Fresh entries, and expired ones kept for stale-if-error.
     users: Cache<UserId, CachedUser>,
-    /// Logical clock for reads, lookups and invalidations.
+    /// Holds nothing for longer than a read: its `try_get_with` is how
+    /// concurrent reads of one user share one Auth0 call, whether the user is
+    /// absent from `users` or only held there stale.
+    reads: Cache<UserId, CachedUser>,
+    /// Logical clock for reads and invalidations.
     clock: AtomicU64,
+    /// Clock value of the latest invalidation of any user: entries read after
+    /// it need no look at `invalidated_at`.
+    last_invalidation: AtomicU64,
     /// When each user was last invalidated or refreshed; entries read before
     /// that are superseded. Lives as long as a user entry can.
     invalidated_at: Cache<UserId, u64>,
-    /// Users kept past their TTL for stale-if-error; `None` when disabled.
-    stale: Option<Cache<UserId, Arc<UserIdentities>>>,
+    /// How long past its TTL an entry may be served when Auth0 fails.
+    stale_if_error: Duration,
     /// How often a stale entry was served because Auth0 failed.
     stale_serves: AtomicU64,
     settings: CacheSettings,
@@ -84,25 +124,30 @@ impl Expiry<(), Arc<ManagementToken>> for ManagementTokenExpiry {
     }
 }
 
-/// Keeps users for the TTL, never past a known token expiry, and misses briefly.
+/// Keeps a found user until its freshness ends plus the stale-if-error
+/// window, but never past a known token expiry; a miss only while fresh.
 struct UserExpiry {
-    ttl: Duration,
-    negative_ttl: Duration,
+    stale_if_error: Duration,
 }
 
 impl UserExpiry {
     fn lifetime(&self, user: &CachedUser) -> Duration {
+        let fresh = user.fresh_until.saturating_duration_since(Instant::now());
         match &user.state {
-            UserState::NotFound => self.negative_ttl,
-            UserState::Found(found) => match found.earliest_token_expiry() {
-                Some(expiry) => {
-                    let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
-                    self.ttl.min(left)
+            UserState::NotFound => fresh,
+            UserState::Found(found) => {
+                let kept = fresh.saturating_add(self.stale_if_error);
+                match found.earliest_token_expiry() {
+                    Some(expiry) => kept.min(time_until(expiry)),
+                    None => kept,
                 }
-                None => self.ttl,
-            },
+            }
         }
     }
+}
+
+fn time_until(at: SystemTime) -> Duration {
+    at.duration_since(SystemTime::now()).unwrap_or_default()
 }
 
 impl Expiry<UserId, CachedUser> for UserExpiry {
@@ -126,55 +171,47 @@ impl Expiry<UserId, CachedUser> for UserExpiry {
     }
 }
 
+/// The `reads` cache only coalesces reads: each is removed when it completes.
+/// This TTL only bounds one left behind by a lookup cancelled at that moment.
+const READ_COALESCING_TTL: Duration = Duration::from_secs(1);
+
 impl IdentityStore {
-    /// Builds empty caches sized by `settings`.
+    /// Builds empty caches sized by `settings`, with the default
+    /// stale-if-error window.
     pub fn new(auth0: Auth0Client, settings: CacheSettings) -> Self {
         let management = Cache::builder()
             .max_capacity(1)
             .expire_after(ManagementTokenExpiry)
             .build();
-        let users = Cache::builder()
+        let reads = Cache::builder()
             .max_capacity(settings.user_capacity)
-            .expire_after(UserExpiry {
-                ttl: settings.user_ttl,
-                negative_ttl: settings.negative_ttl,
-            })
+            .time_to_live(READ_COALESCING_TTL)
             .build();
-        let invalidated_at = Cache::builder()
-            .max_capacity(settings.user_capacity)
-            .time_to_live(settings.user_ttl.max(settings.negative_ttl))
-            .build();
-        let mut store = Self {
+        Self {
             auth0,
             management,
-            users,
+            users: users_cache(&settings, DEFAULT_STALE_IF_ERROR),
+            reads,
             clock: AtomicU64::new(1),
-            invalidated_at,
-            stale: None,
+            last_invalidation: AtomicU64::new(0),
+            invalidated_at: stamps_cache(&settings, DEFAULT_STALE_IF_ERROR),
+            stale_if_error: DEFAULT_STALE_IF_ERROR,
             stale_serves: AtomicU64::new(0),
             settings,
-        };
-        store.set_stale_if_error(DEFAULT_STALE_IF_ERROR);
-        store
+        }
     }
 
     /// Serve a user up to `window` past its TTL when Auth0 fails (never a
-    /// token past its known expiry); zero turns stale-if-error off.
+    /// token past its known expiry); zero turns stale-if-error off. Call it
+    /// before the first lookup: it starts with an empty user cache.
     pub fn with_stale_if_error(mut self, window: Duration) -> Self {
-        self.set_stale_if_error(window);
+        self.stale_if_error = window;
+        self.users = users_cache(&self.settings, window);
+        self.invalidated_at = stamps_cache(&self.settings, window);
         self
     }
 
-    fn set_stale_if_error(&mut self, window: Duration) {
-        self.stale = (!window.is_zero()).then(|| {
-            Cache::builder()
-                .max_capacity(self.settings.user_capacity)
-                .time_to_live(self.settings.user_ttl + window)
-                .build()
-        });
-    }
-
-    /// Users held now (moka's count, settled first).
+    /// Users held now, stale-if-error copies included (moka's count, settled first).
     pub async fn cached_users(&self) -> u64 {
         self.users.run_pending_tasks().await;
         self.users.entry_count()
@@ -202,14 +239,9 @@ impl IdentityStore {
         let started = Instant::now();
         let cached = if bypass_cache {
             self.mark_invalidated(user_id).await;
-            let fresh = self.read_user(user_id, deadline).await?;
-            self.users.insert(user_id.clone(), fresh.clone()).await;
-            fresh
+            self.read_and_keep(user_id, deadline).await?
         } else {
-            match self.cached_or_read(user_id, deadline).await {
-                Ok(cached) => cached,
-                Err(error) => return self.stale_or(user_id, error).await,
-            }
+            self.cached_or_read(user_id, deadline).await?
         };
         match cached.state {
             UserState::Found(user) => {
@@ -221,58 +253,70 @@ impl IdentityStore {
         }
     }
 
-    /// A stale copy of the user when `error` says Auth0 is failing and the
-    /// copy holds no token known to have expired; else `error`.
-    async fn stale_or(&self, user_id: &UserId, error: BrokerError) -> Result<Lookup, BrokerError> {
-        if !matches!(error, BrokerError::Unavailable { .. }) {
-            return Err(error);
-        }
-        let Some(stale) = &self.stale else {
-            return Err(error);
-        };
-        let Some(user) = stale.get(user_id).await else {
-            return Err(error);
-        };
-        if user
-            .earliest_token_expiry()
-            .is_some_and(|expiry| expiry <= SystemTime::now())
-        {
-            return Err(error);
-        }
-        self.stale_serves.fetch_add(1, Ordering::Relaxed);
-        stats::cache_lookup("stale");
-        tracing::warn!(
-            user_id = %user_id,
-            age_secs = user.fetched_instant.elapsed().as_secs(),
-            %error,
-            "Auth0 failing: serving a stale cached user"
-        );
-        Ok(Lookup {
-            user,
-            from_cache: true,
-        })
-    }
-
-    /// The cached entry, or one shared read of Auth0. An entry whose read
-    /// started before an invalidation that this lookup comes after is dropped
-    /// and read again (once).
+    /// A fresh cached entry, else one shared read of Auth0; if that read
+    /// fails because Auth0 is failing, the expired entry (stale-if-error).
+    /// An entry read before an invalidation of its user is never served.
     async fn cached_or_read(
         &self,
         user_id: &UserId,
         deadline: Option<Deadline>,
     ) -> Result<CachedUser, BrokerError> {
-        let lookup_started = self.tick();
-        let mut cached = self.shared_read(user_id, deadline).await?;
-        if let Some(invalidated) = self.invalidated_at.get(user_id).await {
-            if cached.read_started < invalidated && invalidated < lookup_started {
+        let mut held = self.users.get(user_id).await;
+        if let Some(entry) = &held {
+            if self.superseded(user_id, entry, u64::MAX).await {
                 self.users.invalidate(user_id).await;
-                cached = self.shared_read(user_id, deadline).await?;
+                held = None;
+            } else if entry.is_fresh() {
+                return Ok(entry.clone());
             }
         }
-        Ok(cached)
+        let lookup_started = self.tick();
+        match self.shared_read(user_id, deadline).await {
+            Ok(read) if self.superseded(user_id, &read, lookup_started).await => {
+                self.shared_read(user_id, deadline).await
+            }
+            Ok(read) => Ok(read),
+            Err(error) => self.stale_or(user_id, held, error),
+        }
     }
 
-    /// Concurrent misses share one read. If the caller whose future runs the
+    /// Whether the user was invalidated after `entry`'s read started and
+    /// before logical time `before`: a lookup that began before an
+    /// invalidation may still be answered with what was read before it.
+    async fn superseded(&self, user_id: &UserId, entry: &CachedUser, before: u64) -> bool {
+        if entry.read_started > self.last_invalidation.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.invalidated_at
+            .get(user_id)
+            .await
+            .is_some_and(|invalidated| entry.read_started < invalidated && invalidated < before)
+    }
+
+    /// The expired copy `held` when `error` says Auth0 is failing and the
+    /// copy holds no token known to have expired; else `error`.
+    fn stale_or(
+        &self,
+        user_id: &UserId,
+        held: Option<CachedUser>,
+        error: BrokerError,
+    ) -> Result<CachedUser, BrokerError> {
+        let auth0_failing = matches!(error, BrokerError::Unavailable { .. });
+        let Some(stale) = held.filter(|entry| auth0_failing && entry.servable_stale()) else {
+            return Err(error);
+        };
+        self.stale_serves.fetch_add(1, Ordering::Relaxed);
+        stats::cache_lookup("stale");
+        tracing::warn!(
+            user_id = %user_id,
+            age_secs = stale.age().as_secs(),
+            %error,
+            "Auth0 failing: serving a stale cached user"
+        );
+        Ok(stale)
+    }
+
+    /// Concurrent reads share one. If the caller whose future runs the
     /// read goes away, moka hands the read to a caller still waiting; when
     /// none is left, nothing keeps running.
     async fn shared_read(
@@ -280,13 +324,32 @@ impl IdentityStore {
         user_id: &UserId,
         deadline: Option<Deadline>,
     ) -> Result<CachedUser, BrokerError> {
-        self.users
-            .try_get_with_by_ref(user_id, self.read_user(user_id, deadline))
-            .await
-            .map_err(|shared| BrokerError::from((*shared).clone()))
+        let read = self
+            .reads
+            .try_get_with_by_ref(user_id, self.read_and_keep(user_id, deadline))
+            .await;
+        // The read is over and its waiters have their answer: the next miss
+        // must read Auth0 again, not reuse this one.
+        self.reads.invalidate(user_id).await;
+        read.map_err(|shared| BrokerError::from((*shared).clone()))
     }
 
-    /// Drops the cached user, so the next lookup reads Auth0.
+    /// Reads the user from Auth0 and caches the answer, unless an
+    /// invalidation came while the read was under way.
+    async fn read_and_keep(
+        &self,
+        user_id: &UserId,
+        deadline: Option<Deadline>,
+    ) -> Result<CachedUser, Auth0Error> {
+        let read = self.read_user(user_id, deadline).await?;
+        if !self.superseded(user_id, &read, u64::MAX).await {
+            self.users.insert(user_id.clone(), read.clone()).await;
+        }
+        Ok(read)
+    }
+
+    /// Drops the cached user, so the next lookup reads Auth0 (and no stale
+    /// copy of it is ever served).
     pub async fn invalidate(&self, user_id: &UserId) {
         self.mark_invalidated(user_id).await;
         self.users.invalidate(user_id).await;
@@ -295,6 +358,7 @@ impl IdentityStore {
     async fn mark_invalidated(&self, user_id: &UserId) {
         let now = self.tick();
         self.invalidated_at.insert(user_id.clone(), now).await;
+        self.last_invalidation.fetch_max(now, Ordering::SeqCst);
     }
 
     /// Obtains a Management token now; used to tell readiness and to fail
@@ -325,20 +389,27 @@ impl IdentityStore {
             other => other,
         };
         let state = match result {
-            Ok(user) => {
-                let user = Arc::new(user);
-                if let Some(stale) = &self.stale {
-                    stale.insert(user_id.clone(), user.clone()).await;
-                }
-                UserState::Found(user)
-            }
+            Ok(user) => UserState::Found(Arc::new(user)),
             Err(Auth0Error::UserNotFound) => UserState::NotFound,
             Err(error) => return Err(error),
         };
         Ok(CachedUser {
+            fresh_until: Instant::now() + self.fresh_lifetime(&state),
             state,
             read_started,
         })
+    }
+
+    /// How long a read answers lookups: the TTL, never past a known token
+    /// expiry; a miss for the negative TTL.
+    fn fresh_lifetime(&self, state: &UserState) -> Duration {
+        match state {
+            UserState::NotFound => self.settings.negative_ttl,
+            UserState::Found(user) => match user.earliest_token_expiry() {
+                Some(expiry) => self.settings.user_ttl.min(time_until(expiry)),
+                None => self.settings.user_ttl,
+            },
+        }
     }
 
     async fn management_token(
@@ -397,4 +468,25 @@ impl IdentityStore {
             })
             .await;
     }
+}
+
+/// The user cache, keeping entries `stale_if_error` past their freshness.
+fn users_cache(settings: &CacheSettings, stale_if_error: Duration) -> Cache<UserId, CachedUser> {
+    Cache::builder()
+        .max_capacity(settings.user_capacity)
+        .expire_after(UserExpiry { stale_if_error })
+        .build()
+}
+
+/// Invalidation stamps, kept as long as the entry they may supersede.
+fn stamps_cache(settings: &CacheSettings, stale_if_error: Duration) -> Cache<UserId, u64> {
+    Cache::builder()
+        .max_capacity(settings.user_capacity)
+        .time_to_live(
+            settings
+                .user_ttl
+                .saturating_add(stale_if_error)
+                .max(settings.negative_ttl),
+        )
+        .build()
 }

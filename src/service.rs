@@ -72,15 +72,19 @@ impl TokenBrokerService {
 
 /// The caller's identity from its verified client certificate, put in the
 /// request extensions once so every handler and log line uses the same value.
+/// An `Arc<str>` shared with the connection: no copy per request.
 #[derive(Debug, Clone)]
-pub struct CallerId(pub String);
+pub struct CallerId(pub Arc<str>);
 
-/// Reads the caller id from the verified certificate. A request without one
-/// (impossible through the mTLS listener) is refused.
+/// Takes the caller id the listener read from the verified certificate when
+/// the connection was made ([`tls::Peer`]). A request without one (a
+/// certificate naming nobody, or a server not behind the mTLS listener) is
+/// refused.
 fn attach_caller_id(mut request: Request<()>) -> Result<Request<()>, Status> {
     let caller = request
-        .peer_certs()
-        .and_then(|certs| certs.first().and_then(tls::caller_id))
+        .extensions()
+        .get::<tls::Peer>()
+        .and_then(|peer| peer.caller.clone())
         .ok_or_else(|| {
             Status::permission_denied("no verified client certificate identifies the caller")
         })?;
@@ -91,7 +95,7 @@ fn attach_caller_id(mut request: Request<()>) -> Result<Request<()>, Status> {
 /// What every RPC knows about itself, for deadlines and log lines.
 struct CallContext {
     method: &'static str,
-    caller: String,
+    caller: Arc<str>,
     deadline: Option<Duration>,
     started: Instant,
 }
@@ -101,7 +105,7 @@ impl CallContext {
         let caller = request
             .extensions()
             .get::<CallerId>()
-            .map_or_else(|| UNKNOWN_CALLER.to_owned(), |caller| caller.0.clone());
+            .map_or_else(|| Arc::from(UNKNOWN_CALLER), |caller| caller.0.clone());
         let deadline = request
             .metadata()
             .get("grpc-timeout")
@@ -115,8 +119,6 @@ impl CallContext {
         }
     }
 
-    /// Runs `work`, giving up with DEADLINE_EXCEEDED just before the caller
-    /// would, or with UNAVAILABLE when the shutdown grace period ends.
     /// When calls to Auth0 made for this RPC must have given up.
     fn auth0_deadline(&self) -> Option<tokio::time::Instant> {
         self.deadline.map(|deadline| {
@@ -125,11 +127,18 @@ impl CallContext {
         })
     }
 
+    /// Runs `work`, giving up with DEADLINE_EXCEEDED just before the caller
+    /// would, or with UNAVAILABLE when the shutdown grace period ends. Work
+    /// that is ready at once (a cache hit) returns before any timer is armed.
     async fn bounded<T>(
         &self,
         drain: &Drain,
         work: impl std::future::Future<Output = Result<T, BrokerError>>,
     ) -> Result<T, BrokerError> {
+        let mut work = std::pin::pin!(work);
+        if let std::task::Poll::Ready(result) = futures::poll!(work.as_mut()) {
+            return result;
+        }
         let deadline = async {
             match self.deadline {
                 Some(deadline) => {

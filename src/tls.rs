@@ -4,9 +4,11 @@
 //!
 //! We serve with our own acceptor over `serve_with_incoming` rather than
 //! tonic's built-in TLS so that a slow or hostile handshake never blocks
-//! other connections.
+//! other connections, and so the caller id is read from the certificate once
+//! per connection (in [`Peer`]) rather than parsed again on every request.
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +20,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
@@ -172,10 +175,94 @@ impl TlsStore {
     }
 }
 
+/// Who is on the other end of a connection, worked out once after the
+/// handshake. tonic puts it in every request's extensions (it is the
+/// connection's `ConnectInfo`), so per-request code reads a ready `Arc<str>`.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The caller id of the verified client certificate; `None` if the
+    /// certificate names nobody (no URI or DNS SAN and no CN).
+    pub caller: Option<Arc<str>>,
+    /// The client's address, for log lines about the connection.
+    pub remote_addr: Option<SocketAddr>,
+}
+
+/// An mTLS connection that passed the handshake, with its [`Peer`].
+pub struct AuthenticatedStream {
+    inner: TlsStream<TcpStream>,
+    peer: Peer,
+}
+
+impl AuthenticatedStream {
+    fn new(inner: TlsStream<TcpStream>) -> Self {
+        let (tcp, session) = inner.get_ref();
+        let peer = Peer {
+            caller: session
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(caller_id)
+                .map(Arc::from),
+            remote_addr: tcp.peer_addr().ok(),
+        };
+        Self { inner, peer }
+    }
+}
+
+impl tonic::transport::server::Connected for AuthenticatedStream {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for AuthenticatedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AuthenticatedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// One accepted connection, or an accept error for the server to log.
+type Accepted = Result<AuthenticatedStream, io::Error>;
+
 /// A stream of connections that completed the mTLS handshake. Dropping it
 /// stops accepting.
 pub struct TlsIncoming {
-    connections: mpsc::Receiver<Result<TlsStream<TcpStream>, io::Error>>,
+    connections: mpsc::Receiver<Accepted>,
     accept_task: tokio::task::JoinHandle<()>,
 }
 
@@ -186,7 +273,7 @@ impl Drop for TlsIncoming {
 }
 
 impl futures::Stream for TlsIncoming {
-    type Item = Result<TlsStream<TcpStream>, io::Error>;
+    type Item = Accepted;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.connections.poll_recv(cx)
@@ -204,11 +291,7 @@ pub fn incoming(listener: TcpListener, tls: Arc<TlsStore>) -> TlsIncoming {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    tls: Arc<TlsStore>,
-    sender: mpsc::Sender<Result<TlsStream<TcpStream>, io::Error>>,
-) {
+async fn accept_loop(listener: TcpListener, tls: Arc<TlsStore>, sender: mpsc::Sender<Accepted>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -227,7 +310,7 @@ async fn accept_loop(
             let _ = stream.set_nodelay(true);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
-                    let _ = sender.send(Ok(tls)).await;
+                    let _ = sender.send(Ok(AuthenticatedStream::new(tls))).await;
                 }
                 Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake refused"),
                 Err(_) => tracing::info!(%peer, "TLS handshake timed out"),

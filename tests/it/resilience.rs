@@ -368,3 +368,30 @@ async fn stale_if_error_zero_turns_it_off() {
     );
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn an_invalidated_user_is_never_served_stale() {
+    let broker =
+        TestBroker::start_with(short_ttl(Duration::from_secs(60), Duration::from_secs(600))).await;
+    broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("fresh");
+    broker
+        .invalidate(seed::GITHUB_USER)
+        .await
+        .expect("InvalidateUser succeeds");
+    broker
+        .emulator
+        .inject_faults(Endpoint::Users, vec![Fault::Status(503); 3]);
+    assert_eq!(
+        broker
+            .get(seed::GITHUB_USER, "github")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unavailable,
+        "the operator dropped this user: its old token must not come back as a stale copy"
+    );
+    broker.stop().await;
+}
