@@ -308,6 +308,7 @@ async fn start_broker(
         store: store.clone(),
         policy: Arc::new(PolicyStore::fixed(Policy::allow_any())),
         tls: pki.tls.clone(),
+        id_tokens: None,
     };
     let settings = RunSettings {
         shutdown_grace: Duration::from_secs(1),

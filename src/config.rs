@@ -16,6 +16,7 @@ use secrecy::SecretString;
 use url::Url;
 
 use crate::auth0::OutboundLimits;
+use crate::id_token::IdTokenSettings;
 
 /// The `tokenbroker` command line.
 #[derive(Debug, Parser)]
@@ -112,6 +113,10 @@ pub struct CommonArgs {
     /// How often the policy and TLS files are checked for changes (SIGHUP checks at once).
     #[arg(long, env = "TOKENBROKER_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
+
+    /// Clock skew tolerated on an ID token's exp, nbf and iat.
+    #[arg(long, env = "TOKENBROKER_ID_TOKEN_LEEWAY", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub id_token_leeway: Duration,
 }
 
 /// `tokenbroker serve`: every setting of a production broker.
@@ -160,6 +165,11 @@ pub struct ServeArgs {
     /// Run without a policy: every caller with a certificate from the client CA may call every RPC.
     #[arg(long, env = "TOKENBROKER_ALLOW_ANY_CALLER", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_any_caller: bool,
+
+    /// Client ids of the apps users sign in to, comma-separated: an `id_token` must carry one
+    /// as `aud`. Unset: requests with an `id_token` get FAILED_PRECONDITION.
+    #[arg(long, env = "AUTH0_ID_TOKEN_AUDIENCES", value_delimiter = ',')]
+    pub auth0_id_token_audiences: Vec<String>,
 
     #[command(flatten)]
     pub common: CommonArgs,
@@ -269,6 +279,8 @@ pub struct ServeConfig {
     pub auth0: Auth0Settings,
     pub cache: CacheSettings,
     pub tls: TlsFiles,
+    /// `None` when no audience is configured: ID tokens are not verified.
+    pub id_token: Option<IdTokenSettings>,
 }
 
 impl ServeArgs {
@@ -286,6 +298,9 @@ impl ServeArgs {
             self.auth0_client_secret.as_deref(),
             self.auth0_client_secret_file.as_deref(),
         )?;
+        let id_token = self
+            .common
+            .id_token_settings(&base_url, &self.auth0_id_token_audiences);
         let auth0 = Auth0Settings {
             base_url,
             audience,
@@ -314,6 +329,7 @@ impl ServeArgs {
                 key: self.tls_key.clone(),
                 client_ca: self.client_ca.clone(),
             },
+            id_token,
         })
     }
 }
@@ -340,6 +356,25 @@ impl CommonArgs {
                 max_wait: self.auth0_timeout,
             },
             stale_if_error: self.stale_if_error,
+        })
+    }
+
+    /// ID-token verification against the tenant at `base_url` for these
+    /// audiences (blank entries ignored); `None` when none is left.
+    pub fn id_token_settings(
+        &self,
+        base_url: &str,
+        audiences: &[String],
+    ) -> Option<IdTokenSettings> {
+        let audiences: Vec<String> = audiences
+            .iter()
+            .map(|audience| audience.trim())
+            .filter(|audience| !audience.is_empty())
+            .map(str::to_owned)
+            .collect();
+        (!audiences.is_empty()).then(|| IdTokenSettings {
+            leeway: self.id_token_leeway,
+            ..IdTokenSettings::new(base_url, audiences)
         })
     }
 

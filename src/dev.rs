@@ -5,16 +5,17 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use crate::auth0::Auth0Client;
-use crate::cache::IdentityStore;
 use crate::config::{Auth0Settings, ConfigError, DevArgs, TlsFiles};
-use crate::emulator::{seed, Emulator, EmulatorConfig};
+use crate::emulator::{seed, Emulator, EmulatorConfig, IdTokenSpec};
 use crate::pki::{write_file, DevPki, PkiError, DEV_CLIENT_ID};
 use crate::policy::PolicyStore;
 use crate::server::{self, Broker, Listeners, ServerError};
 use crate::tls::TlsStore;
+
+/// Lifetime of the ID token the banner prints: a working day, so the pasted
+/// command keeps working while the developer experiments.
+const DEV_ID_TOKEN_LIFETIME_SECS: i64 = 12 * 3600;
 
 /// Client id the dev broker uses against the emulator.
 const DEV_CLIENT_ID_AUTH0: &str = "tokenbroker-dev";
@@ -70,21 +71,18 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Re
             None => None,
         },
     };
-    let broker = Broker {
-        store: Arc::new(
-            IdentityStore::new(
-                Auth0Client::with_limits(auth0, resilience.outbound).map_err(ServerError::from)?,
-                cache,
-            )
-            .with_stale_if_error(resilience.stale_if_error),
-        ),
-        policy: Arc::new(PolicyStore::open(Some(&policy_path)).map_err(ServerError::from)?),
-        tls: Arc::new(tls),
-    };
-    println!(
-        "{}",
-        banner(&pki, &policy_path, args.listen, &emulator.base_url())
-    );
+    let id_token = args
+        .common
+        .id_token_settings(&auth0.base_url, &[emulator.id_token_audience()]);
+    let broker = Broker::new(
+        auth0,
+        resilience,
+        cache,
+        id_token,
+        PolicyStore::open(Some(&policy_path)).map_err(ServerError::from)?,
+        tls,
+    )?;
+    println!("{}", banner(&pki, &policy_path, args.listen, &emulator));
     let result = server::run(listeners, broker, run_settings, shutdown).await;
     emulator.shutdown().await;
     result.map_err(DevError::from)
@@ -117,7 +115,7 @@ fn absolute(path: &Path) -> String {
 }
 
 /// What a newcomer needs to try the broker: where things are, and commands to paste.
-fn banner(pki: &DevPki, policy: &Path, listen: SocketAddr, emulator_url: &str) -> String {
+fn banner(pki: &DevPki, policy: &Path, listen: SocketAddr, emulator: &Emulator) -> String {
     let target = if listen.ip().is_unspecified() {
         format!("127.0.0.1:{}", listen.port())
     } else {
@@ -137,6 +135,13 @@ fn banner(pki: &DevPki, policy: &Path, listen: SocketAddr, emulator_url: &str) -
         "grpcurl {tls_flags} -d '{{\"user_id\": \"{}\"}}' {target} tokenbroker.v1.TokenBroker/ListIdpTokens",
         seed::LINKED_USER
     );
+    let id_token = emulator.issue_id_token_with(IdTokenSpec {
+        expires_in: Some(DEV_ID_TOKEN_LIFETIME_SECS),
+        ..IdTokenSpec::for_user(seed::GITHUB_USER)
+    });
+    let bound = format!(
+        "grpcurl {tls_flags} -d '{{\"id_token\": \"{id_token}\", \"provider\": \"github\"}}' {target} tokenbroker.v1.TokenBroker/GetIdpToken"
+    );
     let health = format!(
         "grpcurl {tls_flags} -d '{{\"service\": \"tokenbroker.v1.TokenBroker\"}}' {target} grpc.health.v1.Health/Check"
     );
@@ -144,7 +149,7 @@ fn banner(pki: &DevPki, policy: &Path, listen: SocketAddr, emulator_url: &str) -
         String::new(),
         "tokenbroker dev is up.".to_owned(),
         format!("  broker (gRPC over mTLS): {target}"),
-        format!("  Auth0 emulator:          {emulator_url}"),
+        format!("  Auth0 emulator:          {}", emulator.base_url()),
         format!("  dev PKI (reused):        {}", absolute(&pki.dir)),
         format!("  client identity:         {DEV_CLIENT_ID}"),
         format!("  caller policy (reloaded): {}", absolute(policy)),
@@ -157,6 +162,14 @@ fn banner(pki: &DevPki, policy: &Path, listen: SocketAddr, emulator_url: &str) -
         format!("  {github}"),
         String::new(),
         format!("  {linked}"),
+        String::new(),
+        format!(
+            "With the ID token of {} (valid 12 h; its sub picks the user, aud {:?}):",
+            seed::GITHUB_USER,
+            emulator.id_token_audience()
+        ),
+        String::new(),
+        format!("  {bound}"),
         String::new(),
         format!("  {health}"),
         String::new(),

@@ -8,6 +8,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::auth0::Auth0Error;
+use crate::id_token::IdTokenError;
 use crate::user_id::InvalidUserId;
 
 /// Why an RPC did not release a token.
@@ -19,6 +20,16 @@ pub enum BrokerError {
     PermissionDenied(String),
     #[error("this caller may not receive {provider:?} tokens; ask the operator to extend the broker's policy")]
     ProviderDenied { provider: String },
+    #[error("this caller must send the user's ID token (id_token): the policy says require_id_token = true")]
+    IdTokenRequired,
+    #[error("id_token refused: {0}")]
+    IdTokenRefused(IdTokenError),
+    #[error("user_id names another user than the id_token's subject; send one of them, or both for the same user")]
+    IdTokenSubjectMismatch,
+    #[error(
+        "this broker does not verify ID tokens; an operator must set AUTH0_ID_TOKEN_AUDIENCES"
+    )]
+    IdTokensNotConfigured,
     #[error("Auth0 has no user with this user_id")]
     UserNotFound,
     #[error("the user has no identity for {wanted}")]
@@ -96,8 +107,13 @@ impl BrokerError {
     /// The gRPC code of DESIGN.md's status table.
     pub fn code(&self) -> Code {
         match self {
-            Self::InvalidArgument(_) => Code::InvalidArgument,
-            Self::PermissionDenied(_) | Self::ProviderDenied { .. } => Code::PermissionDenied,
+            Self::InvalidArgument(_) | Self::IdTokenSubjectMismatch => Code::InvalidArgument,
+            Self::PermissionDenied(_) | Self::ProviderDenied { .. } | Self::IdTokenRequired => {
+                Code::PermissionDenied
+            }
+            Self::IdTokenRefused(error) if error.is_unavailable() => Code::Unavailable,
+            Self::IdTokenRefused(_) => Code::Unauthenticated,
+            Self::IdTokensNotConfigured => Code::FailedPrecondition,
             Self::UserNotFound | Self::NoIdentity { .. } => Code::NotFound,
             Self::NoToken { .. }
             | Self::ManagementScopeMissing(_)
@@ -112,7 +128,10 @@ impl BrokerError {
     pub fn needs_operator(&self) -> bool {
         matches!(
             self,
-            Self::CredentialsRejected(_) | Self::ManagementScopeMissing(_) | Self::Internal(_)
+            Self::CredentialsRejected(_)
+                | Self::ManagementScopeMissing(_)
+                | Self::IdTokensNotConfigured
+                | Self::Internal(_)
         ) || matches!(
             self,
             Self::NoToken {
@@ -164,6 +183,20 @@ mod tests {
         });
         assert_eq!(error.code(), Code::FailedPrecondition);
         assert!(error.needs_operator());
+    }
+
+    #[test]
+    fn id_token_refusals_are_unauthenticated_unless_the_jwks_is_out_of_reach() {
+        let forged = BrokerError::IdTokenRefused(IdTokenError::Signature);
+        assert_eq!(forged.code(), Code::Unauthenticated);
+        let unreachable =
+            BrokerError::IdTokenRefused(IdTokenError::JwksUnavailable("connection refused".into()));
+        assert_eq!(unreachable.code(), Code::Unavailable);
+        assert_eq!(BrokerError::IdTokenRequired.code(), Code::PermissionDenied);
+        assert_eq!(
+            BrokerError::IdTokenSubjectMismatch.code(),
+            Code::InvalidArgument
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! Codemap:
 //! * [`config`] — flags and environment, validated once at start.
 //! * [`auth0`] — the only HTTP client: client-credentials grant, `/api/v2/users/{id}`.
+//! * [`id_token`] — verifies users' Auth0 ID tokens (RS256, cached JWKS) to bind releases to a login.
 //! * [`cache`] — moka caches for the Management token and users' identities.
 //! * [`selection`] — which identity a request means (pure).
 //! * [`service`] — the gRPC service: proto types, deadlines, audit events.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod dev;
 pub mod emulator;
 pub mod error;
+pub mod id_token;
 pub mod pki;
 pub mod policy;
 pub mod reload;

@@ -7,6 +7,7 @@
 //! id = "spiffe://example.org/ns/prod/sa/billing"
 //! providers = ["github"]          # "*" for all
 //! invalidate = false              # may call InvalidateUser
+//! require_id_token = false        # true: only with the user's verified ID token
 //! ```
 //! Unlisted callers are denied everything. Running with no policy at all
 //! needs an explicit `--allow-any-caller`.
@@ -27,6 +28,9 @@ pub struct CallerRule {
     providers: Providers,
     /// May call `InvalidateUser`.
     pub invalidate: bool,
+    /// Must prove the user is present: token requests without the user's
+    /// verified `id_token` are refused.
+    pub require_id_token: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +45,7 @@ impl CallerRule {
         Self {
             providers: Providers::All,
             invalidate: true,
+            require_id_token: false,
         }
     }
 
@@ -97,6 +102,8 @@ struct CallerEntry {
     providers: toml::Spanned<Vec<String>>,
     #[serde(default)]
     invalidate: bool,
+    #[serde(default)]
+    require_id_token: bool,
 }
 
 impl Policy {
@@ -139,6 +146,7 @@ impl Policy {
             let rule = CallerRule {
                 providers,
                 invalidate: entry.invalidate,
+                require_id_token: entry.require_id_token,
             };
             if callers.insert(id.clone(), rule).is_some() {
                 return Err(invalid(id_offset, format!("caller {id:?} is listed twice")));
@@ -271,6 +279,16 @@ mod tests {
         assert!(rule.allows_provider("github"));
         assert!(!rule.allows_provider("google-oauth2"));
         assert!(!rule.invalidate);
+        assert!(!rule.require_id_token, "binding to an ID token is opt-in");
+    }
+
+    #[test]
+    fn a_caller_can_be_made_to_send_id_tokens() {
+        let policy = parse(
+            "[[caller]]\nid = \"spa-backend\"\nproviders = [\"*\"]\nrequire_id_token = true\n",
+        )
+        .unwrap();
+        assert!(policy.rule_for("spa-backend").unwrap().require_id_token);
     }
 
     #[test]

@@ -18,7 +18,8 @@ use tonic_health::ServingStatus;
 
 use crate::auth0::{Auth0Client, Auth0Error};
 use crate::cache::IdentityStore;
-use crate::config::{RunSettings, ServeConfig};
+use crate::config::{Auth0Settings, CacheSettings, ResilienceSettings, RunSettings, ServeConfig};
+use crate::id_token::{IdTokenSettings, IdTokenVerifier};
 use crate::policy::{PolicyError, PolicyStore};
 use crate::proto;
 use crate::reload;
@@ -73,6 +74,33 @@ pub struct Broker {
     pub store: Arc<IdentityStore>,
     pub policy: Arc<PolicyStore>,
     pub tls: Arc<TlsStore>,
+    /// `None` when no ID-token audience is configured.
+    pub id_tokens: Option<Arc<IdTokenVerifier>>,
+}
+
+impl Broker {
+    /// The broker's state from validated settings; `serve` and `dev` share it
+    /// so both build exactly the same broker.
+    pub fn new(
+        auth0: Auth0Settings,
+        resilience: ResilienceSettings,
+        cache: CacheSettings,
+        id_token: Option<IdTokenSettings>,
+        policy: PolicyStore,
+        tls: TlsStore,
+    ) -> Result<Self, ServerError> {
+        let auth0 = Auth0Client::with_limits(auth0, resilience.outbound)?;
+        let id_tokens =
+            id_token.map(|settings| Arc::new(IdTokenVerifier::new(settings, auth0.http_client())));
+        Ok(Self {
+            store: Arc::new(
+                IdentityStore::new(auth0, cache).with_stale_if_error(resilience.stale_if_error),
+            ),
+            policy: Arc::new(policy),
+            tls: Arc::new(tls),
+            id_tokens,
+        })
+    }
 }
 
 /// The bound sockets.
@@ -92,17 +120,14 @@ pub async fn serve(
     if let Some(addr) = config.metrics_listen {
         crate::stats::install_exporter(addr)?;
     }
-    let broker = Broker {
-        store: Arc::new(
-            IdentityStore::new(
-                Auth0Client::with_limits(config.auth0, config.resilience.outbound)?,
-                config.cache,
-            )
-            .with_stale_if_error(config.resilience.stale_if_error),
-        ),
-        policy: Arc::new(PolicyStore::open(config.policy.as_deref())?),
-        tls: Arc::new(TlsStore::open(config.tls)?),
-    };
+    let broker = Broker::new(
+        config.auth0,
+        config.resilience,
+        config.cache,
+        config.id_token,
+        PolicyStore::open(config.policy.as_deref())?,
+        TlsStore::open(config.tls)?,
+    )?;
     let listeners = Listeners {
         mtls: bind(config.listen).await?,
         health: match config.health_listen {
@@ -156,6 +181,7 @@ pub async fn run(
             .add_service(TokenBrokerService::server(
                 broker.store.clone(),
                 broker.policy.clone(),
+                broker.id_tokens.clone(),
                 drain,
             ))
             .add_service(health_service.clone())

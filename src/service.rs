@@ -12,7 +12,8 @@ use tonic::{Request, Response, Status};
 use crate::auth0::{Identity, UserIdentities};
 use crate::cache::{IdentityStore, Lookup};
 use crate::error::BrokerError;
-use crate::policy::PolicyStore;
+use crate::id_token::IdTokenVerifier;
+use crate::policy::{CallerRule, PolicyStore};
 use crate::proto::token_broker_server::{TokenBroker, TokenBrokerServer};
 use crate::proto::{
     GetIdpTokenRequest, GetIdpTokenResponse, IdpToken, InvalidateUserRequest,
@@ -42,6 +43,8 @@ fn deadline_headroom(deadline: Duration) -> Duration {
 pub struct TokenBrokerService {
     store: Arc<IdentityStore>,
     policy: Arc<PolicyStore>,
+    /// `None` when the operator configured no ID-token audience.
+    id_tokens: Option<Arc<IdTokenVerifier>>,
     /// Ends in-flight RPCs with UNAVAILABLE when the shutdown grace period is over.
     drain: Drain,
 }
@@ -57,12 +60,14 @@ impl TokenBrokerService {
     pub fn server(
         store: Arc<IdentityStore>,
         policy: Arc<PolicyStore>,
+        id_tokens: Option<Arc<IdTokenVerifier>>,
         drain: Drain,
     ) -> TokenBrokerGrpc {
         TokenBrokerServer::with_interceptor(
             Self {
                 store,
                 policy,
+                id_tokens,
                 drain,
             },
             attach_caller_id,
@@ -158,8 +163,17 @@ impl CallContext {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// One audit event per decision to release or refuse tokens.
-    fn audit(&self, user_id: &str, wanted: &str, outcome: Result<Released, &BrokerError>) {
+    /// One audit event per decision to release or refuse tokens; it names the
+    /// user the tokens were for and whether a verified ID token proved it.
+    fn audit(
+        &self,
+        claimed_user_id: &str,
+        binding: &IdTokenBinding,
+        wanted: &str,
+        outcome: Result<Released, &BrokerError>,
+    ) {
+        let user_id = binding.sub.as_deref().unwrap_or(claimed_user_id);
+        let bound_to_id_token = binding.sub.is_some();
         let code = outcome
             .as_ref()
             .map_or_else(|error| error.code(), |_| tonic::Code::Ok);
@@ -170,6 +184,7 @@ impl CallContext {
                 caller = %self.caller,
                 method = self.method,
                 user_id,
+                bound_to_id_token,
                 requested = wanted,
                 released = %released.providers,
                 from_cache = released.from_cache,
@@ -180,13 +195,20 @@ impl CallContext {
             Err(error) => {
                 let code = stats::code_name(error.code());
                 if error.needs_operator() {
-                    tracing::error!(target: "audit", caller = %self.caller, method = self.method, user_id, requested = wanted, outcome = "refused", code, reason = %error, latency_ms = self.latency_ms());
+                    tracing::error!(target: "audit", caller = %self.caller, method = self.method, user_id, bound_to_id_token, requested = wanted, outcome = "refused", code, reason = %error, latency_ms = self.latency_ms());
                 } else {
-                    tracing::info!(target: "audit", caller = %self.caller, method = self.method, user_id, requested = wanted, outcome = "refused", code, reason = %error, latency_ms = self.latency_ms());
+                    tracing::info!(target: "audit", caller = %self.caller, method = self.method, user_id, bound_to_id_token, requested = wanted, outcome = "refused", code, reason = %error, latency_ms = self.latency_ms());
                 }
             }
         }
     }
+}
+
+/// The user a verified ID token named, once it is verified; stays empty
+/// when the request sent none or it was refused.
+#[derive(Default)]
+struct IdTokenBinding {
+    sub: Option<String>,
 }
 
 /// What was released, for the audit event (providers only, never tokens).
@@ -217,15 +239,17 @@ impl TokenBroker for TokenBrokerService {
         let call = CallContext::of("GetIdpToken", &request);
         let request = request.into_inner();
         let selector = Selector::from_request(&request.provider, &request.connection);
+        let mut binding = IdTokenBinding::default();
         let result = call
             .bounded(
                 &self.drain,
-                self.get_token(&call.caller, &request, &selector, call.auth0_deadline()),
+                self.get_token(&call, &request, &selector, &mut binding),
             )
             .await;
         let wanted = describe_request(&request.provider, &request.connection);
         call.audit(
             &request.user_id,
+            &binding,
             &wanted,
             result
                 .as_ref()
@@ -242,14 +266,13 @@ impl TokenBroker for TokenBrokerService {
     ) -> Result<Response<ListIdpTokensResponse>, Status> {
         let call = CallContext::of("ListIdpTokens", &request);
         let request = request.into_inner();
+        let mut binding = IdTokenBinding::default();
         let result = call
-            .bounded(
-                &self.drain,
-                self.list_tokens(&call.caller, &request, call.auth0_deadline()),
-            )
+            .bounded(&self.drain, self.list_tokens(&call, &request, &mut binding))
             .await;
         call.audit(
             &request.user_id,
+            &binding,
             "all",
             result.as_ref().map(|tokens| Released::of(tokens)),
         );
@@ -289,21 +312,23 @@ impl TokenBrokerService {
     /// then the user, then the identity.
     async fn get_token(
         &self,
-        caller: &str,
+        call: &CallContext,
         request: &GetIdpTokenRequest,
         selector: &Selector,
-        deadline: Option<tokio::time::Instant>,
+        binding: &mut IdTokenBinding,
     ) -> Result<IdpToken, BrokerError> {
-        let user_id = UserId::parse(&request.user_id)?;
-        let rule = self.policy.current().rule_for(caller)?;
+        let rule = self.policy.current().rule_for(&call.caller)?;
         if !request.provider.is_empty() && !rule.allows_provider(&request.provider) {
             return Err(BrokerError::ProviderDenied {
                 provider: request.provider.clone(),
             });
         }
+        let user_id = self
+            .user_for(&rule, &request.user_id, &request.id_token, binding)
+            .await?;
         let Lookup { user, from_cache } = self
             .store
-            .lookup(&user_id, request.bypass_cache, deadline)
+            .lookup(&user_id, request.bypass_cache, call.auth0_deadline())
             .await?;
         let identity =
             selection::select(&user, selector, &|provider| rule.allows_provider(provider))?;
@@ -312,13 +337,18 @@ impl TokenBrokerService {
 
     async fn list_tokens(
         &self,
-        caller: &str,
+        call: &CallContext,
         request: &ListIdpTokensRequest,
-        deadline: Option<tokio::time::Instant>,
+        binding: &mut IdTokenBinding,
     ) -> Result<Vec<IdpToken>, BrokerError> {
-        let user_id = UserId::parse(&request.user_id)?;
-        let rule = self.policy.current().rule_for(caller)?;
-        let Lookup { user, from_cache } = self.store.lookup(&user_id, false, deadline).await?;
+        let rule = self.policy.current().rule_for(&call.caller)?;
+        let user_id = self
+            .user_for(&rule, &request.user_id, &request.id_token, binding)
+            .await?;
+        let Lookup { user, from_cache } = self
+            .store
+            .lookup(&user_id, false, call.auth0_deadline())
+            .await?;
         if !user.idp_tokens_readable && user.identities.iter().all(|i| i.access_token.is_none()) {
             return Err(BrokerError::NoToken {
                 wanted: "any of the user's identities".to_owned(),
@@ -329,6 +359,39 @@ impl TokenBrokerService {
             .filter(|identity| rule.allows_provider(&identity.provider))
             .map(|identity| to_proto(identity, &user, from_cache))
             .collect())
+    }
+
+    /// The user a token request is for. With an `id_token`: its verified
+    /// `sub` (a `user_id` sent along must name the same user). Without one:
+    /// `user_id`, unless the caller's rule requires an ID token.
+    async fn user_for(
+        &self,
+        rule: &CallerRule,
+        user_id: &str,
+        id_token: &str,
+        binding: &mut IdTokenBinding,
+    ) -> Result<UserId, BrokerError> {
+        if id_token.is_empty() {
+            if rule.require_id_token {
+                return Err(BrokerError::IdTokenRequired);
+            }
+            return Ok(UserId::parse(user_id)?);
+        }
+        let verifier = self
+            .id_tokens
+            .as_ref()
+            .ok_or(BrokerError::IdTokensNotConfigured)?;
+        let verified = verifier.verify(id_token).await.map_err(|error| {
+            stats::id_token_verified(error.check());
+            BrokerError::IdTokenRefused(error)
+        })?;
+        stats::id_token_verified("ok");
+        if !user_id.is_empty() && user_id != verified.sub {
+            return Err(BrokerError::IdTokenSubjectMismatch);
+        }
+        let subject = UserId::parse(&verified.sub)?;
+        binding.sub = Some(verified.sub);
+        Ok(subject)
     }
 
     async fn invalidate(

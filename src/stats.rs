@@ -54,6 +54,10 @@ fn describe() {
         "tokenbroker_cache_lookups_total",
         "User lookups by outcome: hit, miss, stale"
     );
+    describe_counter!(
+        "tokenbroker_id_token_verifications_total",
+        "ID tokens checked, by outcome: ok or the check that failed"
+    );
     describe_gauge!(
         "tokenbroker_cache_users",
         "Users held in the identity cache"
@@ -108,6 +112,12 @@ pub fn rpc_finished(method: &'static str, code: tonic::Code, elapsed: Duration) 
 /// A user lookup: `hit`, `miss` or `stale`.
 pub fn cache_lookup(outcome: &'static str) {
     counter!("tokenbroker_cache_lookups_total", "outcome" => outcome).increment(1);
+}
+
+/// One ID token checked: `ok`, or the name of the check that failed
+/// (`IdTokenError::check`), never anything from the token itself.
+pub fn id_token_verified(outcome: &'static str) {
+    counter!("tokenbroker_id_token_verifications_total", "outcome" => outcome).increment(1);
 }
 
 /// Current number of cached users.

@@ -130,6 +130,12 @@ impl Auth0Client {
         })
     }
 
+    /// The HTTP client (its pool and timeouts), so the tenant's JWKS is read
+    /// over the same connections as the Management API.
+    pub fn http_client(&self) -> reqwest::Client {
+        self.http.clone()
+    }
+
     /// The tenant's base URL, for log lines.
     pub fn base_url(&self) -> &str {
         &self.settings.base_url

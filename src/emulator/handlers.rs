@@ -1,5 +1,6 @@
-//! HTTP side of the emulator: the axum router, its three handlers (`/oauth/token`,
-//! `/api/v2/users/{id}`, everything else) and the Auth0-shaped responses they send.
+//! HTTP side of the emulator: the axum router, its handlers (`/oauth/token`,
+//! `/api/v2/users/{id}`, `/.well-known/jwks.json`, everything else) and the Auth0-shaped
+//! responses they send.
 //!
 //! Nothing here logs a token, a client secret or an `Authorization` header: the request log
 //! line carries only the method, the raw path and the status.
@@ -38,6 +39,7 @@ pub(crate) fn router(state: Arc<Shared>) -> Router {
     Router::new()
         .route("/oauth/token", post(token).fallback(other))
         .route("/api/v2/users/{id}", get(user).fallback(other))
+        .route("/.well-known/jwks.json", get(jwks).fallback(other))
         .fallback(other)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -330,6 +332,19 @@ fn strip_idp_tokens(user: &mut Value) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// GET /.well-known/jwks.json
+// ---------------------------------------------------------------------------------------------
+
+/// The tenant's published ID-token signing keys.
+async fn jwks(State(state): AppState) -> Response {
+    state.count(Some(Endpoint::Jwks));
+    if let Some(response) = take_fault(&state, Endpoint::Jwks).await {
+        return response;
+    }
+    (StatusCode::OK, Json(state.jwks())).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
 // Faults and error bodies
 // ---------------------------------------------------------------------------------------------
 
@@ -354,7 +369,7 @@ fn status_fault(endpoint: Endpoint, code: u16) -> Response {
     let reason = reason(status);
     match endpoint {
         Endpoint::Token => oauth_error(status, oauth_error_code(status), reason).into_response(),
-        Endpoint::Users => management_error(status, reason, None).into_response(),
+        Endpoint::Users | Endpoint::Jwks => management_error(status, reason, None).into_response(),
     }
 }
 

@@ -6,15 +6,25 @@
 //! * `POST /oauth/token` — the client-credentials grant (form or JSON body);
 //! * `GET /api/v2/users/{id}` — one user profile, with Auth0's scope rules (IdP tokens are
 //!   silently omitted without `read:user_idp_tokens`) and `fields`/`include_fields`;
+//! * `GET /.well-known/jwks.json` — the public keys that verify the ID tokens it issues;
 //! * anything else — a counted 404, so tests can prove a user id such as `../clients` never
 //!   reaches another endpoint.
 //!
 //! It starts with the users of [`seed`]. Tests steer it through [`Emulator`]: expire or revoke
 //! Management tokens, change scope, add latency, queue [`Fault`]s, and read call counters and
 //! the raw paths it saw. Each emulator owns its state, so many can run in one process.
+//!
+//! ID tokens: [`Emulator::issue_id_token`] signs an Auth0-shaped RS256 ID token (a user's
+//! login, which the broker can demand before releasing that user's IdP token), and
+//! [`Emulator::issue_id_token_with`] builds variations and forgeries from an [`IdTokenSpec`].
+//! The signing keys are three public test fixtures (`keys/`). The tenant starts signing with
+//! the first and publishing only it; [`Emulator::rotate_signing_key`] and
+//! [`Emulator::revoke_previous_signing_key`] walk through an Auth0 key rotation.
 
 mod handlers;
+mod id_tokens;
 pub mod seed;
+mod signing;
 mod state;
 
 #[cfg(test)]
@@ -30,6 +40,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use state::Shared;
+
+pub use id_tokens::{Audience, IdTokenSpec, KidHeader, Signing, DEFAULT_ID_TOKEN_LIFETIME_SECS};
 
 /// Lifetime of issued Management tokens unless configured otherwise (Auth0's default).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(86_400);
@@ -53,11 +65,15 @@ pub struct EmulatorConfig {
     pub token_lifetime: Duration,
     /// Space-separated scope of issued Management tokens.
     pub scope: String,
+    /// `aud` of issued ID tokens: the client id of the app users log in to, which the broker
+    /// must be configured to accept.
+    pub id_token_audience: String,
 }
 
 impl EmulatorConfig {
     /// A tenant accepting these client credentials, with default audience, a 24 h token
-    /// lifetime and the scope `read:users read:user_idp_tokens`.
+    /// lifetime, the scope `read:users read:user_idp_tokens`, and ID tokens for
+    /// [`seed::DEFAULT_ID_TOKEN_AUDIENCE`].
     pub fn new(client_id: impl Into<String>, client_secret: impl Into<String>) -> Self {
         EmulatorConfig {
             client_id: client_id.into(),
@@ -65,6 +81,7 @@ impl EmulatorConfig {
             audience: None,
             token_lifetime: DEFAULT_TOKEN_LIFETIME,
             scope: DEFAULT_SCOPE.to_owned(),
+            id_token_audience: seed::DEFAULT_ID_TOKEN_AUDIENCE.to_owned(),
         }
     }
 }
@@ -76,6 +93,8 @@ pub enum Endpoint {
     Token,
     /// `GET /api/v2/users/{id}`.
     Users,
+    /// `GET /.well-known/jwks.json`.
+    Jwks,
 }
 
 /// A misbehaviour to inject, so tests can exercise the broker's error handling.
@@ -104,6 +123,8 @@ pub struct CallCounts {
     pub token: u64,
     /// Calls to `/api/v2/users/{id}`, whatever their answer.
     pub users: u64,
+    /// Calls to `/.well-known/jwks.json`, faulted ones included: proves JWKS caching.
+    pub jwks: u64,
     /// Calls to any other path or method (all answered 404).
     pub other: u64,
 }
@@ -137,6 +158,7 @@ impl Emulator {
             config.client_id,
             config.client_secret,
             audience,
+            config.id_token_audience,
             config.token_lifetime,
             config.scope,
             seed::users(),
@@ -173,6 +195,53 @@ impl Emulator {
     /// The audience `/oauth/token` accepts.
     pub fn audience(&self) -> String {
         self.state.audience().to_owned()
+    }
+
+    /// The `aud` of the ID tokens it issues.
+    pub fn id_token_audience(&self) -> String {
+        self.state.id_token_audience().to_owned()
+    }
+
+    /// A genuine ID token for `sub`, as Auth0 issues at login: RS256 with the current signing
+    /// key, `iss` = `{base_url}/`, `aud` = the configured ID-token audience, valid for 1 h.
+    pub fn issue_id_token(&self, sub: &str) -> String {
+        self.issue_id_token_with(IdTokenSpec::for_user(sub))
+    }
+
+    /// The ID token `spec` describes: a variation or forgery for verifier tests.
+    pub fn issue_id_token_with(&self, spec: IdTokenSpec) -> String {
+        let (current_key, unpublished_key) = self.state.signing_keys();
+        let tenant = id_tokens::Tenant {
+            issuer: format!("{}/", self.base_url()),
+            audience: self.state.id_token_audience(),
+            current_key,
+            unpublished_key,
+        };
+        id_tokens::issue(&spec, &tenant)
+    }
+
+    /// The `kid` of the key that signs ID tokens now.
+    pub fn signing_key_id(&self) -> String {
+        self.state.key_ids().0
+    }
+
+    /// The `kid`s the JWKS publishes now, oldest first.
+    pub fn published_key_ids(&self) -> Vec<String> {
+        self.state.key_ids().1
+    }
+
+    /// Rotates like Auth0: the next fixture key signs from now on, and the JWKS publishes the
+    /// previous and the new key (the previous one until
+    /// [`revoke_previous_signing_key`](Self::revoke_previous_signing_key)). After the third
+    /// key it wraps to the first. Returns the new signing key's `kid`.
+    pub fn rotate_signing_key(&self) -> String {
+        self.state.rotate_signing_key()
+    }
+
+    /// Stops publishing every key but the current signing key, like revoking Auth0's previous
+    /// key: tokens it signed no longer verify.
+    pub fn revoke_previous_signing_key(&self) {
+        self.state.revoke_previous_signing_key();
     }
 
     /// A snapshot of the call counters, to assert how often the broker called Auth0.

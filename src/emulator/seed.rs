@@ -9,6 +9,10 @@
 
 use serde_json::{json, Value};
 
+/// Default `aud` of the ID tokens the emulator issues. It stands for the client id of the
+/// single-page app users log in to; a broker that binds releases to ID tokens must accept it.
+pub const DEFAULT_ID_TOKEN_AUDIENCE: &str = "tokenbroker-dev-spa";
+
 /// A GitHub user; its identity carries a JSON *number* as `user_id`, like the real API.
 pub const GITHUB_USER: &str = "github|1234567";
 /// Numeric GitHub id of [`GITHUB_USER`] as Auth0 stores it in `identities[].user_id`.

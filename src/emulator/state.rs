@@ -1,5 +1,5 @@
-//! Shared, mutable state of one emulator: issued Management tokens, users, queued faults and
-//! call counters. Everything sits behind one `std::sync::Mutex` that is never held across an
+//! Shared, mutable state of one emulator: issued Management tokens, users, queued faults,
+//! call counters and which ID-token signing keys are current and published. Everything sits behind one `std::sync::Mutex` that is never held across an
 //! `.await`, and nothing is global, so many emulators can run in one process.
 
 use std::collections::{HashMap, VecDeque};
@@ -11,6 +11,7 @@ use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
+use super::signing::{self, KEY_COUNT};
 use super::{CallCounts, Endpoint, Fault};
 
 /// Length of the random part of an issued Management token.
@@ -52,6 +53,10 @@ struct Inner {
     counts: CallCounts,
     user_counts: HashMap<String, u64>,
     seen_paths: Vec<String>,
+    /// Index of the fixture key that signs ID tokens.
+    signing_key: usize,
+    /// Indices of the fixture keys the JWKS publishes, oldest first.
+    published_keys: Vec<usize>,
 }
 
 /// State shared by the HTTP handlers and the [`super::Emulator`] handle.
@@ -59,15 +64,18 @@ pub(crate) struct Shared {
     client_id: String,
     client_secret: SecretString,
     audience: String,
+    id_token_audience: String,
     inner: Mutex<Inner>,
 }
 
 impl Shared {
-    /// Builds the state for a tenant with the given credentials, audience and users.
+    /// Builds the state for a tenant with the given credentials, audiences and users. It signs
+    /// ID tokens with the first fixture key and publishes only that one.
     pub(crate) fn new(
         client_id: String,
         client_secret: SecretString,
         audience: String,
+        id_token_audience: String,
         token_lifetime: Duration,
         scope: String,
         users: Vec<Value>,
@@ -82,11 +90,14 @@ impl Shared {
             counts: CallCounts::default(),
             user_counts: HashMap::new(),
             seen_paths: Vec::new(),
+            signing_key: 0,
+            published_keys: vec![0],
         };
         let shared = Shared {
             client_id,
             client_secret,
             audience,
+            id_token_audience,
             inner: Mutex::new(inner),
         };
         for user in users {
@@ -102,6 +113,11 @@ impl Shared {
     /// The audience `/oauth/token` accepts.
     pub(crate) fn audience(&self) -> &str {
         &self.audience
+    }
+
+    /// The `aud` of issued ID tokens.
+    pub(crate) fn id_token_audience(&self) -> &str {
+        &self.id_token_audience
     }
 
     /// True when both the client id and the secret match the configured ones.
@@ -217,6 +233,7 @@ impl Shared {
         let counter = match endpoint {
             Some(Endpoint::Token) => &mut inner.counts.token,
             Some(Endpoint::Users) => &mut inner.counts.users,
+            Some(Endpoint::Jwks) => &mut inner.counts.jwks,
             None => &mut inner.counts.other,
         };
         *counter += 1;
@@ -253,6 +270,53 @@ impl Shared {
         inner.counts = CallCounts::default();
         inner.user_counts.clear();
         inner.seen_paths.clear();
+    }
+
+    /// The JWKS document: `{"keys": [...]}` with every published key, oldest first.
+    pub(crate) fn jwks(&self) -> Value {
+        let keys: Vec<Value> = self
+            .lock()
+            .published_keys
+            .iter()
+            .map(|index| signing::key(*index).jwk())
+            .collect();
+        serde_json::json!({ "keys": keys })
+    }
+
+    /// Index of the current signing key and of a fixture key that is not published.
+    pub(crate) fn signing_keys(&self) -> (usize, usize) {
+        let inner = self.lock();
+        let current = inner.signing_key;
+        let unpublished = (1..KEY_COUNT)
+            .map(|step| (current + step) % KEY_COUNT)
+            .find(|index| !inner.published_keys.contains(index))
+            .unwrap_or((current + 1) % KEY_COUNT);
+        (current, unpublished)
+    }
+
+    /// Key ids of the current signing key and of every published key.
+    pub(crate) fn key_ids(&self) -> (String, Vec<String>) {
+        let inner = self.lock();
+        let kid = |index: &usize| signing::key(*index).kid.to_owned();
+        let published = inner.published_keys.iter().map(kid).collect();
+        (kid(&inner.signing_key), published)
+    }
+
+    /// Signs with the next fixture key (wrapping after the last) and publishes the previous
+    /// and the new one; returns the new key id.
+    pub(crate) fn rotate_signing_key(&self) -> String {
+        let mut inner = self.lock();
+        let previous = inner.signing_key;
+        let next = (previous + 1) % KEY_COUNT;
+        inner.signing_key = next;
+        inner.published_keys = vec![previous, next];
+        signing::key(next).kid.to_owned()
+    }
+
+    /// Publishes only the current signing key.
+    pub(crate) fn revoke_previous_signing_key(&self) {
+        let mut inner = self.lock();
+        inner.published_keys = vec![inner.signing_key];
     }
 }
 

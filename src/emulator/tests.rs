@@ -248,6 +248,7 @@ async fn unknown_user_is_404_and_path_tricks_hit_fallback() {
         CallCounts {
             token: 1,
             users: 1,
+            jwks: 0,
             other: 4
         }
     );
@@ -321,6 +322,7 @@ async fn raw_dot_dot_path_reaches_only_the_fallback() {
         CallCounts {
             token: 0,
             users: 0,
+            jwks: 0,
             other: 1
         }
     );
@@ -343,4 +345,160 @@ async fn latency_slows_answers_and_drop_stops_the_server() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let result = client().get(format!("{base_url}/")).send().await;
     assert!(result.is_err(), "connection refused after drop");
+}
+
+// ---------------------------------------------------------------------------------------------
+// JWKS, key rotation and ID tokens
+// ---------------------------------------------------------------------------------------------
+
+async fn get_jwks(emu: &Emulator) -> reqwest::Response {
+    client()
+        .get(format!("{}/.well-known/jwks.json", emu.base_url()))
+        .send()
+        .await
+        .expect("jwks request")
+}
+
+async fn jwks(emu: &Emulator) -> jsonwebtoken::jwk::JwkSet {
+    let response = get_jwks(emu).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().await.expect("a JWK set")
+}
+
+fn kids(jwks: &jsonwebtoken::jwk::JwkSet) -> Vec<String> {
+    let kid = |jwk: &jsonwebtoken::jwk::Jwk| jwk.common.key_id.clone().expect("kid");
+    jwks.keys.iter().map(kid).collect()
+}
+
+/// Decodes a token's segment without verifying anything.
+fn segment(token: &str, index: usize) -> Value {
+    use base64::Engine;
+    let part = token.split('.').nth(index).expect("segment");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .expect("base64url");
+    serde_json::from_slice(&bytes).expect("json")
+}
+
+/// Verifies `token` with the published JWK of its `kid`, with jsonwebtoken alone.
+fn verify_with_published_key(
+    emu: &Emulator,
+    jwks: &jsonwebtoken::jwk::JwkSet,
+    token: &str,
+) -> Result<Value, jsonwebtoken::errors::Error> {
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+    let kid = segment(token, 0)["kid"].as_str().expect("kid").to_owned();
+    let jwk = jwks.find(&kid).expect("the token's key is published");
+    let key = DecodingKey::from_jwk(jwk).expect("usable JWK");
+    let mut validation = Validation::new(Algorithm::RS256);
+    validation.set_audience(&[emu.id_token_audience()]);
+    validation.set_issuer(&[format!("{}/", emu.base_url())]);
+    jsonwebtoken::decode::<Value>(token, &key, &validation).map(|data| data.claims)
+}
+
+#[tokio::test]
+async fn jwks_publishes_only_the_first_key_at_start_and_is_counted() {
+    let emu = emulator().await;
+    let response = get_jwks(&emu).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.expect("json");
+    let keys = body["keys"].as_array().expect("keys array");
+    assert_eq!(keys.len(), 1);
+    let key = &keys[0];
+    assert_eq!(key["kid"], "dev-signing-1");
+    assert_eq!(key["kty"], "RSA");
+    assert_eq!(key["use"], "sig");
+    assert_eq!(key["alg"], "RS256");
+    assert_eq!(key["e"], "AQAB", "65537, without leading zeros");
+    assert!(
+        key["n"].as_str().is_some_and(|n| n.len() > 300),
+        "2048-bit n"
+    );
+    assert_eq!(emu.calls().jwks, 1);
+    assert_eq!(emu.signing_key_id(), "dev-signing-1");
+}
+
+#[tokio::test]
+async fn each_published_jwk_verifies_tokens_signed_by_its_key() {
+    let emu = emulator().await;
+    for round in 0..3 {
+        let token = emu.issue_id_token(seed::GITHUB_USER);
+        let claims = verify_with_published_key(&emu, &jwks(&emu).await, &token)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(claims["sub"], seed::GITHUB_USER);
+        emu.rotate_signing_key();
+        emu.revoke_previous_signing_key();
+    }
+}
+
+#[tokio::test]
+async fn issued_id_token_looks_like_auth0s() {
+    let emu = emulator().await;
+    let token = emu.issue_id_token(seed::GOOGLE_USER);
+    let header = segment(&token, 0);
+    assert_eq!(header["alg"], "RS256");
+    assert_eq!(header["kid"], "dev-signing-1");
+    let claims = segment(&token, 1);
+    assert_eq!(claims["iss"], format!("{}/", emu.base_url()));
+    assert_eq!(claims["aud"], seed::DEFAULT_ID_TOKEN_AUDIENCE);
+    assert_eq!(claims["sub"], seed::GOOGLE_USER);
+    let iat = claims["iat"].as_i64().expect("iat");
+    assert_eq!(claims["exp"].as_i64(), Some(iat + 3600));
+    assert!(claims.get("nbf").is_none());
+}
+
+#[tokio::test]
+async fn rotation_publishes_previous_and_new_key_and_wraps_after_the_third() {
+    let emu = emulator().await;
+    assert_eq!(emu.rotate_signing_key(), "dev-signing-2");
+    assert_eq!(kids(&jwks(&emu).await), ["dev-signing-1", "dev-signing-2"]);
+    let token = emu.issue_id_token(seed::GITHUB_USER);
+    assert_eq!(segment(&token, 0)["kid"], "dev-signing-2");
+
+    emu.revoke_previous_signing_key();
+    assert_eq!(emu.published_key_ids(), ["dev-signing-2"]);
+    assert_eq!(kids(&jwks(&emu).await), ["dev-signing-2"]);
+
+    assert_eq!(emu.rotate_signing_key(), "dev-signing-3");
+    assert_eq!(emu.rotate_signing_key(), "dev-signing-1", "wraps");
+    assert_eq!(emu.published_key_ids(), ["dev-signing-3", "dev-signing-1"]);
+}
+
+#[tokio::test]
+async fn forged_id_tokens_have_the_promised_shape() {
+    use super::{IdTokenSpec, Signing};
+    let emu = emulator().await;
+    let published = jwks(&emu).await;
+    let forge = |signing| {
+        emu.issue_id_token_with(IdTokenSpec {
+            signing,
+            ..IdTokenSpec::for_user(seed::GITHUB_USER)
+        })
+    };
+
+    let unpublished = forge(Signing::UnpublishedKey);
+    assert_eq!(segment(&unpublished, 0)["kid"], "dev-signing-1");
+    let error = verify_with_published_key(&emu, &published, &unpublished).expect_err("forged");
+    assert_eq!(
+        *error.kind(),
+        jsonwebtoken::errors::ErrorKind::InvalidSignature
+    );
+
+    let hs256 = forge(Signing::Hs256WithPublicKey);
+    assert_eq!(segment(&hs256, 0)["alg"], "HS256");
+
+    let none = forge(Signing::AlgNone);
+    assert_eq!(segment(&none, 0), json!({ "alg": "none", "typ": "JWT" }));
+    assert!(none.ends_with('.'), "empty signature");
+    assert_eq!(segment(&none, 1)["sub"], seed::GITHUB_USER);
+}
+
+#[tokio::test]
+async fn jwks_faults_are_served_then_the_keys_again() {
+    let emu = emulator().await;
+    emu.inject_faults(Endpoint::Jwks, vec![Fault::Status(503)]);
+    let response = get_jwks(&emu).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(kids(&jwks(&emu).await), ["dev-signing-1"]);
+    assert_eq!(emu.calls().jwks, 2);
 }

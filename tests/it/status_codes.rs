@@ -614,6 +614,7 @@ async fn caller_deadline_passing_is_deadline_exceeded_not_cancelled() {
         } else {
             let request = with_deadline(ListIdpTokensRequest {
                 user_id: seed::LINKED_USER.to_owned(),
+                ..Default::default()
             });
             bounded("ListIdpTokens", client.list_idp_tokens(request))
                 .await

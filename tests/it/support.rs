@@ -6,11 +6,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenbroker::auth0::Auth0Client;
 use tokenbroker::auth0::OutboundLimits;
-use tokenbroker::cache::{IdentityStore, DEFAULT_STALE_IF_ERROR};
-use tokenbroker::config::{Auth0Settings, CacheSettings, RunSettings, TlsFiles};
-use tokenbroker::emulator::{Emulator, EmulatorConfig, Endpoint, Fault};
+use tokenbroker::cache::DEFAULT_STALE_IF_ERROR;
+use tokenbroker::config::{
+    Auth0Settings, CacheSettings, ResilienceSettings, RunSettings, TlsFiles,
+};
+use tokenbroker::emulator::{seed, Emulator, EmulatorConfig, Endpoint, Fault};
+use tokenbroker::id_token::IdTokenSettings;
 use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, LeafSpec};
 use tokenbroker::policy::{Policy, PolicyStore};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
@@ -127,6 +129,7 @@ pub async fn list_on(
 ) -> Result<Vec<IdpToken>, Status> {
     let request = ListIdpTokensRequest {
         user_id: user_id.to_owned(),
+        ..Default::default()
     };
     let response = bounded("ListIdpTokens", client.list_idp_tokens(request)).await?;
     Ok(response.into_inner().tokens)
@@ -177,6 +180,8 @@ pub struct Options {
     pub outbound: OutboundLimits,
     /// How long past its TTL a user may be served while Auth0 fails.
     pub stale_if_error: Duration,
+    /// The `aud` values ID tokens may carry; empty turns ID-token verification off.
+    pub id_token_audiences: Vec<String>,
 }
 
 impl Default for Options {
@@ -195,6 +200,7 @@ impl Default for Options {
             health_listener: false,
             outbound: OutboundLimits::default(),
             stale_if_error: DEFAULT_STALE_IF_ERROR,
+            id_token_audiences: vec![seed::DEFAULT_ID_TOKEN_AUDIENCE.to_owned()],
             run: RunSettings {
                 shutdown_grace: Duration::from_secs(20),
                 reload_interval: Duration::from_millis(100),
@@ -267,13 +273,9 @@ impl TestBroker {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
         };
-        let store = Arc::new(
-            IdentityStore::new(
-                Auth0Client::with_limits(auth0, options.outbound).expect("client"),
-                options.cache,
-            )
-            .with_stale_if_error(options.stale_if_error),
-        );
+        let id_token = (!options.id_token_audiences.is_empty()).then(|| {
+            IdTokenSettings::new(auth0.base_url.clone(), options.id_token_audiences.clone())
+        });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let health = if options.health_listener {
@@ -283,12 +285,13 @@ impl TestBroker {
         };
         let health_addr = health.as_ref().map(|l| l.local_addr().expect("addr"));
         let (shutdown, stop) = oneshot::channel::<()>();
-        let tls = Arc::new(tls);
-        let broker = Broker {
-            store,
-            policy: Arc::new(policy),
-            tls: tls.clone(),
+        let resilience = ResilienceSettings {
+            outbound: options.outbound,
+            stale_if_error: options.stale_if_error,
         };
+        let broker = Broker::new(auth0, resilience, options.cache, id_token, policy, tls)
+            .expect("broker builds");
+        let tls = broker.tls.clone();
         let listeners = Listeners {
             mtls: listener,
             health,

@@ -1,0 +1,913 @@
+//! Verifies a user's Auth0 ID token, so the broker can release a user's IdP token only to a
+//! caller that shows that user's fresh login, not merely the user's id.
+//!
+//! The checks, in order: the header parses; `alg` is RS256 (so `none` and the HS256
+//! alg-confusion forgery fail before any key is touched); a `kid` is present and names a key
+//! in the tenant's JWKS; the RS256 signature holds; `exp`, `nbf` (with leeway), `iss` (exactly
+//! `{issuer_base_url}/`, as Auth0 writes it), `aud` (a string, or an array containing one of
+//! ours) and `sub` hold; `iat` is not in the future beyond the leeway.
+//!
+//! The JWKS (`{issuer_base_url}/.well-known/jwks.json`) is cached in a one-entry moka cache
+//! for [`IdTokenSettings::jwks_ttl`]; concurrent misses share one fetch. An unknown `kid`
+//! (Auth0 rotated its key) refetches the JWKS at once, but at most once per
+//! [`IdTokenSettings::min_refresh_interval`] across all requests, so a flood of tokens with
+//! made-up `kid`s cannot turn the broker into a JWKS fetch amplifier.
+//!
+//! Whose fault: [`IdTokenError::JwksUnavailable`] is the broker's (Auth0's keys could not be
+//! had; the caller should retry, the service maps it to UNAVAILABLE). Every other error is
+//! the caller's (UNAUTHENTICATED). No error message, log line or `Debug` output ever holds the
+//! token.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use moka::future::Cache;
+use serde::Deserialize;
+
+use crate::stats;
+
+/// Clock skew tolerated on `exp`, `nbf` and `iat`.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(60);
+/// How long a fetched JWKS is trusted before it is fetched again.
+pub const DEFAULT_JWKS_TTL: Duration = Duration::from_secs(600);
+/// Least time between two JWKS refreshes caused by unknown `kid`s.
+pub const DEFAULT_MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+/// Timeout of one JWKS request.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where Auth0 publishes a tenant's signing keys, below the issuer base URL.
+const JWKS_PATH: &str = "/.well-known/jwks.json";
+/// `endpoint` label of the JWKS request in `tokenbroker_auth0_requests_total`, a path like
+/// the other Auth0 endpoints' labels.
+const JWKS_ENDPOINT: &str = JWKS_PATH;
+/// Longest header value (`alg`, `kid`) repeated in an error message.
+const MAX_ECHOED_LEN: usize = 64;
+
+/// What the verifier accepts and how it treats the JWKS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdTokenSettings {
+    /// The tenant, e.g. `https://example.eu.auth0.com`, no trailing slash (one is ignored).
+    /// `iss` must equal this plus `/`; the JWKS is fetched below it.
+    pub issuer_base_url: String,
+    /// Accepted `aud` values: the client ids of the apps users log in to. Empty accepts none.
+    pub audiences: Vec<String>,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`.
+    pub leeway: Duration,
+    /// How long a fetched JWKS is used before it is fetched again.
+    pub jwks_ttl: Duration,
+    /// Least time between two refreshes caused by unknown `kid`s; zero disables the limit.
+    pub min_refresh_interval: Duration,
+    /// Timeout of one JWKS request.
+    pub request_timeout: Duration,
+}
+
+impl IdTokenSettings {
+    /// Settings for this tenant and these audiences, with the `DEFAULT_*` timings.
+    pub fn new(issuer_base_url: impl Into<String>, audiences: Vec<String>) -> Self {
+        IdTokenSettings {
+            issuer_base_url: issuer_base_url.into(),
+            audiences,
+            leeway: DEFAULT_LEEWAY,
+            jwks_ttl: DEFAULT_JWKS_TTL,
+            min_refresh_interval: DEFAULT_MIN_REFRESH_INTERVAL,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+
+    /// The exact `iss` Auth0 writes: the base URL with one trailing slash.
+    fn issuer(&self) -> String {
+        format!("{}/", self.issuer_base_url.trim_end_matches('/'))
+    }
+
+    fn jwks_url(&self) -> String {
+        format!("{}{JWKS_PATH}", self.issuer_base_url.trim_end_matches('/'))
+    }
+}
+
+/// What a verified token proves: who logged in, and until when that proof holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedIdToken {
+    /// The Auth0 user id (`sub`), e.g. `github|1234567`.
+    pub sub: String,
+    /// `exp`, Unix seconds: a release bound to this token should not outlive it.
+    pub exp: u64,
+}
+
+/// Why a token was refused, named after the failed check. Messages never contain the token.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IdTokenError {
+    /// Not a JWT: wrong number of segments, bad base64url, or header/claims not JSON of the
+    /// expected shape. The reason is fixed text, never a piece of the token.
+    #[error("ID token is malformed: {0}")]
+    Malformed(&'static str),
+    /// `alg` is not RS256 (e.g. `none`, or HS256 keyed with the public key).
+    #[error("ID token uses alg {0:?}; only RS256 is accepted")]
+    Algorithm(String),
+    /// The header has no `kid`, so no published key can be chosen.
+    #[error("ID token header has no kid")]
+    MissingKeyId,
+    /// No published key has this `kid`, even after refreshing the JWKS (or the refresh budget
+    /// was spent).
+    #[error("ID token is signed by key {0:?}, which the tenant does not publish")]
+    UnknownKey(String),
+    /// The signature does not verify with the published key.
+    #[error("ID token signature is invalid")]
+    Signature,
+    /// `exp` has passed (beyond the leeway).
+    #[error("ID token has expired")]
+    Expired,
+    /// `nbf` is still in the future (beyond the leeway).
+    #[error("ID token is not valid yet (nbf)")]
+    NotYetValid,
+    /// `iat` is in the future (beyond the leeway): a clock or a forger is wrong.
+    #[error("ID token was issued in the future (iat)")]
+    IssuedInFuture,
+    /// `iss` is missing or is not the configured tenant.
+    #[error("ID token was not issued by the configured Auth0 tenant")]
+    Issuer,
+    /// `aud` is missing or names none of the configured audiences.
+    #[error("ID token is not meant for an accepted audience")]
+    Audience,
+    /// `sub` is missing or empty.
+    #[error("ID token has no subject (sub)")]
+    MissingSubject,
+    /// Another required claim (`exp`) is missing.
+    #[error("ID token lacks the required claim {0}")]
+    MissingClaim(&'static str),
+    /// The tenant's JWKS could not be fetched or parsed: the broker's problem, not the
+    /// caller's; retrying later may succeed.
+    #[error("Auth0 signing keys are unavailable: {0}")]
+    JwksUnavailable(String),
+}
+
+impl IdTokenError {
+    /// A short, stable name of the failed check, for audit events and metric labels.
+    pub fn check(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::Algorithm(_) => "algorithm",
+            Self::MissingKeyId => "missing_kid",
+            Self::UnknownKey(_) => "unknown_kid",
+            Self::Signature => "signature",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::IssuedInFuture => "issued_in_future",
+            Self::Issuer => "issuer",
+            Self::Audience => "audience",
+            Self::MissingSubject => "subject",
+            Self::MissingClaim(_) => "missing_claim",
+            Self::JwksUnavailable(_) => "jwks_unavailable",
+        }
+    }
+
+    /// True when the broker, not the caller, is at fault ([`Self::JwksUnavailable`]): map it
+    /// to UNAVAILABLE and let the caller retry; everything else is UNAUTHENTICATED.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::JwksUnavailable(_))
+    }
+}
+
+/// The claims the broker reads; the rest are checked by jsonwebtoken. Options, because
+/// missing claims must surface as the named check, not as a parse error.
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    exp: Option<u64>,
+    iat: Option<i64>,
+}
+
+/// Verifies Auth0 ID tokens against one tenant. Cheap to clone: clones share the JWKS cache
+/// and the refresh budget.
+#[derive(Clone)]
+pub struct IdTokenVerifier {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: IdTokenSettings,
+    http: reqwest::Client,
+    jwks_url: String,
+    validation: Validation,
+    /// One entry (key `()`): the tenant's JWKS.
+    jwks: Cache<(), Arc<JwkSet>>,
+    /// Budget of refreshes caused by unknown `kid`s; `None` = unlimited.
+    refreshes: Option<DefaultDirectRateLimiter>,
+}
+
+impl IdTokenVerifier {
+    /// A verifier for `settings`, fetching the JWKS with `http` (the broker's rustls client).
+    /// Nothing is fetched until the first token arrives.
+    pub fn new(settings: IdTokenSettings, http: reqwest::Client) -> Self {
+        let jwks = Cache::builder()
+            .max_capacity(1)
+            .time_to_live(settings.jwks_ttl)
+            .build();
+        let inner = Inner {
+            jwks_url: settings.jwks_url(),
+            validation: validation(&settings),
+            refreshes: refresh_limiter(settings.min_refresh_interval),
+            settings,
+            http,
+            jwks,
+        };
+        IdTokenVerifier {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The settings this verifier was built with.
+    pub fn settings(&self) -> &IdTokenSettings {
+        &self.inner.settings
+    }
+
+    /// Checks `token` completely (see the module docs) and returns who it proves.
+    pub async fn verify(&self, token: &str) -> Result<VerifiedIdToken, IdTokenError> {
+        let kid = key_id(token)?;
+        let key = self.decoding_key(&kid).await?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &self.inner.validation)
+            .map_err(|error| map_jwt_error(error.kind()))?;
+        self.accept(data.claims)
+    }
+
+    /// The checks jsonwebtoken leaves to us: `iat` not in the future, `sub` not empty.
+    fn accept(&self, claims: Claims) -> Result<VerifiedIdToken, IdTokenError> {
+        let leeway = i64::try_from(self.inner.settings.leeway.as_secs()).unwrap_or(i64::MAX);
+        if claims
+            .iat
+            .is_some_and(|iat| iat > epoch_secs().saturating_add(leeway))
+        {
+            return Err(IdTokenError::IssuedInFuture);
+        }
+        let sub = claims.sub.filter(|sub| !sub.is_empty());
+        let sub = sub.ok_or(IdTokenError::MissingSubject)?;
+        let exp = claims.exp.ok_or(IdTokenError::MissingClaim("exp"))?;
+        Ok(VerifiedIdToken { sub, exp })
+    }
+
+    /// The published key named `kid`, refreshing the JWKS once if it is not known yet.
+    async fn decoding_key(&self, kid: &str) -> Result<DecodingKey, IdTokenError> {
+        let jwks = self.cached_jwks().await?;
+        if let Some(jwk) = jwks.find(kid) {
+            return decoding_key(jwk, kid);
+        }
+        let refreshed = self.refresh_jwks().await?;
+        match refreshed.as_deref().and_then(|jwks| jwks.find(kid)) {
+            Some(jwk) => decoding_key(jwk, kid),
+            None => Err(IdTokenError::UnknownKey(echo(kid))),
+        }
+    }
+
+    /// The cached JWKS, fetched on a miss; concurrent misses share one fetch.
+    async fn cached_jwks(&self) -> Result<Arc<JwkSet>, IdTokenError> {
+        let inner = self.inner.clone();
+        self.inner
+            .jwks
+            .try_get_with((), async move { inner.fetch_jwks().await })
+            .await
+            .map_err(|reason| IdTokenError::JwksUnavailable(reason.to_string()))
+    }
+
+    /// Fetches the JWKS anew and caches it, unless a refresh happened less than
+    /// `min_refresh_interval` ago (then `None`).
+    async fn refresh_jwks(&self) -> Result<Option<Arc<JwkSet>>, IdTokenError> {
+        if !self.inner.may_refresh() {
+            tracing::debug!("unknown ID token kid; JWKS refresh skipped, refreshed recently");
+            return Ok(None);
+        }
+        tracing::debug!("unknown ID token kid; refreshing the JWKS");
+        let jwks = self
+            .inner
+            .fetch_jwks()
+            .await
+            .map_err(IdTokenError::JwksUnavailable)?;
+        self.inner.jwks.insert((), jwks.clone()).await;
+        Ok(Some(jwks))
+    }
+}
+
+impl Inner {
+    /// Takes one refresh from the budget, if any is left.
+    fn may_refresh(&self) -> bool {
+        self.refreshes
+            .as_ref()
+            .is_none_or(|limiter| limiter.check().is_ok())
+    }
+
+    /// One JWKS request; the error is a reason fit for a log line (no secrets exist here).
+    async fn fetch_jwks(&self) -> Result<Arc<JwkSet>, String> {
+        let started = Instant::now();
+        let request = self
+            .http
+            .get(&self.jwks_url)
+            .timeout(self.settings.request_timeout);
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(error) => {
+                stats::auth0_request(JWKS_ENDPOINT, 0, started.elapsed());
+                return Err(transport_reason(error));
+            }
+        };
+        let status = response.status();
+        stats::auth0_request(JWKS_ENDPOINT, status.as_u16(), started.elapsed());
+        if !status.is_success() {
+            let reason = format!("JWKS request answered HTTP {}", status.as_u16());
+            tracing::warn!(%reason, "cannot fetch Auth0 signing keys");
+            return Err(reason);
+        }
+        let jwks = response.json::<JwkSet>().await.map_err(|error| {
+            tracing::warn!(error = %error.without_url(), "Auth0 JWKS is not a JWK set");
+            "JWKS body is not a JWK set".to_owned()
+        })?;
+        Ok(Arc::new(jwks))
+    }
+}
+
+impl std::fmt::Debug for IdTokenVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdTokenVerifier")
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// RS256 only; `iss`, `aud`, `exp`, `nbf` checked; `exp`, `iss`, `aud`, `sub` required.
+fn validation(settings: &IdTokenSettings) -> Validation {
+    let mut validation = Validation::new(Algorithm::RS256);
+    validation.set_issuer(&[settings.issuer()]);
+    validation.set_audience(&settings.audiences);
+    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    validation.leeway = settings.leeway.as_secs();
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    validation
+}
+
+/// One refresh per `interval`, the first one right away; `None` when `interval` is zero.
+fn refresh_limiter(interval: Duration) -> Option<DefaultDirectRateLimiter> {
+    let quota = Quota::with_period(interval)?.allow_burst(NonZeroU32::MIN);
+    Some(RateLimiter::direct(quota))
+}
+
+/// The `kid` of an RS256 token; refuses every other algorithm before any key is looked up.
+fn key_id(token: &str) -> Result<String, IdTokenError> {
+    let header = jsonwebtoken::decode_header(token).map_err(|_| header_error(token))?;
+    if header.alg != Algorithm::RS256 {
+        return Err(IdTokenError::Algorithm(format!("{:?}", header.alg)));
+    }
+    header
+        .kid
+        .filter(|kid| !kid.is_empty())
+        .ok_or(IdTokenError::MissingKeyId)
+}
+
+/// Why jsonwebtoken could not read the header: an algorithm it does not even know (`none`)
+/// is an algorithm error naming it; anything else is a malformed token.
+fn header_error(token: &str) -> IdTokenError {
+    match peek_alg(token) {
+        Some(alg) if alg.parse::<Algorithm>().is_err() => IdTokenError::Algorithm(echo(&alg)),
+        _ => IdTokenError::Malformed("header is not a JWT header"),
+    }
+}
+
+/// The header's `alg` string, read without jsonwebtoken (which rejects unknown ones).
+fn peek_alg(token: &str) -> Option<String> {
+    let (header, _) = token.split_once('.')?;
+    let bytes = URL_SAFE_NO_PAD.decode(header).ok()?;
+    let header: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(header.get("alg")?.as_str()?.to_owned())
+}
+
+/// A published JWK as a verification key. A key Auth0 publishes but we cannot use is the
+/// tenant's problem, not the caller's.
+fn decoding_key(jwk: &Jwk, kid: &str) -> Result<DecodingKey, IdTokenError> {
+    DecodingKey::from_jwk(jwk).map_err(|_| {
+        let kid = echo(kid);
+        IdTokenError::JwksUnavailable(format!("published key {kid:?} is not a usable key"))
+    })
+}
+
+/// Names the failed check for a jsonwebtoken error; its own messages are not reused, as
+/// serde's can quote claim values.
+fn map_jwt_error(kind: &ErrorKind) -> IdTokenError {
+    match kind {
+        ErrorKind::InvalidSignature | ErrorKind::Crypto(_) => IdTokenError::Signature,
+        ErrorKind::ExpiredSignature => IdTokenError::Expired,
+        ErrorKind::ImmatureSignature => IdTokenError::NotYetValid,
+        ErrorKind::InvalidIssuer => IdTokenError::Issuer,
+        ErrorKind::InvalidAudience => IdTokenError::Audience,
+        ErrorKind::InvalidSubject => IdTokenError::MissingSubject,
+        ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => {
+            IdTokenError::Algorithm("RS256 with a non-RSA key".to_owned())
+        }
+        ErrorKind::MissingRequiredClaim(claim) => missing_claim(claim),
+        ErrorKind::Base64(_) => IdTokenError::Malformed("not base64url"),
+        ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
+            IdTokenError::Malformed("claims are not JSON of the expected shape")
+        }
+        _ => IdTokenError::Malformed("not a JWT"),
+    }
+}
+
+fn missing_claim(claim: &str) -> IdTokenError {
+    match claim {
+        "iss" => IdTokenError::Issuer,
+        "aud" => IdTokenError::Audience,
+        "sub" => IdTokenError::MissingSubject,
+        _ => IdTokenError::MissingClaim("exp"),
+    }
+}
+
+/// A header value fit for an error message: printable ASCII only, and short.
+fn echo(value: &str) -> String {
+    value
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(MAX_ECHOED_LEN)
+        .collect()
+}
+
+/// A transport failure as a reason: reqwest's text and its causes, without the URL.
+fn transport_reason(error: reqwest::Error) -> String {
+    let reason = if error.is_timeout() {
+        "JWKS request timed out".to_owned()
+    } else {
+        format!("JWKS request failed: {}", error_chain(&error.without_url()))
+    };
+    tracing::warn!(%reason, "cannot fetch Auth0 signing keys");
+    reason
+}
+
+/// The error and its causes, `: `-joined, as reqwest's top-level text says little.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    for _ in 0..8 {
+        let Some(cause) = source else { break };
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn epoch_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use futures::future::join_all;
+
+    use super::{IdTokenError, IdTokenSettings, IdTokenVerifier};
+    use crate::emulator::{
+        seed, Audience, Emulator, EmulatorConfig, Endpoint, Fault, IdTokenSpec, KidHeader, Signing,
+    };
+
+    const USER: &str = seed::GITHUB_USER;
+
+    async fn emulator() -> Emulator {
+        Emulator::start(EmulatorConfig::new("test-client", "test-secret"))
+            .await
+            .expect("emulator starts")
+    }
+
+    fn settings(emu: &Emulator) -> IdTokenSettings {
+        IdTokenSettings::new(emu.base_url(), vec![emu.id_token_audience()])
+    }
+
+    fn verifier_with(settings: IdTokenSettings) -> IdTokenVerifier {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("reqwest client");
+        IdTokenVerifier::new(settings, http)
+    }
+
+    fn verifier(emu: &Emulator) -> IdTokenVerifier {
+        verifier_with(settings(emu))
+    }
+
+    fn spec() -> IdTokenSpec {
+        IdTokenSpec::for_user(USER)
+    }
+
+    /// Verifies the token `spec` describes with a fresh verifier; returns only the error.
+    async fn refusal(emu: &Emulator, spec: IdTokenSpec) -> IdTokenError {
+        let token = emu.issue_id_token_with(spec);
+        verifier(emu)
+            .verify(&token)
+            .await
+            .expect_err("the token is refused")
+    }
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs()
+    }
+
+    #[tokio::test]
+    async fn genuine_token_yields_its_subject_and_expiry() {
+        let emu = emulator().await;
+        let verified = verifier(&emu)
+            .verify(&emu.issue_id_token(USER))
+            .await
+            .expect("genuine token");
+        assert_eq!(verified.sub, USER);
+        assert!(verified.exp.abs_diff(now() + 3600) <= 5, "{}", verified.exp);
+    }
+
+    #[tokio::test]
+    async fn jwks_is_fetched_once_and_then_served_from_cache() {
+        let emu = emulator().await;
+        let verifier = verifier(&emu);
+        for _ in 0..3 {
+            verifier
+                .verify(&emu.issue_id_token(USER))
+                .await
+                .expect("genuine token");
+        }
+        assert_eq!(emu.calls().jwks, 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_cold_verifications_share_one_jwks_fetch() {
+        let emu = emulator().await;
+        let verifier = verifier(&emu);
+        let token = emu.issue_id_token(USER);
+        let results = join_all((0..20).map(|_| verifier.verify(&token))).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(emu.calls().jwks, 1);
+    }
+
+    #[tokio::test]
+    async fn expired_token_is_refused() {
+        let emu = emulator().await;
+        let spec = IdTokenSpec {
+            issued_at: -7200,
+            expires_in: Some(-120),
+            ..spec()
+        };
+        assert_eq!(refusal(&emu, spec).await, IdTokenError::Expired);
+    }
+
+    #[tokio::test]
+    async fn token_expired_within_the_leeway_is_accepted() {
+        let emu = emulator().await;
+        let token = emu.issue_id_token_with(IdTokenSpec {
+            expires_in: Some(-20),
+            ..spec()
+        });
+        verifier(&emu).verify(&token).await.expect("within leeway");
+    }
+
+    #[tokio::test]
+    async fn token_not_valid_before_a_future_time_is_refused() {
+        let emu = emulator().await;
+        let spec = IdTokenSpec {
+            not_before: Some(600),
+            ..spec()
+        };
+        assert_eq!(refusal(&emu, spec).await, IdTokenError::NotYetValid);
+    }
+
+    #[tokio::test]
+    async fn token_issued_in_the_future_is_refused() {
+        let emu = emulator().await;
+        let spec = IdTokenSpec {
+            issued_at: 600,
+            ..spec()
+        };
+        assert_eq!(refusal(&emu, spec).await, IdTokenError::IssuedInFuture);
+    }
+
+    #[tokio::test]
+    async fn token_for_another_audience_is_refused() {
+        let emu = emulator().await;
+        let spec = IdTokenSpec {
+            audience: Some(Audience::One("some-other-app".into())),
+            ..spec()
+        };
+        assert_eq!(refusal(&emu, spec).await, IdTokenError::Audience);
+    }
+
+    #[tokio::test]
+    async fn audience_array_containing_a_configured_audience_is_accepted() {
+        let emu = emulator().await;
+        let audiences = vec!["https://api.example.com/".into(), emu.id_token_audience()];
+        let token = emu.issue_id_token_with(IdTokenSpec {
+            audience: Some(Audience::Many(audiences)),
+            ..spec()
+        });
+        let verified = verifier(&emu).verify(&token).await.expect("accepted");
+        assert_eq!(verified.sub, USER);
+    }
+
+    #[tokio::test]
+    async fn issuer_without_the_trailing_slash_is_refused() {
+        let emu = emulator().await;
+        let spec = IdTokenSpec {
+            issuer: Some(emu.base_url()),
+            ..spec()
+        };
+        assert_eq!(refusal(&emu, spec).await, IdTokenError::Issuer);
+    }
+
+    #[tokio::test]
+    async fn token_without_subject_is_refused() {
+        let emu = emulator().await;
+        let spec = IdTokenSpec {
+            sub: None,
+            ..spec()
+        };
+        assert_eq!(refusal(&emu, spec).await, IdTokenError::MissingSubject);
+        let empty = IdTokenSpec::for_user("");
+        assert_eq!(refusal(&emu, empty).await, IdTokenError::MissingSubject);
+    }
+
+    #[tokio::test]
+    async fn token_without_expiry_is_refused() {
+        let emu = emulator().await;
+        let spec = IdTokenSpec {
+            expires_in: None,
+            ..spec()
+        };
+        assert_eq!(refusal(&emu, spec).await, IdTokenError::MissingClaim("exp"));
+    }
+
+    #[tokio::test]
+    async fn token_signed_by_an_unpublished_key_fails_the_signature_check() {
+        let emu = emulator().await;
+        let spec = IdTokenSpec {
+            signing: Signing::UnpublishedKey,
+            ..spec()
+        };
+        assert_eq!(refusal(&emu, spec).await, IdTokenError::Signature);
+    }
+
+    #[tokio::test]
+    async fn unsigned_alg_none_token_is_refused_as_an_algorithm_error() {
+        let emu = emulator().await;
+        let spec = IdTokenSpec {
+            signing: Signing::AlgNone,
+            ..spec()
+        };
+        let error = refusal(&emu, spec).await;
+        assert_eq!(error, IdTokenError::Algorithm("none".into()));
+        assert!(error.to_string().contains("\"none\""), "{error}");
+        assert_eq!(emu.calls().jwks, 0, "refused before any key is looked up");
+    }
+
+    #[tokio::test]
+    async fn hs256_keyed_with_the_public_key_is_refused_as_an_algorithm_error() {
+        let emu = emulator().await;
+        let spec = IdTokenSpec {
+            signing: Signing::Hs256WithPublicKey,
+            ..spec()
+        };
+        let error = refusal(&emu, spec).await;
+        assert_eq!(error, IdTokenError::Algorithm("HS256".into()));
+        assert_eq!(error.check(), "algorithm");
+        assert_eq!(emu.calls().jwks, 0, "refused before any key is looked up");
+    }
+
+    #[tokio::test]
+    async fn token_without_kid_is_refused() {
+        let emu = emulator().await;
+        let spec = IdTokenSpec {
+            kid: KidHeader::Omitted,
+            ..spec()
+        };
+        assert_eq!(refusal(&emu, spec).await, IdTokenError::MissingKeyId);
+    }
+
+    #[tokio::test]
+    async fn garbage_is_malformed() {
+        let emu = emulator().await;
+        let verifier = verifier(&emu);
+        for garbage in ["", "abc", "a.b.c", "a.b", "....", "eyJhbGciOiJSUzI1NiJ9"] {
+            let error = verifier.verify(garbage).await.expect_err("garbage");
+            assert_eq!(error.check(), "malformed", "{garbage:?}: {error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rotated_key_is_accepted_after_exactly_one_jwks_refresh() {
+        let emu = emulator().await;
+        let verifier = verifier(&emu);
+        let old = emu.issue_id_token(USER);
+        verifier.verify(&old).await.expect("first key");
+        assert_eq!(emu.calls().jwks, 1);
+
+        emu.rotate_signing_key();
+        let new = emu.issue_id_token(USER);
+        verifier
+            .verify(&new)
+            .await
+            .expect("rotated key after refresh");
+        verifier.verify(&new).await.expect("rotated key from cache");
+        verifier
+            .verify(&old)
+            .await
+            .expect("previous key still published");
+        assert_eq!(emu.calls().jwks, 2, "exactly one refresh");
+    }
+
+    #[tokio::test]
+    async fn flood_of_unknown_kids_refreshes_the_jwks_at_most_once_per_interval() {
+        let emu = emulator().await;
+        let verifier = verifier(&emu);
+        verifier
+            .verify(&emu.issue_id_token(USER))
+            .await
+            .expect("warm");
+        emu.reset_counters();
+
+        let tokens: Vec<String> = (0..50)
+            .map(|i| {
+                emu.issue_id_token_with(IdTokenSpec {
+                    kid: KidHeader::Custom(format!("made-up-{i}")),
+                    ..spec()
+                })
+            })
+            .collect();
+        let results = join_all(tokens.iter().map(|token| verifier.verify(token))).await;
+        for result in &results {
+            let error = result.as_ref().expect_err("unknown kid");
+            assert_eq!(error.check(), "unknown_kid", "{error}");
+        }
+        assert_eq!(emu.calls().jwks, 1, "one refresh for 50 unknown kids");
+    }
+
+    #[tokio::test]
+    async fn refresh_budget_returns_after_the_interval() {
+        let emu = emulator().await;
+        let verifier = verifier_with(IdTokenSettings {
+            min_refresh_interval: Duration::from_millis(300),
+            ..settings(&emu)
+        });
+        let unknown = emu.issue_id_token_with(IdTokenSpec {
+            kid: KidHeader::Custom("made-up".into()),
+            ..spec()
+        });
+        let _ = verifier.verify(&unknown).await;
+        let _ = verifier.verify(&unknown).await;
+        assert_eq!(emu.calls().jwks, 2, "initial fetch and one refresh");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let _ = verifier.verify(&unknown).await;
+        assert_eq!(emu.calls().jwks, 3, "one more refresh after the interval");
+    }
+
+    #[tokio::test]
+    async fn revoked_key_is_refused_once_the_cached_jwks_expires() {
+        let emu = emulator().await;
+        let verifier = verifier_with(IdTokenSettings {
+            jwks_ttl: Duration::from_millis(200),
+            ..settings(&emu)
+        });
+        let old = emu.issue_id_token(USER);
+        verifier.verify(&old).await.expect("first key");
+        emu.rotate_signing_key();
+        emu.revoke_previous_signing_key();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let error = verifier.verify(&old).await.expect_err("revoked");
+        assert_eq!(error, IdTokenError::UnknownKey("dev-signing-1".into()));
+    }
+
+    #[tokio::test]
+    async fn jwks_server_error_is_unavailable_and_not_cached() {
+        let emu = emulator().await;
+        emu.inject_faults(Endpoint::Jwks, vec![Fault::Status(500)]);
+        let verifier = verifier(&emu);
+        let token = emu.issue_id_token(USER);
+        let error = verifier.verify(&token).await.expect_err("JWKS fails");
+        assert!(matches!(error, IdTokenError::JwksUnavailable(_)), "{error}");
+        assert!(error.is_unavailable());
+        assert!(error.to_string().contains("500"), "{error}");
+        verifier
+            .verify(&token)
+            .await
+            .expect("next call fetches again");
+        assert_eq!(emu.calls().jwks, 2);
+    }
+
+    #[tokio::test]
+    async fn slow_jwks_times_out_as_unavailable() {
+        let emu = emulator().await;
+        emu.inject_faults(Endpoint::Jwks, vec![Fault::Delay(Duration::from_secs(2))]);
+        let verifier = verifier_with(IdTokenSettings {
+            request_timeout: Duration::from_millis(200),
+            ..settings(&emu)
+        });
+        let error = verifier
+            .verify(&emu.issue_id_token(USER))
+            .await
+            .expect_err("times out");
+        assert_eq!(
+            error,
+            IdTokenError::JwksUnavailable("JWKS request timed out".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_tenant_is_unavailable() {
+        let emu = emulator().await;
+        let token = emu.issue_id_token(USER);
+        let verifier = verifier(&emu);
+        emu.shutdown().await;
+        let error = verifier.verify(&token).await.expect_err("no tenant");
+        assert!(error.is_unavailable(), "{error}");
+    }
+
+    #[tokio::test]
+    async fn error_messages_never_contain_the_token_or_its_parts() {
+        let emu = emulator().await;
+        emu.inject_faults(Endpoint::Jwks, vec![Fault::Status(500)]);
+        let verifier = verifier(&emu);
+        let specs = [
+            spec(),
+            IdTokenSpec {
+                expires_in: Some(-600),
+                ..spec()
+            },
+            IdTokenSpec {
+                signing: Signing::UnpublishedKey,
+                ..spec()
+            },
+            IdTokenSpec {
+                signing: Signing::AlgNone,
+                ..spec()
+            },
+            IdTokenSpec {
+                audience: Some(Audience::One("x".into())),
+                ..spec()
+            },
+        ];
+        let mut refused = 0;
+        for spec in specs {
+            let token = emu.issue_id_token_with(spec);
+            let Err(error) = verifier.verify(&token).await else {
+                continue;
+            };
+            refused += 1;
+            let texts = [error.to_string(), format!("{error:?}")];
+            for part in token.split('.').filter(|part| part.len() > 8) {
+                for text in &texts {
+                    assert!(!text.contains(part), "{text} leaks a token part");
+                }
+            }
+        }
+        assert_eq!(
+            refused, 5,
+            "the genuine one meets the JWKS fault, the others are forged"
+        );
+    }
+
+    #[test]
+    fn debug_of_the_verifier_shows_settings_only() {
+        let verifier = verifier_with(IdTokenSettings::new(
+            "https://tenant.example",
+            vec!["spa".into()],
+        ));
+        let debug = format!("{verifier:?}");
+        assert!(debug.contains("https://tenant.example"), "{debug}");
+    }
+
+    #[test]
+    fn only_jwks_unavailability_is_the_brokers_fault() {
+        let errors = [
+            IdTokenError::Malformed("x"),
+            IdTokenError::Algorithm("none".into()),
+            IdTokenError::MissingKeyId,
+            IdTokenError::UnknownKey("k".into()),
+            IdTokenError::Signature,
+            IdTokenError::Expired,
+            IdTokenError::NotYetValid,
+            IdTokenError::IssuedInFuture,
+            IdTokenError::Issuer,
+            IdTokenError::Audience,
+            IdTokenError::MissingSubject,
+            IdTokenError::MissingClaim("exp"),
+        ];
+        assert!(errors.iter().all(|error| !error.is_unavailable()));
+        let mut checks: Vec<&str> = errors.iter().map(IdTokenError::check).collect();
+        checks.sort_unstable();
+        checks.dedup();
+        assert_eq!(checks.len(), errors.len(), "check names are distinct");
+        assert!(IdTokenError::JwksUnavailable("down".into()).is_unavailable());
+    }
+}
