@@ -130,10 +130,10 @@ pub enum IdTokenError {
     #[error("ID token was issued in the future (iat)")]
     IssuedInFuture,
     /// `iss` is missing or is not the configured tenant.
-    #[error("ID token was not issued by the configured Auth0 tenant")]
+    #[error("ID token issuer (iss) is not the configured Auth0 tenant")]
     Issuer,
     /// `aud` is missing or names none of the configured audiences.
-    #[error("ID token is not meant for an accepted audience")]
+    #[error("ID token audience (aud) is none of the accepted client ids")]
     Audience,
     /// `sub` is missing or empty.
     #[error("ID token has no subject (sub)")]

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::{ExitStatus, Output, Stdio};
 use std::time::Duration;
 
-use tokenbroker::emulator::{seed, Emulator, EmulatorConfig, Endpoint, Fault};
+use tokenbroker::emulator::{
+    seed, Emulator, EmulatorConfig, Endpoint, Fault, IdTokenSpec, Signing,
+};
 use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, LeafSpec};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::GetIdpTokenRequest;
@@ -360,7 +362,30 @@ async fn exercise_everything(
         .await
         .expect("the broker serves the seeded GitHub token");
     assert_eq!(token.access_token, seed::GITHUB_ACCESS_TOKEN);
-    let mut released = 1;
+    let bound = get_on(
+        client,
+        GetIdpTokenRequest {
+            id_token: emulator.issue_id_token(seed::GOOGLE_USER),
+            ..get_request("", "google-oauth2")
+        },
+    )
+    .await
+    .expect("the broker serves the token of the ID token's subject");
+    assert_eq!(bound.access_token, seed::GOOGLE_ACCESS_TOKEN);
+    let forged = emulator.issue_id_token_with(IdTokenSpec {
+        signing: Signing::UnpublishedKey,
+        ..IdTokenSpec::for_user(seed::GOOGLE_USER)
+    });
+    let _ = get_on(
+        client,
+        GetIdpTokenRequest {
+            id_token: forged,
+            ..get_request("", "google-oauth2")
+        },
+    )
+    .await
+    .expect_err("a forged ID token is refused");
+    let mut released = 2;
 
     for (user, provider) in seeded_requests() {
         for request in [
@@ -467,6 +492,9 @@ async fn logs_and_metrics_never_contain_a_token_or_the_client_secret() {
     assert_metrics_moved(&metrics);
     let status = terminate(&mut child).await;
     assert!(status.success(), "serve exits cleanly on SIGTERM: {status}");
+    // Every ID token the emulator signed starts with this header.
+    let id_token = emulator.issue_id_token(seed::GOOGLE_USER);
+    let id_token_header = id_token.split('.').next().unwrap_or(&id_token).to_owned();
     emulator.shutdown().await;
 
     let stdout = std::fs::read_to_string(&stdout_path).expect("read stdout");
@@ -479,6 +507,11 @@ async fn logs_and_metrics_never_contain_a_token_or_the_client_secret() {
             "an IdP token or secret leaked into the logs: {secret}"
         );
     }
+    // ID tokens are credentials too: no part of one may appear.
+    assert!(
+        !all.contains(&id_token_header),
+        "an ID token leaked into the logs"
+    );
     assert!(
         !all.contains(CLIENT_SECRET),
         "the client secret leaked into the logs"
@@ -522,6 +555,25 @@ async fn logs_and_metrics_never_contain_a_token_or_the_client_secret() {
         .find(|event| event["user_id"] == seed::GITHUB_USER)
         .expect("an audit event records the GitHub release");
     assert_eq!(github_release["caller"], CALLER_ID, "{github_release}");
+    assert_eq!(
+        github_release["bound_to_id_token"], false,
+        "a release by user_id is recorded as not bound: {github_release}"
+    );
+    let bound_release = audit_releases
+        .iter()
+        .find(|event| event["bound_to_id_token"] == true)
+        .expect("an audit event records the release bound to an ID token");
+    assert_eq!(
+        bound_release["user_id"],
+        seed::GOOGLE_USER,
+        "the bound release names the ID token's subject: {bound_release}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|line| line.contains(r#""outcome":"refused""#) && line.contains("signature")),
+        "the forged ID token's refusal is audited with its reason"
+    );
     let fields = github_release.as_object().expect("event is an object");
     assert!(
         fields.values().any(|value| value == "github"),
@@ -620,6 +672,18 @@ async fn run_dev_once(dir: &Path) -> String {
         .expect("the dev broker serves the seeded GitHub token");
     assert_eq!(token.access_token, seed::GITHUB_ACCESS_TOKEN);
     assert_eq!(token.idp_user_id, seed::GITHUB_IDP_USER_ID.to_string());
+    let id_token =
+        id_token_in(&grpcurl_lines).expect("the banner shows a grpcurl line with an ID token");
+    let bound = get_on(
+        &mut client,
+        GetIdpTokenRequest {
+            id_token,
+            ..get_request("", "github")
+        },
+    )
+    .await
+    .expect("the banner's ID token is accepted by the dev broker");
+    assert_eq!(bound.access_token, seed::GITHUB_ACCESS_TOKEN);
     drop(client);
 
     let status = terminate(&mut child).await;
@@ -636,6 +700,15 @@ async fn run_dev_once(dir: &Path) -> String {
         "tokenbroker dev exits 0 on SIGTERM, got {status}\nstdout:\n{stdout_rest}\nstderr:\n{stderr_text}"
     );
     ca_pem
+}
+
+/// The `id_token` value of the first grpcurl line that sends one.
+fn id_token_in(grpcurl_lines: &[&str]) -> Option<String> {
+    const FIELD: &str = "\"id_token\": \"";
+    let line = grpcurl_lines.iter().find(|line| line.contains(FIELD))?;
+    let start = line.find(FIELD)? + FIELD.len();
+    let rest = &line[start..];
+    Some(rest[..rest.find('"')?].to_owned())
 }
 
 #[tokio::test]
@@ -754,6 +827,7 @@ impl ServedBinary {
             .env("AUTH0_DOMAIN", emulator.base_url())
             .env("AUTH0_CLIENT_ID", client_id)
             .env("AUTH0_CLIENT_SECRET_FILE", path("secret"))
+            .env("AUTH0_ID_TOKEN_AUDIENCES", emulator.id_token_audience())
             .env("TOKENBROKER_LISTEN", addr.to_string())
             .env("TOKENBROKER_TLS_CERT", path("server.pem"))
             .env("TOKENBROKER_TLS_KEY", path("server.key"))
