@@ -4,20 +4,22 @@
 //!
 //! Codemap:
 //! * [`config`] — flags and environment, validated once at start.
-//! * [`auth0`] — the only HTTP client: client-credentials grant, `/api/v2/users/{id}`.
-//! * [`id_token`] — verifies users' Auth0 ID tokens (RS256, cached JWKS) to bind releases to a login.
+//! * [`auth0`] — the Management API client: client-credentials grant, `/api/v2/users/{id}`.
+//! * [`id_token`] — verifies users' Auth0 ID tokens (RS256, the tenant's JWKS, cached) to
+//!   bind a release to the user's own login.
 //! * [`cache`] — moka caches for the Management token and users' identities.
 //! * [`selection`] — which identity a request means (pure).
 //! * [`service`] — the gRPC service: proto types, deadlines, audit events.
 //! * [`error`] — the broker's error enum and its mapping to gRPC status.
-//! * [`tls`] — the mTLS listener (rustls) and the caller's identity.
+//! * [`tls`] — the mTLS listener (rustls) and the caller's identity, read once per connection.
 //! * [`server`] — wires services, reflection and health onto a bound listener.
 //! * [`emulator`] — an in-process Auth0 tenant for `tokenbroker dev` and tests.
 //! * [`pki`] — dev and test certificates (rcgen).
 //! * [`dev`] — `tokenbroker dev`: emulator, PKI and broker in one command.
 //! * [`telemetry`] — tracing subscriber setup.
 //!
-//! Invariants: only `auth0` does outbound HTTP; only `service` and `error`
+//! Invariants: only `auth0` and `id_token` do outbound HTTP, both to the one
+//! configured tenant over the same client; only `service` and `error`
 //! touch proto types and `tonic::Status`; tokens and the client secret are
 //! `secrecy` types and never enter a log line or span field.
 
