@@ -4,7 +4,7 @@
 //! requires an ID token gets nothing without one.
 
 use tokenbroker::emulator::{seed, Audience, IdTokenSpec, KidHeader, Signing};
-use tokenbroker::proto::{GetIdpTokenRequest, ListIdpTokensRequest};
+use tokenbroker::proto::{GetIdpTokenRequest, IdpToken, ListIdpTokensRequest};
 use tonic::{Code, Status};
 
 use crate::support::{bounded, get_request, Options, TestBroker, CLIENT_SPIFFE_ID};
@@ -46,6 +46,16 @@ async fn get_bound(broker: &TestBroker, spec: IdTokenSpec) -> (String, Result<St
         .await
         .map(|released| released.access_token);
     (token, result)
+}
+
+/// GetIdpToken for the GitHub token of `user`, with a genuine ID token of theirs.
+async fn get_signed_in(broker: &TestBroker, user: &str) -> Result<IdpToken, Status> {
+    broker
+        .get_with(bound_request(
+            broker.emulator.issue_id_token(user),
+            "github",
+        ))
+        .await
 }
 
 fn spec() -> IdTokenSpec {
@@ -199,11 +209,7 @@ async fn forged_tokens_are_unauthenticated() {
 /// A broker that has verified one genuine token, so the JWKS is cached.
 async fn broker_with_cached_jwks() -> TestBroker {
     let broker = TestBroker::start().await;
-    broker
-        .get_with(bound_request(
-            broker.emulator.issue_id_token(seed::GITHUB_USER),
-            "github",
-        ))
+    get_signed_in(&broker, seed::GITHUB_USER)
         .await
         .expect("a genuine token is accepted");
     assert_eq!(broker.emulator.calls().jwks, 1, "the JWKS is fetched once");
@@ -234,11 +240,7 @@ async fn an_unknown_kid_is_refused_after_one_jwks_refresh() {
 async fn a_rotated_signing_key_is_accepted_after_one_jwks_refresh() {
     let broker = broker_with_cached_jwks().await;
     broker.emulator.rotate_signing_key();
-    let rotated = broker
-        .get_with(bound_request(
-            broker.emulator.issue_id_token(seed::GITHUB_USER),
-            "github",
-        ))
+    let rotated = get_signed_in(&broker, seed::GITHUB_USER)
         .await
         .expect("a token signed with the rotated key is accepted after a refresh");
     assert_eq!(rotated.access_token, seed::GITHUB_ACCESS_TOKEN);
@@ -294,11 +296,7 @@ async fn a_caller_that_must_send_an_id_token_is_denied_without_one() {
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert_eq!(broker.emulator.calls().users, 0);
 
-    let released = broker
-        .get_with(bound_request(
-            broker.emulator.issue_id_token(seed::GITHUB_USER),
-            "github",
-        ))
+    let released = get_signed_in(&broker, seed::GITHUB_USER)
         .await
         .expect("with the user's ID token it is released");
     assert_eq!(released.access_token, seed::GITHUB_ACCESS_TOKEN);
@@ -312,11 +310,7 @@ async fn a_broker_without_id_token_audiences_refuses_id_tokens_as_a_failed_preco
         ..Options::default()
     })
     .await;
-    let status = broker
-        .get_with(bound_request(
-            broker.emulator.issue_id_token(seed::GITHUB_USER),
-            "github",
-        ))
+    let status = get_signed_in(&broker, seed::GITHUB_USER)
         .await
         .expect_err("nothing to verify it against");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
@@ -335,11 +329,7 @@ async fn an_unreachable_jwks_is_unavailable_not_the_callers_fault() {
     broker
         .emulator
         .inject_faults(Endpoint::Jwks, vec![Fault::Status(503); 3]);
-    let status = broker
-        .get_with(bound_request(
-            broker.emulator.issue_id_token(seed::GITHUB_USER),
-            "github",
-        ))
+    let status = get_signed_in(&broker, seed::GITHUB_USER)
         .await
         .expect_err("no keys to check against");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");

@@ -274,15 +274,13 @@ async fn cached_users_are_served_while_auth0_is_down() {
         .await
         .expect("served from cache");
     assert!(token.from_cache);
-    assert_eq!(
-        broker
-            .get(seed::GOOGLE_USER, "google-oauth2")
-            .await
-            .unwrap_err()
-            .code(),
-        Code::Unavailable,
-        "a cold user cannot be served"
-    );
+    assert_unavailable(
+        &broker,
+        seed::GOOGLE_USER,
+        "google-oauth2",
+        "a cold user cannot be served",
+    )
+    .await;
     broker.stop().await;
 }
 
@@ -306,15 +304,7 @@ async fn expired_entries_are_served_stale_within_the_window_and_refused_after() 
         "the old read, marked as cached"
     );
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    assert_eq!(
-        broker
-            .get(seed::GITHUB_USER, "github")
-            .await
-            .unwrap_err()
-            .code(),
-        Code::Unavailable,
-        "past the window"
-    );
+    assert_unavailable(&broker, seed::GITHUB_USER, "github", "past the window").await;
     broker.stop().await;
 }
 
@@ -335,15 +325,13 @@ async fn stale_if_error_never_serves_a_token_past_its_known_expiry() {
     broker
         .emulator
         .inject_faults(Endpoint::Users, vec![Fault::Status(503); 3]);
-    assert_eq!(
-        broker
-            .get(user_id, "google-oauth2")
-            .await
-            .unwrap_err()
-            .code(),
-        Code::Unavailable,
-        "an expired token is not served stale"
-    );
+    assert_unavailable(
+        &broker,
+        user_id,
+        "google-oauth2",
+        "an expired token is not served stale",
+    )
+    .await;
     broker.stop().await;
 }
 
@@ -358,14 +346,7 @@ async fn stale_if_error_zero_turns_it_off() {
     broker
         .emulator
         .inject_faults(Endpoint::Users, vec![Fault::Status(503); 3]);
-    assert_eq!(
-        broker
-            .get(seed::GITHUB_USER, "github")
-            .await
-            .unwrap_err()
-            .code(),
-        Code::Unavailable
-    );
+    assert_unavailable(&broker, seed::GITHUB_USER, "github", "Auth0 is failing").await;
     broker.stop().await;
 }
 
@@ -384,14 +365,21 @@ async fn an_invalidated_user_is_never_served_stale() {
     broker
         .emulator
         .inject_faults(Endpoint::Users, vec![Fault::Status(503); 3]);
-    assert_eq!(
-        broker
-            .get(seed::GITHUB_USER, "github")
-            .await
-            .unwrap_err()
-            .code(),
-        Code::Unavailable,
-        "the operator dropped this user: its old token must not come back as a stale copy"
-    );
+    assert_unavailable(
+        &broker,
+        seed::GITHUB_USER,
+        "github",
+        "the operator dropped this user: its old token must not come back as a stale copy",
+    )
+    .await;
     broker.stop().await;
+}
+
+/// Expects UNAVAILABLE for `user`'s `provider` token; `why` explains a failure.
+async fn assert_unavailable(broker: &TestBroker, user: &str, provider: &str, why: &str) {
+    let status = broker
+        .get(user, provider)
+        .await
+        .expect_err("no token while Auth0 fails");
+    assert_eq!(status.code(), Code::Unavailable, "{why}: {status:?}");
 }
