@@ -239,7 +239,8 @@ impl IdentityStore {
         let started = Instant::now();
         let cached = if bypass_cache {
             self.mark_invalidated(user_id).await;
-            self.read_and_keep(user_id, deadline).await?
+            // Boxed like the read in `cached_or_read`: see there.
+            Box::pin(self.read_and_keep(user_id, deadline)).await?
         } else {
             self.cached_or_read(user_id, deadline).await?
         };
@@ -261,15 +262,29 @@ impl IdentityStore {
         user_id: &UserId,
         deadline: Option<Deadline>,
     ) -> Result<CachedUser, BrokerError> {
-        let mut held = self.users.get(user_id).await;
-        if let Some(entry) = &held {
-            if self.superseded(user_id, entry, u64::MAX).await {
+        let held = match self.users.get(user_id).await {
+            Some(entry) if self.superseded(user_id, &entry, u64::MAX).await => {
                 self.users.invalidate(user_id).await;
-                held = None;
-            } else if entry.is_fresh() {
-                return Ok(entry.clone());
+                None
             }
-        }
+            Some(entry) if entry.is_fresh() => return Ok(entry),
+            held => held,
+        };
+        // Boxed so that only a miss pays for the read's future (about 10 KiB:
+        // moka's read coalescing and the Auth0 calls). Inline, every lookup's
+        // future, and so every RPC's, would be that large: allocated and
+        // copied per request even when the answer is a cache hit.
+        Box::pin(self.read_or_stale(user_id, held, deadline)).await
+    }
+
+    /// One shared read of Auth0 for a user not freshly cached; `held` is the
+    /// expired copy, if any, served when Auth0 is failing (stale-if-error).
+    async fn read_or_stale(
+        &self,
+        user_id: &UserId,
+        held: Option<CachedUser>,
+        deadline: Option<Deadline>,
+    ) -> Result<CachedUser, BrokerError> {
         let lookup_started = self.tick();
         match self.shared_read(user_id, deadline).await {
             Ok(read) if self.superseded(user_id, &read, lookup_started).await => {

@@ -2,6 +2,8 @@
 //! the caller's deadline, turns cached identities into proto messages and
 //! records every release or refusal as an audit event (target `audit`).
 
+use std::future::Future;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -135,12 +137,13 @@ impl CallContext {
     /// Runs `work`, giving up with DEADLINE_EXCEEDED just before the caller
     /// would, or with UNAVAILABLE when the shutdown grace period ends. Work
     /// that is ready at once (a cache hit) returns before any timer is armed.
+    /// `work` is pinned by the caller: taken by value, the RPC's future would
+    /// hold it twice (the argument and its pinned copy).
     async fn bounded<T>(
         &self,
         drain: &Drain,
-        work: impl std::future::Future<Output = Result<T, BrokerError>>,
+        mut work: Pin<&mut impl Future<Output = Result<T, BrokerError>>>,
     ) -> Result<T, BrokerError> {
-        let mut work = std::pin::pin!(work);
         if let std::task::Poll::Ready(result) = futures::poll!(work.as_mut()) {
             return result;
         }
@@ -240,12 +243,10 @@ impl TokenBroker for TokenBrokerService {
         let request = request.into_inner();
         let selector = Selector::from_request(&request.provider, &request.connection);
         let mut binding = IdTokenBinding::default();
-        let result = call
-            .bounded(
-                &self.drain,
-                self.get_token(&call, &request, &selector, &mut binding),
-            )
-            .await;
+        let result = {
+            let work = pin!(self.get_token(&call, &request, &selector, &mut binding));
+            call.bounded(&self.drain, work).await
+        };
         let wanted = describe_request(&request.provider, &request.connection);
         call.audit(
             &request.user_id,
@@ -267,9 +268,10 @@ impl TokenBroker for TokenBrokerService {
         let call = CallContext::of("ListIdpTokens", &request);
         let request = request.into_inner();
         let mut binding = IdTokenBinding::default();
-        let result = call
-            .bounded(&self.drain, self.list_tokens(&call, &request, &mut binding))
-            .await;
+        let result = {
+            let work = pin!(self.list_tokens(&call, &request, &mut binding));
+            call.bounded(&self.drain, work).await
+        };
         call.audit(
             &request.user_id,
             &binding,
