@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -33,10 +34,12 @@ pub struct CallerRule {
     pub require_id_token: bool,
 }
 
+/// The set is shared, so handing a caller its rule on every RPC
+/// ([`Policy::rule_for`]) copies no provider names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Providers {
     All,
-    Only(HashSet<String>),
+    Only(Arc<HashSet<String>>),
 }
 
 impl CallerRule {
@@ -190,7 +193,7 @@ fn parse_providers(values: &[String]) -> Result<Providers, String> {
     if let Some(empty) = values.iter().find(|value| value.trim().is_empty()) {
         return Err(format!("providers: {empty:?} is not a provider name"));
     }
-    Ok(Providers::Only(values.iter().cloned().collect()))
+    Ok(Providers::Only(Arc::new(values.iter().cloned().collect())))
 }
 
 /// 1-based line number of a byte offset.
@@ -232,9 +235,11 @@ impl PolicyStore {
         }
     }
 
-    /// The policy in force now.
-    pub fn current(&self) -> std::sync::Arc<Policy> {
-        self.current.load_full()
+    /// The policy in force now, for the length of a statement. A guard, not
+    /// an `Arc` clone: `load_full` would bump one reference count that every
+    /// RPC on every core shares.
+    pub fn current(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.current.load()
     }
 
     /// The file the policy comes from, if any.
@@ -248,7 +253,7 @@ impl PolicyStore {
         match Policy::load(path) {
             Ok(policy) => {
                 tracing::info!(path = %path.display(), callers = policy.listed_callers(), "policy reloaded");
-                self.current.store(std::sync::Arc::new(policy));
+                self.current.store(Arc::new(policy));
                 crate::stats::policy_reload(true);
             }
             Err(error) => {

@@ -86,12 +86,14 @@ pub struct CallerId(pub Arc<str>);
 /// Takes the caller id the listener read from the verified certificate when
 /// the connection was made ([`tls::Peer`]). A request without one (a
 /// certificate naming nobody, or a server not behind the mTLS listener) is
-/// refused.
+/// refused. The request's copy of the peer is taken, not cloned: nothing
+/// else reads it, and each clone of the id is an atomic increment on a count
+/// that all of the connection's requests share, across cores.
 fn attach_caller_id(mut request: Request<()>) -> Result<Request<()>, Status> {
     let caller = request
-        .extensions()
-        .get::<tls::Peer>()
-        .and_then(|peer| peer.caller.clone())
+        .extensions_mut()
+        .remove::<tls::Peer>()
+        .and_then(|peer| peer.caller)
         .ok_or_else(|| {
             Status::permission_denied("no verified client certificate identifies the caller")
         })?;
@@ -108,11 +110,13 @@ struct CallContext {
 }
 
 impl CallContext {
-    fn of<T>(method: &'static str, request: &Request<T>) -> Self {
+    /// Takes the [`CallerId`] out of the request (no clone: see
+    /// [`attach_caller_id`]); handlers read it from here.
+    fn of<T>(method: &'static str, request: &mut Request<T>) -> Self {
         let caller = request
-            .extensions()
-            .get::<CallerId>()
-            .map_or_else(|| Arc::from(UNKNOWN_CALLER), |caller| caller.0.clone());
+            .extensions_mut()
+            .remove::<CallerId>()
+            .map_or_else(|| Arc::from(UNKNOWN_CALLER), |caller| caller.0);
         let deadline = request
             .metadata()
             .get("grpc-timeout")
@@ -237,9 +241,9 @@ impl Released {
 impl TokenBroker for TokenBrokerService {
     async fn get_idp_token(
         &self,
-        request: Request<GetIdpTokenRequest>,
+        mut request: Request<GetIdpTokenRequest>,
     ) -> Result<Response<GetIdpTokenResponse>, Status> {
-        let call = CallContext::of("GetIdpToken", &request);
+        let call = CallContext::of("GetIdpToken", &mut request);
         let request = request.into_inner();
         let selector = Selector::from_request(&request.provider, &request.connection);
         let mut binding = IdTokenBinding::default();
@@ -263,9 +267,9 @@ impl TokenBroker for TokenBrokerService {
 
     async fn list_idp_tokens(
         &self,
-        request: Request<ListIdpTokensRequest>,
+        mut request: Request<ListIdpTokensRequest>,
     ) -> Result<Response<ListIdpTokensResponse>, Status> {
-        let call = CallContext::of("ListIdpTokens", &request);
+        let call = CallContext::of("ListIdpTokens", &mut request);
         let request = request.into_inner();
         let mut binding = IdTokenBinding::default();
         let result = {
@@ -285,9 +289,9 @@ impl TokenBroker for TokenBrokerService {
 
     async fn invalidate_user(
         &self,
-        request: Request<InvalidateUserRequest>,
+        mut request: Request<InvalidateUserRequest>,
     ) -> Result<Response<InvalidateUserResponse>, Status> {
-        let call = CallContext::of("InvalidateUser", &request);
+        let call = CallContext::of("InvalidateUser", &mut request);
         let request = request.into_inner();
         let result = self.invalidate(&call.caller, &request).await;
         let code = result
