@@ -2,6 +2,7 @@
 //! the caller's deadline, turns cached identities into proto messages and
 //! records every release or refusal as an audit event (target `audit`).
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
@@ -172,29 +173,30 @@ impl CallContext {
 
     /// One audit event per decision to release or refuse tokens; it names the
     /// user the tokens were for and whether a verified ID token proved it.
+    /// The text of `wanted` and of the released providers is only made when
+    /// the event is recorded (field values of a disabled event are never
+    /// evaluated): without a subscriber a release allocates nothing for its audit.
     fn audit(
         &self,
         claimed_user_id: &str,
         binding: &IdTokenBinding,
-        wanted: &str,
-        outcome: Result<Released, &BrokerError>,
+        wanted: Wanted<'_>,
+        outcome: Result<&[IdpToken], &BrokerError>,
     ) {
         let user_id = binding.sub.as_deref().unwrap_or(claimed_user_id);
         let bound_to_id_token = binding.sub.is_some();
-        let code = outcome
-            .as_ref()
-            .map_or_else(|error| error.code(), |_| tonic::Code::Ok);
+        let code = outcome.map_or_else(|error| error.code(), |_| tonic::Code::Ok);
         stats::rpc_finished(self.method, code, self.started.elapsed());
         match outcome {
-            Ok(released) => tracing::info!(
+            Ok(tokens) => tracing::info!(
                 target: "audit",
                 caller = %self.caller,
                 method = self.method,
                 user_id,
                 bound_to_id_token,
-                requested = wanted,
-                released = %released.providers,
-                from_cache = released.from_cache,
+                requested = &*wanted.describe(),
+                released = %Providers(tokens),
+                from_cache = tokens.first().is_some_and(|token| token.from_cache),
                 outcome = "released",
                 code = "OK",
                 latency_ms = self.latency_ms(),
@@ -202,9 +204,9 @@ impl CallContext {
             Err(error) => {
                 let code = stats::code_name(error.code());
                 if error.needs_operator() {
-                    tracing::error!(target: "audit", caller = %self.caller, method = self.method, user_id, bound_to_id_token, requested = wanted, outcome = "refused", code, reason = %error, latency_ms = self.latency_ms());
+                    tracing::error!(target: "audit", caller = %self.caller, method = self.method, user_id, bound_to_id_token, requested = &*wanted.describe(), outcome = "refused", code, reason = %error, latency_ms = self.latency_ms());
                 } else {
-                    tracing::info!(target: "audit", caller = %self.caller, method = self.method, user_id, bound_to_id_token, requested = wanted, outcome = "refused", code, reason = %error, latency_ms = self.latency_ms());
+                    tracing::info!(target: "audit", caller = %self.caller, method = self.method, user_id, bound_to_id_token, requested = &*wanted.describe(), outcome = "refused", code, reason = %error, latency_ms = self.latency_ms());
                 }
             }
         }
@@ -218,22 +220,48 @@ struct IdTokenBinding {
     sub: Option<String>,
 }
 
-/// What was released, for the audit event (providers only, never tokens).
-struct Released {
-    providers: String,
-    from_cache: bool,
+/// What an RPC asked for, as its audit event names it.
+#[derive(Clone, Copy)]
+enum Wanted<'a> {
+    /// GetIdpToken's choice of identity; both empty means the first with a token.
+    One {
+        provider: &'a str,
+        connection: &'a str,
+    },
+    /// ListIdpTokens: every identity with a token.
+    All,
 }
 
-impl Released {
-    fn of(tokens: &[IdpToken]) -> Self {
-        Self {
-            providers: tokens
-                .iter()
-                .map(|token| token.provider.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-            from_cache: tokens.first().is_some_and(|token| token.from_cache),
+impl Wanted<'_> {
+    fn describe(self) -> Cow<'static, str> {
+        match self {
+            Self::One {
+                provider,
+                connection,
+            } => match (provider.is_empty(), connection.is_empty()) {
+                (true, true) => Cow::Borrowed("first"),
+                (false, true) => Cow::Owned(provider.to_owned()),
+                (true, false) => Cow::Owned(format!("connection:{connection}")),
+                (false, false) => Cow::Owned(format!("{provider}/{connection}")),
+            },
+            Self::All => Cow::Borrowed("all"),
         }
+    }
+}
+
+/// The providers of released tokens, comma-separated, for the audit event
+/// (providers only, never tokens). Written straight into the event.
+struct Providers<'a>(&'a [IdpToken]);
+
+impl std::fmt::Display for Providers<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, token) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(&token.provider)?;
+        }
+        Ok(())
     }
 }
 
@@ -251,14 +279,15 @@ impl TokenBroker for TokenBrokerService {
             let work = pin!(self.get_token(&call, &request, &selector, &mut binding));
             call.bounded(&self.drain, work).await
         };
-        let wanted = describe_request(&request.provider, &request.connection);
+        let wanted = Wanted::One {
+            provider: &request.provider,
+            connection: &request.connection,
+        };
         call.audit(
             &request.user_id,
             &binding,
-            &wanted,
-            result
-                .as_ref()
-                .map(|token| Released::of(std::slice::from_ref(token))),
+            wanted,
+            result.as_ref().map(std::slice::from_ref),
         );
         result
             .map(|token| Response::new(GetIdpTokenResponse { token: Some(token) }))
@@ -276,12 +305,7 @@ impl TokenBroker for TokenBrokerService {
             let work = pin!(self.list_tokens(&call, &request, &mut binding));
             call.bounded(&self.drain, work).await
         };
-        call.audit(
-            &request.user_id,
-            &binding,
-            "all",
-            result.as_ref().map(|tokens| Released::of(tokens)),
-        );
+        call.audit(&request.user_id, &binding, Wanted::All, result.as_deref());
         result
             .map(|tokens| Response::new(ListIdpTokensResponse { tokens }))
             .map_err(|error| error.to_status())
@@ -417,15 +441,6 @@ impl TokenBrokerService {
     }
 }
 
-fn describe_request(provider: &str, connection: &str) -> String {
-    match (provider.is_empty(), connection.is_empty()) {
-        (true, true) => "first".to_owned(),
-        (false, true) => provider.to_owned(),
-        (true, false) => format!("connection:{connection}"),
-        (false, false) => format!("{provider}/{connection}"),
-    }
-}
-
 fn to_proto(identity: &Identity, user: &UserIdentities, from_cache: bool) -> IdpToken {
     let expose = |secret: &Option<secrecy::SecretString>| {
         secret
@@ -489,6 +504,28 @@ mod tests {
         assert_eq!(
             deadline_headroom(Duration::from_millis(4)),
             Duration::from_millis(2)
+        );
+    }
+
+    #[test]
+    fn audit_names_what_was_asked_for_and_released() {
+        let one = |provider, connection| Wanted::One {
+            provider,
+            connection,
+        };
+        assert_eq!(one("", "").describe(), "first");
+        assert_eq!(one("github", "").describe(), "github");
+        assert_eq!(one("", "corp").describe(), "connection:corp");
+        assert_eq!(one("github", "corp").describe(), "github/corp");
+        assert_eq!(Wanted::All.describe(), "all");
+        let token = |provider: &str| IdpToken {
+            provider: provider.to_owned(),
+            ..Default::default()
+        };
+        assert_eq!(Providers(&[]).to_string(), "");
+        assert_eq!(
+            Providers(&[token("github"), token("google-oauth2")]).to_string(),
+            "github,google-oauth2"
         );
     }
 
