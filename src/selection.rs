@@ -5,26 +5,27 @@ use crate::auth0::{Identity, UserIdentities};
 use crate::error::BrokerError;
 
 /// What the caller asked for, from `provider` and `connection` of the request.
+/// It borrows them from the request: choosing copies no strings.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Selector {
+pub enum Selector<'a> {
     /// An identity of this provider (and connection, when given).
     Provider {
-        provider: String,
-        connection: Option<String>,
+        provider: &'a str,
+        connection: Option<&'a str>,
     },
     /// An identity of this connection, any provider.
-    Connection(String),
+    Connection(&'a str),
     /// The first identity that has a token.
     FirstWithToken,
 }
 
-impl Selector {
+impl<'a> Selector<'a> {
     /// Provider wins over connection; both empty means "the first with a token".
-    pub fn from_request(provider: &str, connection: &str) -> Self {
-        let connection = (!connection.is_empty()).then(|| connection.to_owned());
+    pub fn from_request(provider: &'a str, connection: &'a str) -> Self {
+        let connection = (!connection.is_empty()).then_some(connection);
         match (provider.is_empty(), connection) {
             (false, connection) => Self::Provider {
-                provider: provider.to_owned(),
+                provider,
                 connection,
             },
             (true, Some(connection)) => Self::Connection(connection),
@@ -39,9 +40,7 @@ impl Selector {
                 connection,
             } => {
                 identity.provider == *provider
-                    && connection
-                        .as_ref()
-                        .is_none_or(|c| identity.connection == *c)
+                    && connection.is_none_or(|c| identity.connection == c)
             }
             Self::Connection(connection) => identity.connection == *connection,
             Self::FirstWithToken => true,
@@ -69,15 +68,15 @@ impl Selector {
 /// token" skips the others, an explicit choice of one is PERMISSION_DENIED.
 pub fn select<'a>(
     user: &'a UserIdentities,
-    selector: &Selector,
+    selector: &Selector<'_>,
     allowed: &dyn Fn(&str) -> bool,
 ) -> Result<&'a Identity, BrokerError> {
-    let candidates: Vec<&Identity> = user
-        .identities
-        .iter()
-        .filter(|i| selector.matches(i))
-        .collect();
-    let Some(first) = candidates.first().copied() else {
+    // Iterators, not collected Vecs: this runs on every GetIdpToken, and
+    // users have a handful of identities, so walking them twice is cheaper
+    // than allocating.
+    let candidates = || user.identities.iter().filter(|i| selector.matches(i));
+    let with_token = || candidates().filter(|i| i.access_token.is_some());
+    let Some(first) = candidates().next() else {
         return Err(BrokerError::NoIdentity {
             wanted: selector.describe(),
         });
@@ -86,22 +85,18 @@ pub fn select<'a>(
         wanted,
         scope_missing: !user.idp_tokens_readable,
     };
-    let with_token: Vec<&Identity> = candidates
-        .into_iter()
-        .filter(|i| i.access_token.is_some())
-        .collect();
     if *selector == Selector::FirstWithToken {
-        if let Some(identity) = with_token.iter().find(|i| allowed(&i.provider)) {
+        if let Some(identity) = with_token().find(|i| allowed(&i.provider)) {
             return Ok(identity);
         }
-        return match with_token.first() {
+        return match with_token().next() {
             Some(denied) => Err(BrokerError::ProviderDenied {
                 provider: denied.provider.clone(),
             }),
             None => Err(no_token(selector.describe())),
         };
     }
-    let chosen = with_token.first().copied().unwrap_or(first);
+    let chosen = with_token().next().unwrap_or(first);
     if !allowed(&chosen.provider) {
         return Err(BrokerError::ProviderDenied {
             provider: chosen.provider.clone(),
@@ -149,7 +144,7 @@ mod tests {
 
     fn select_any<'a>(
         user: &'a UserIdentities,
-        selector: &Selector,
+        selector: &Selector<'_>,
     ) -> Result<&'a Identity, BrokerError> {
         select(user, selector, &|_| true)
     }

@@ -344,7 +344,7 @@ impl TokenBrokerService {
         &self,
         call: &CallContext,
         request: &GetIdpTokenRequest,
-        selector: &Selector,
+        selector: &Selector<'_>,
         binding: &mut IdTokenBinding,
     ) -> Result<IdpToken, BrokerError> {
         let rule = self.policy.current().rule_for(&call.caller)?;
