@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use moka::future::Cache;
 use moka::ops::compute::Op;
+use moka::sync::Cache as SyncCache;
 use moka::Expiry;
 use tokio::time::Instant as Deadline;
 
@@ -81,8 +82,12 @@ pub struct Lookup {
 pub struct IdentityStore {
     auth0: Auth0Client,
     management: Cache<(), Arc<ManagementToken>>,
-    /// Fresh entries, and expired ones kept for stale-if-error.
-    users: Cache<UserId, CachedUser>,
+    /// Fresh entries, and expired ones kept for stale-if-error. moka's
+    /// sync cache: a lookup's future then holds no moka future (700 bytes),
+    /// which keeps every RPC's boxed future small (see `cached_or_read`).
+    /// Its calls never wait on IO; housekeeping on reads only runs when its
+    /// lock is free.
+    users: SyncCache<UserId, CachedUser>,
     /// Holds nothing for longer than a read: its `try_get_with` is how
     /// concurrent reads of one user share one Auth0 call, whether the user is
     /// absent from `users` or only held there stale.
@@ -94,7 +99,7 @@ pub struct IdentityStore {
     last_invalidation: AtomicU64,
     /// When each user was last invalidated or refreshed; entries read before
     /// that are superseded. Lives as long as a user entry can.
-    invalidated_at: Cache<UserId, u64>,
+    invalidated_at: SyncCache<UserId, u64>,
     /// How long past its TTL an entry may be served when Auth0 fails.
     stale_if_error: Duration,
     /// How often a stale entry was served because Auth0 failed.
@@ -213,7 +218,7 @@ impl IdentityStore {
 
     /// Users held now, stale-if-error copies included (moka's count, settled first).
     pub async fn cached_users(&self) -> u64 {
-        self.users.run_pending_tasks().await;
+        self.users.run_pending_tasks();
         self.users.entry_count()
     }
 
@@ -238,7 +243,7 @@ impl IdentityStore {
     ) -> Result<Lookup, BrokerError> {
         let started = Instant::now();
         let cached = if bypass_cache {
-            self.mark_invalidated(user_id).await;
+            self.mark_invalidated(user_id);
             // Boxed like the read in `cached_or_read`: see there.
             Box::pin(self.read_and_keep(user_id, deadline)).await?
         } else {
@@ -262,9 +267,9 @@ impl IdentityStore {
         user_id: &UserId,
         deadline: Option<Deadline>,
     ) -> Result<CachedUser, BrokerError> {
-        let held = match self.users.get(user_id).await {
-            Some(entry) if self.superseded(user_id, &entry, u64::MAX).await => {
-                self.users.invalidate(user_id).await;
+        let held = match self.users.get(user_id) {
+            Some(entry) if self.superseded(user_id, &entry, u64::MAX) => {
+                self.users.invalidate(user_id);
                 None
             }
             Some(entry) if entry.is_fresh() => return Ok(entry),
@@ -287,7 +292,7 @@ impl IdentityStore {
     ) -> Result<CachedUser, BrokerError> {
         let lookup_started = self.tick();
         match self.shared_read(user_id, deadline).await {
-            Ok(read) if self.superseded(user_id, &read, lookup_started).await => {
+            Ok(read) if self.superseded(user_id, &read, lookup_started) => {
                 self.shared_read(user_id, deadline).await
             }
             Ok(read) => Ok(read),
@@ -298,13 +303,12 @@ impl IdentityStore {
     /// Whether the user was invalidated after `entry`'s read started and
     /// before logical time `before`: a lookup that began before an
     /// invalidation may still be answered with what was read before it.
-    async fn superseded(&self, user_id: &UserId, entry: &CachedUser, before: u64) -> bool {
+    fn superseded(&self, user_id: &UserId, entry: &CachedUser, before: u64) -> bool {
         if entry.read_started > self.last_invalidation.load(Ordering::SeqCst) {
             return false;
         }
         self.invalidated_at
             .get(user_id)
-            .await
             .is_some_and(|invalidated| entry.read_started < invalidated && invalidated < before)
     }
 
@@ -357,8 +361,8 @@ impl IdentityStore {
         deadline: Option<Deadline>,
     ) -> Result<CachedUser, Auth0Error> {
         let read = self.read_user(user_id, deadline).await?;
-        if !self.superseded(user_id, &read, u64::MAX).await {
-            self.users.insert(user_id.clone(), read.clone()).await;
+        if !self.superseded(user_id, &read, u64::MAX) {
+            self.users.insert(user_id.clone(), read.clone());
         }
         Ok(read)
     }
@@ -366,13 +370,13 @@ impl IdentityStore {
     /// Drops the cached user, so the next lookup reads Auth0 (and no stale
     /// copy of it is ever served).
     pub async fn invalidate(&self, user_id: &UserId) {
-        self.mark_invalidated(user_id).await;
-        self.users.invalidate(user_id).await;
+        self.mark_invalidated(user_id);
+        self.users.invalidate(user_id);
     }
 
-    async fn mark_invalidated(&self, user_id: &UserId) {
+    fn mark_invalidated(&self, user_id: &UserId) {
         let now = self.tick();
-        self.invalidated_at.insert(user_id.clone(), now).await;
+        self.invalidated_at.insert(user_id.clone(), now);
         self.last_invalidation.fetch_max(now, Ordering::SeqCst);
     }
 
@@ -486,16 +490,19 @@ impl IdentityStore {
 }
 
 /// The user cache, keeping entries `stale_if_error` past their freshness.
-fn users_cache(settings: &CacheSettings, stale_if_error: Duration) -> Cache<UserId, CachedUser> {
-    Cache::builder()
+fn users_cache(
+    settings: &CacheSettings,
+    stale_if_error: Duration,
+) -> SyncCache<UserId, CachedUser> {
+    SyncCache::builder()
         .max_capacity(settings.user_capacity)
         .expire_after(UserExpiry { stale_if_error })
         .build()
 }
 
 /// Invalidation stamps, kept as long as the entry they may supersede.
-fn stamps_cache(settings: &CacheSettings, stale_if_error: Duration) -> Cache<UserId, u64> {
-    Cache::builder()
+fn stamps_cache(settings: &CacheSettings, stale_if_error: Duration) -> SyncCache<UserId, u64> {
+    SyncCache::builder()
         .max_capacity(settings.user_capacity)
         .time_to_live(
             settings
