@@ -152,6 +152,18 @@ impl CallContext {
         if let std::task::Poll::Ready(result) = futures::poll!(work.as_mut()) {
             return result;
         }
+        // Boxed: only work that waits (a cache miss) needs the timers, and
+        // inline they would push every RPC's boxed future past 1 KiB, where
+        // glibc's malloc leaves its per-thread cache and consolidates.
+        Box::pin(self.race(drain, work)).await
+    }
+
+    /// `work` against the caller's deadline and the end of the grace period.
+    async fn race<T>(
+        &self,
+        drain: &Drain,
+        work: Pin<&mut impl Future<Output = Result<T, BrokerError>>>,
+    ) -> Result<T, BrokerError> {
         let deadline = async {
             match self.deadline {
                 Some(deadline) => {
