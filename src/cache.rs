@@ -27,7 +27,7 @@ use tokio::time::Instant as Deadline;
 use crate::auth0::{Auth0Client, Auth0Error, ManagementToken, UserIdentities};
 use crate::config::CacheSettings;
 use crate::error::BrokerError;
-use crate::stats;
+use crate::stats::{self, CacheOutcome};
 use crate::user_id::UserId;
 
 /// A user as the cache holds it: found, or known not to exist.
@@ -252,7 +252,11 @@ impl IdentityStore {
         match cached.state {
             UserState::Found(user) => {
                 let from_cache = user.fetched_instant < started;
-                stats::cache_lookup(if from_cache { "hit" } else { "miss" });
+                stats::cache_lookup(if from_cache {
+                    CacheOutcome::Hit
+                } else {
+                    CacheOutcome::Miss
+                });
                 Ok(Lookup { from_cache, user })
             }
             UserState::NotFound => Err(BrokerError::UserNotFound),
@@ -325,7 +329,7 @@ impl IdentityStore {
             return Err(error);
         };
         self.stale_serves.fetch_add(1, Ordering::Relaxed);
-        stats::cache_lookup("stale");
+        stats::cache_lookup(CacheOutcome::Stale);
         tracing::warn!(
             user_id = %user_id,
             age_secs = stale.age().as_secs(),
