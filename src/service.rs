@@ -423,7 +423,9 @@ impl TokenBrokerService {
             .id_tokens
             .as_ref()
             .ok_or(BrokerError::IdTokensNotConfigured)?;
-        let verified = verifier.verify(id_token).await.map_err(|error| {
+        // Boxed: the JWKS fetch it may make would otherwise sit inline in
+        // every request's future, ID token or not (see `cache::lookup`).
+        let verified = Box::pin(verifier.verify(id_token)).await.map_err(|error| {
             stats::id_token_verified(error.check());
             BrokerError::IdTokenRefused(error)
         })?;
