@@ -112,7 +112,14 @@ def main() -> int:
     parser.add_argument("--ca", required=True, help="PEM CA that signed the broker's certificate")
     parser.add_argument("--cert", required=True, help="PEM client certificate")
     parser.add_argument("--key", required=True, help="PEM key of the client certificate")
-    parser.add_argument("--user-id", required=True, help="Auth0 user id, e.g. 'github|1234567'")
+    parser.add_argument(
+        "--user-id", default="", help="Auth0 user id, e.g. 'github|1234567' (optional with --id-token)"
+    )
+    parser.add_argument(
+        "--id-token",
+        default="",
+        help="the signed-in user's Auth0 ID token: only that user's tokens are released",
+    )
     parser.add_argument("--provider", default="", help="identity provider, e.g. github")
     parser.add_argument("--connection", default="", help="Auth0 connection, when --provider is not given")
     parser.add_argument("--server-name", default="", help="name to verify the broker's certificate against, if not the target host")
@@ -131,7 +138,10 @@ def main() -> int:
 
     pb2, pb2_grpc = load_stubs()
     request = pb2.GetIdpTokenRequest(
-        user_id=args.user_id, provider=args.provider, connection=args.connection
+        user_id=args.user_id,
+        provider=args.provider,
+        connection=args.connection,
+        id_token=args.id_token,
     )
     with grpc.secure_channel(args.target, credentials, options=options) as channel:
         stub = pb2_grpc.TokenBrokerStub(channel)

@@ -13,7 +13,7 @@
 //! cargo run --manifest-path examples/rust-client/Cargo.toml -- \
 //!   --target 127.0.0.1:50051 --ca .tokenbroker-dev/ca.pem \
 //!   --cert .tokenbroker-dev/client.pem --key .tokenbroker-dev/client.key \
-//!   --user-id 'github|1234567' --provider github
+//!   --user-id 'github|1234567' --provider github   # or --id-token "$ID_TOKEN"
 //! ```
 //!
 //! Exit codes: 0 token received, 1 the broker refused or failed, 2 bad usage
@@ -55,9 +55,13 @@ struct Args {
     /// PEM key of the client certificate
     #[arg(long)]
     key: PathBuf,
-    /// Auth0 user id, e.g. 'github|1234567'
-    #[arg(long)]
+    /// Auth0 user id, e.g. 'github|1234567' (may be left out when --id-token names the user)
+    #[arg(long, default_value = "")]
     user_id: String,
+    /// The signed-in user's Auth0 ID token: the broker releases only that user's tokens
+    /// (required for callers whose policy says require_id_token = true)
+    #[arg(long, default_value = "")]
+    id_token: String,
     /// Identity provider, e.g. github
     #[arg(long, default_value = "")]
     provider: String,
@@ -91,6 +95,7 @@ async fn main() -> ExitCode {
         provider: args.provider.clone(),
         connection: args.connection.clone(),
         bypass_cache: false,
+        id_token: args.id_token.clone(),
     };
     let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
     let mut attempt = 0;
