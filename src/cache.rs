@@ -53,20 +53,15 @@ impl CachedUser {
         Instant::now() < self.fresh_until
     }
 
-    /// A found user none of whose tokens is known to have expired.
-    fn servable_stale(&self) -> bool {
+    /// How old the entry is, if it may be served stale: a found user none
+    /// of whose tokens is known to have expired.
+    fn stale_age(&self) -> Option<Duration> {
         match &self.state {
             UserState::Found(user) => user
                 .earliest_token_expiry()
-                .is_none_or(|expiry| expiry > SystemTime::now()),
-            UserState::NotFound => false,
-        }
-    }
-
-    fn age(&self) -> Duration {
-        match &self.state {
-            UserState::Found(user) => user.fetched_instant.elapsed(),
-            UserState::NotFound => Duration::ZERO,
+                .is_none_or(|expiry| expiry > SystemTime::now())
+                .then(|| user.fetched_instant.elapsed()),
+            UserState::NotFound => None,
         }
     }
 }
@@ -100,8 +95,6 @@ pub struct IdentityStore {
     /// When each user was last invalidated or refreshed; entries read before
     /// that are superseded. Lives as long as a user entry can.
     invalidated_at: SyncCache<UserId, u64>,
-    /// How long past its TTL an entry may be served when Auth0 fails.
-    stale_if_error: Duration,
     /// How often a stale entry was served because Auth0 failed.
     stale_serves: AtomicU64,
     settings: CacheSettings,
@@ -200,7 +193,6 @@ impl IdentityStore {
             clock: AtomicU64::new(1),
             last_invalidation: AtomicU64::new(0),
             invalidated_at: stamps_cache(&settings, DEFAULT_STALE_IF_ERROR),
-            stale_if_error: DEFAULT_STALE_IF_ERROR,
             stale_serves: AtomicU64::new(0),
             settings,
         }
@@ -210,7 +202,6 @@ impl IdentityStore {
     /// token past its known expiry); zero turns stale-if-error off. Call it
     /// before the first lookup: it starts with an empty user cache.
     pub fn with_stale_if_error(mut self, window: Duration) -> Self {
-        self.stale_if_error = window;
         self.users = users_cache(&self.settings, window);
         self.invalidated_at = stamps_cache(&self.settings, window);
         self
@@ -325,14 +316,16 @@ impl IdentityStore {
         error: BrokerError,
     ) -> Result<CachedUser, BrokerError> {
         let auth0_failing = matches!(error, BrokerError::Unavailable { .. });
-        let Some(stale) = held.filter(|entry| auth0_failing && entry.servable_stale()) else {
+        let servable = held.filter(|_| auth0_failing);
+        let Some((age, stale)) = servable.and_then(|entry| Some((entry.stale_age()?, entry)))
+        else {
             return Err(error);
         };
         self.stale_serves.fetch_add(1, Ordering::Relaxed);
         stats::cache_lookup(CacheOutcome::Stale);
         tracing::warn!(
             user_id = %user_id,
-            age_secs = stale.age().as_secs(),
+            age_secs = age.as_secs(),
             %error,
             "Auth0 failing: serving a stale cached user"
         );
