@@ -222,11 +222,6 @@ impl IdTokenVerifier {
         }
     }
 
-    /// The settings this verifier was built with.
-    pub fn settings(&self) -> &IdTokenSettings {
-        &self.inner.settings
-    }
-
     /// Checks `token` completely (see the module docs) and returns who it proves.
     pub async fn verify(&self, token: &str) -> Result<VerifiedIdToken, IdTokenError> {
         let kid = key_id(token)?;

@@ -74,8 +74,9 @@ pub struct Broker {
     pub store: Arc<IdentityStore>,
     pub policy: Arc<PolicyStore>,
     pub tls: Arc<TlsStore>,
-    /// `None` when no ID-token audience is configured.
-    pub id_tokens: Option<Arc<IdTokenVerifier>>,
+    /// `None` when no ID-token audience is configured. Cheap to clone: clones
+    /// share the JWKS cache.
+    pub id_tokens: Option<IdTokenVerifier>,
 }
 
 impl Broker {
@@ -91,7 +92,7 @@ impl Broker {
     ) -> Result<Self, ServerError> {
         let auth0 = Auth0Client::with_limits(auth0, resilience.outbound)?;
         let id_tokens =
-            id_token.map(|settings| Arc::new(IdTokenVerifier::new(settings, auth0.http_client())));
+            id_token.map(|settings| IdTokenVerifier::new(settings, auth0.http_client()));
         Ok(Self {
             store: Arc::new(
                 IdentityStore::new(auth0, cache).with_stale_if_error(resilience.stale_if_error),

@@ -47,7 +47,7 @@ pub struct TokenBrokerService {
     store: Arc<IdentityStore>,
     policy: Arc<PolicyStore>,
     /// `None` when the operator configured no ID-token audience.
-    id_tokens: Option<Arc<IdTokenVerifier>>,
+    id_tokens: Option<IdTokenVerifier>,
     /// Ends in-flight RPCs with UNAVAILABLE when the shutdown grace period is over.
     drain: Drain,
 }
@@ -63,7 +63,7 @@ impl TokenBrokerService {
     pub fn server(
         store: Arc<IdentityStore>,
         policy: Arc<PolicyStore>,
-        id_tokens: Option<Arc<IdTokenVerifier>>,
+        id_tokens: Option<IdTokenVerifier>,
         drain: Drain,
     ) -> TokenBrokerGrpc {
         TokenBrokerServer::with_interceptor(

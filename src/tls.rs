@@ -8,7 +8,6 @@
 //! per connection (in [`Peer`]) rather than parsed again on every request.
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -183,8 +182,6 @@ pub struct Peer {
     /// The caller id of the verified client certificate; `None` if the
     /// certificate names nobody (no URI or DNS SAN and no CN).
     pub caller: Option<Arc<str>>,
-    /// The client's address, for log lines about the connection.
-    pub remote_addr: Option<SocketAddr>,
 }
 
 /// An mTLS connection that passed the handshake, with its [`Peer`].
@@ -195,14 +192,13 @@ pub struct AuthenticatedStream {
 
 impl AuthenticatedStream {
     fn new(inner: TlsStream<TcpStream>) -> Self {
-        let (tcp, session) = inner.get_ref();
+        let (_, session) = inner.get_ref();
         let peer = Peer {
             caller: session
                 .peer_certificates()
                 .and_then(|certs| certs.first())
                 .and_then(caller_id)
                 .map(Arc::from),
-            remote_addr: tcp.peer_addr().ok(),
         };
         Self { inner, peer }
     }
