@@ -20,7 +20,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -233,10 +233,12 @@ impl IdTokenVerifier {
 
     /// The checks jsonwebtoken leaves to us: `iat` not in the future, `sub` not empty.
     fn accept(&self, claims: Claims) -> Result<VerifiedIdToken, IdTokenError> {
-        let leeway = i64::try_from(self.inner.settings.leeway.as_secs()).unwrap_or(i64::MAX);
+        // jsonwebtoken's clock, the one it checks `exp` and `nbf` against.
+        let latest_iat = jsonwebtoken::get_current_timestamp()
+            .saturating_add(self.inner.settings.leeway.as_secs());
         if claims
             .iat
-            .is_some_and(|iat| iat > epoch_secs().saturating_add(leeway))
+            .is_some_and(|iat| u64::try_from(iat).is_ok_and(|iat| iat > latest_iat))
         {
             return Err(IdTokenError::IssuedInFuture);
         }
@@ -450,14 +452,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-fn epoch_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX)
-        })
 }
 
 #[cfg(test)]

@@ -402,7 +402,8 @@ fn rate_limited(retry_after: Option<u64>, reset_in_secs: u64) -> Response {
     response
 }
 
-fn epoch_secs() -> u64 {
+/// Now, in Unix seconds: rate-limit resets and ID-token times.
+pub(super) fn epoch_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs())

@@ -5,14 +5,13 @@
 //! `{base_url}/` (with the trailing slash), `aud`, `sub`, `iat`, `exp`. [`IdTokenSpec`]
 //! changes any of that to build the tokens a verifier must refuse.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use super::handlers::epoch_secs;
 use super::signing::{self, FixtureKey};
 
 /// Lifetime of an ID token unless the spec says otherwise (Auth0's default is 10 h; 1 h is
@@ -111,7 +110,8 @@ pub(crate) struct Tenant<'a> {
 
 /// Builds the token `spec` describes.
 pub(crate) fn issue(spec: &IdTokenSpec, tenant: &Tenant<'_>) -> String {
-    let claims = claims(spec, tenant, epoch_secs());
+    let now = i64::try_from(epoch_secs()).unwrap_or(i64::MAX);
+    let claims = claims(spec, tenant, now);
     let current = signing::key(tenant.current_key);
     let kid = match &spec.kid {
         KidHeader::CurrentKey => Some(current.kid.to_owned()),
@@ -175,12 +175,4 @@ fn unsigned(claims: &Value) -> String {
     let header = URL_SAFE_NO_PAD.encode(header.to_string());
     let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
     format!("{header}.{payload}.")
-}
-
-fn epoch_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX)
-        })
 }

@@ -1,6 +1,7 @@
 //! Shared, mutable state of one emulator: issued Management tokens, users, queued faults,
-//! call counters and which ID-token signing keys are current and published. Everything sits behind one `std::sync::Mutex` that is never held across an
-//! `.await`, and nothing is global, so many emulators can run in one process.
+//! call counters and which ID-token signing keys are current and published. Everything sits
+//! behind one `std::sync::Mutex` that is never held across an `.await`, and nothing is
+//! global, so many emulators can run in one process.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
