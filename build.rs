@@ -15,6 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Requests that do not decode are INVALID_ARGUMENT, audited (src/service/codec.rs).
+        .codec_path("crate::service::codec::BrokerCodec")
         .compile_fds(file_descriptors)?;
     Ok(())
 }

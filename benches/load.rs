@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokenbroker::auth0::{Auth0Client, OutboundLimits};
+use tokenbroker::budget::{CallerBudgets, ShareSettings};
 use tokenbroker::cache::{IdentityStore, DEFAULT_STALE_IF_ERROR};
 use tokenbroker::config::{Auth0Settings, CacheSettings, RunSettings, TlsFiles};
 use tokenbroker::emulator::{Emulator, EmulatorConfig};
@@ -307,6 +308,12 @@ async fn start_broker(
     let broker = Broker {
         store: store.clone(),
         policy: Arc::new(PolicyStore::fixed(Policy::allow_any())),
+        budgets: Arc::new(CallerBudgets::new(ShareSettings {
+            rate_per_second: open_limits().rate_per_second,
+            burst: open_limits().burst,
+            share: 1.0,
+            max_wait: open_limits().max_wait,
+        })),
         tls: pki.tls.clone(),
         id_tokens: None,
     };

@@ -25,6 +25,7 @@ use moka::Expiry;
 use tokio::time::Instant as Deadline;
 
 use crate::auth0::{Auth0Client, Auth0Error, ManagementToken, UserIdentities};
+use crate::budget::CallerShare;
 use crate::config::CacheSettings;
 use crate::error::BrokerError;
 use crate::stats::{self, CacheOutcome};
@@ -62,6 +63,27 @@ impl CachedUser {
                 .is_none_or(|expiry| expiry > SystemTime::now())
                 .then(|| user.fetched_instant.elapsed()),
             UserState::NotFound => None,
+        }
+    }
+}
+
+/// Why a shared read gave no user.
+enum SharedReadError {
+    /// The read failed (Auth0, or this caller's own share).
+    Failed(BrokerError),
+    /// Another caller ran the read and its share was spent: nothing about
+    /// this caller, which may try on its own share.
+    OthersShareSpent,
+}
+
+impl SharedReadError {
+    fn into_broker_error(self) -> BrokerError {
+        match self {
+            Self::Failed(error) => error,
+            Self::OthersShareSpent => BrokerError::Auth0RateLimited {
+                reason: "another caller's share of the Auth0 budget is spent".to_owned(),
+                retry_after: None,
+            },
         }
     }
 }
@@ -222,24 +244,39 @@ impl IdentityStore {
         self.clock.fetch_add(1, Ordering::SeqCst)
     }
 
-    /// The user's identities, from cache unless `bypass_cache`. Calls to
-    /// Auth0 made for this lookup stop retrying before `deadline`. When Auth0
-    /// fails, a recently expired entry may be served (stale-if-error), but
-    /// never to a `bypass_cache` request, which asked for a fresh read.
+    /// The user's identities, from cache when fresh, else read from Auth0
+    /// at the cost of one request of `share`. Calls to Auth0 made for this
+    /// lookup stop retrying before `deadline`. When Auth0 fails, a recently
+    /// expired entry may be served (stale-if-error).
     pub async fn lookup(
         &self,
         user_id: &UserId,
-        bypass_cache: bool,
+        share: CallerShare<'_>,
         deadline: Option<Deadline>,
     ) -> Result<Lookup, BrokerError> {
         let started = Instant::now();
-        let cached = if bypass_cache {
-            self.mark_invalidated(user_id);
-            // Boxed like the read in `cached_or_read`: see there.
-            Box::pin(self.read_and_keep(user_id, deadline)).await?
-        } else {
-            self.cached_or_read(user_id, deadline).await?
-        };
+        let cached = self.cached_or_read(user_id, share, deadline).await?;
+        Self::answer(cached, started)
+    }
+
+    /// The user's identities read from Auth0 now (`bypass_cache`), at the
+    /// cost of one request of `share`; whatever was cached is superseded.
+    /// Never answered stale: the caller asked for a fresh read.
+    pub async fn reread(
+        &self,
+        user_id: &UserId,
+        share: CallerShare<'_>,
+        deadline: Option<Deadline>,
+    ) -> Result<Lookup, BrokerError> {
+        let started = Instant::now();
+        self.mark_invalidated(user_id);
+        share.spend(deadline).await?;
+        // Boxed like the read in `cached_or_read`: see there.
+        let cached = Box::pin(self.read_and_keep(user_id, deadline)).await?;
+        Self::answer(cached, started)
+    }
+
+    fn answer(cached: CachedUser, started: Instant) -> Result<Lookup, BrokerError> {
         match cached.state {
             UserState::Found(user) => {
                 let from_cache = user.fetched_instant < started;
@@ -260,6 +297,7 @@ impl IdentityStore {
     async fn cached_or_read(
         &self,
         user_id: &UserId,
+        share: CallerShare<'_>,
         deadline: Option<Deadline>,
     ) -> Result<CachedUser, BrokerError> {
         let held = match self.users.get(user_id) {
@@ -274,21 +312,23 @@ impl IdentityStore {
         // moka's read coalescing and the Auth0 calls). Inline, every lookup's
         // future, and so every RPC's, would be that large: allocated and
         // copied per request even when the answer is a cache hit.
-        Box::pin(self.read_or_stale(user_id, held, deadline)).await
+        Box::pin(self.read_or_stale(user_id, held, share, deadline)).await
     }
 
     /// One shared read of Auth0 for a user not freshly cached; `held` is the
-    /// expired copy, if any, served when Auth0 is failing (stale-if-error).
+    /// expired copy, if any, served when Auth0 is failing (stale-if-error)
+    /// or when the caller's share of the Auth0 budget is spent.
     async fn read_or_stale(
         &self,
         user_id: &UserId,
         held: Option<CachedUser>,
+        share: CallerShare<'_>,
         deadline: Option<Deadline>,
     ) -> Result<CachedUser, BrokerError> {
         let lookup_started = self.tick();
-        match self.shared_read(user_id, deadline).await {
+        match self.shared_read(user_id, share, deadline).await {
             Ok(read) if self.superseded(user_id, &read, lookup_started) => {
-                self.shared_read(user_id, deadline).await
+                self.shared_read(user_id, share, deadline).await
             }
             Ok(read) => Ok(read),
             Err(error) => self.stale_or(user_id, held, error),
@@ -315,7 +355,7 @@ impl IdentityStore {
         held: Option<CachedUser>,
         error: BrokerError,
     ) -> Result<CachedUser, BrokerError> {
-        let auth0_failing = matches!(error, BrokerError::Unavailable { .. });
+        let auth0_failing = error.is_auth0_failing();
         let servable = held.filter(|_| auth0_failing);
         let Some((age, stale)) = servable.and_then(|entry| Some((entry.stale_age()?, entry)))
         else {
@@ -324,7 +364,7 @@ impl IdentityStore {
         self.stale_serves.fetch_add(1, Ordering::Relaxed);
         stats::cache_lookup(CacheOutcome::Stale);
         tracing::warn!(
-            user_id = %user_id,
+            user_id = user_id.as_str(),
             age_secs = age.as_secs(),
             %error,
             "Auth0 failing: serving a stale cached user"
@@ -332,22 +372,58 @@ impl IdentityStore {
         Ok(stale)
     }
 
-    /// Concurrent reads share one. If the caller whose future runs the
+    /// Concurrent reads share one, paid for from the share of the caller
+    /// whose future runs it; callers that join it pay nothing. If that
+    /// caller's share is spent, the joiners are not refused for it: each
+    /// tries once more on its own share. If the caller whose future runs the
     /// read goes away, moka hands the read to a caller still waiting; when
     /// none is left, nothing keeps running.
     async fn shared_read(
         &self,
         user_id: &UserId,
+        share: CallerShare<'_>,
         deadline: Option<Deadline>,
     ) -> Result<CachedUser, BrokerError> {
+        match self.shared_read_once(user_id, share, deadline).await {
+            Err(SharedReadError::OthersShareSpent) => {
+                match self.shared_read_once(user_id, share, deadline).await {
+                    Err(SharedReadError::OthersShareSpent) => Err(BrokerError::Auth0RateLimited {
+                        reason: "Auth0 reads for this user are refused: the callers asking have spent their share of the Auth0 budget".to_owned(),
+                        retry_after: None,
+                    }),
+                    other => other.map_err(SharedReadError::into_broker_error),
+                }
+            }
+            other => other.map_err(SharedReadError::into_broker_error),
+        }
+    }
+
+    async fn shared_read_once(
+        &self,
+        user_id: &UserId,
+        share: CallerShare<'_>,
+        deadline: Option<Deadline>,
+    ) -> Result<CachedUser, SharedReadError> {
+        let ran_here = std::sync::atomic::AtomicBool::new(false);
         let read = self
             .reads
-            .try_get_with_by_ref(user_id, self.read_and_keep(user_id, deadline))
+            .try_get_with_by_ref(user_id, async {
+                ran_here.store(true, Ordering::Relaxed);
+                share.spend(deadline).await?;
+                self.read_and_keep(user_id, deadline)
+                    .await
+                    .map_err(BrokerError::from)
+            })
             .await;
         // The read is over and its waiters have their answer: the next miss
         // must read Auth0 again, not reuse this one.
         self.reads.invalidate(user_id).await;
-        read.map_err(|shared| BrokerError::from((*shared).clone()))
+        read.map_err(|shared| match &*shared {
+            BrokerError::CallerShareSpent { .. } if !ran_here.load(Ordering::Relaxed) => {
+                SharedReadError::OthersShareSpent
+            }
+            error => SharedReadError::Failed(error.clone()),
+        })
     }
 
     /// Reads the user from Auth0 and caches the answer, unless an

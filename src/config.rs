@@ -94,6 +94,10 @@ pub struct CommonArgs {
     #[arg(long, env = "TOKENBROKER_AUTH0_MAX_ATTEMPTS", default_value_t = 3)]
     pub auth0_max_attempts: u32,
 
+    /// The fraction (0 to 1) of the Auth0 rate and burst one caller may spend, so no caller can starve the others.
+    #[arg(long, env = "TOKENBROKER_AUTH0_CALLER_SHARE", default_value_t = crate::budget::DEFAULT_CALLER_SHARE)]
+    pub auth0_caller_share: f64,
+
     /// How long past its TTL a cached user may be served while Auth0 fails (0 turns it off).
     #[arg(long, env = "TOKENBROKER_STALE_IF_ERROR", default_value = "10m", value_parser = humantime::parse_duration)]
     pub stale_if_error: Duration,
@@ -214,6 +218,8 @@ pub enum ConfigError {
     ZeroDuration { name: &'static str },
     #[error("{name} must be at least 1")]
     Zero { name: &'static str },
+    #[error("TOKENBROKER_AUTH0_CALLER_SHARE {0}: must be more than 0 and at most 1")]
+    CallerShare(f64),
     #[error("no caller policy: give TOKENBROKER_POLICY (a policy file) or, to let every caller with a client-CA certificate call every RPC, --allow-any-caller")]
     NoPolicy,
     #[error("give either TOKENBROKER_POLICY or --allow-any-caller, not both")]
@@ -225,6 +231,8 @@ pub enum ConfigError {
 pub struct ResilienceSettings {
     pub outbound: OutboundLimits,
     pub stale_if_error: Duration,
+    /// The fraction of the Auth0 budget one caller may spend, in (0, 1].
+    pub caller_share: f64,
 }
 
 /// How the server behaves around shutdown and reloads.
@@ -347,6 +355,9 @@ impl CommonArgs {
                 name: "TOKENBROKER_AUTH0_MAX_ATTEMPTS",
             });
         }
+        if !(self.auth0_caller_share > 0.0 && self.auth0_caller_share <= 1.0) {
+            return Err(ConfigError::CallerShare(self.auth0_caller_share));
+        }
         Ok(ResilienceSettings {
             outbound: OutboundLimits {
                 rate_per_second: self.auth0_rate_limit,
@@ -356,6 +367,7 @@ impl CommonArgs {
                 max_wait: self.auth0_timeout,
             },
             stale_if_error: self.stale_if_error,
+            caller_share: self.auth0_caller_share,
         })
     }
 

@@ -2,6 +2,7 @@
 //! errors become `tonic::Status`. Messages say what happened and what to do;
 //! none carries a token or secret.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tonic::{Code, Status};
@@ -9,15 +10,27 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::auth0::Auth0Error;
 use crate::id_token::IdTokenError;
+use crate::logsafe::capped;
 use crate::user_id::InvalidUserId;
 
 /// Why an RPC did not release a token.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
+    /// The `user_id` cannot name an Auth0 user (or Auth0 refused it as one).
     #[error("{0}")]
-    InvalidArgument(String),
+    InvalidUserId(String),
+    /// The request is not a valid message of the API (truncated protobuf,
+    /// invalid UTF-8 in a string field).
+    #[error(
+        "the request is not a valid tokenbroker.v1.{0} message; check the client's generated code"
+    )]
+    MalformedRequest(&'static str),
+    /// The caller's certificate names nobody, or nobody the policy lists.
     #[error("{0}")]
-    PermissionDenied(String),
+    CallerUnknown(String),
+    /// The caller is listed, but not for this RPC or option.
+    #[error("{0}")]
+    RpcNotAllowed(String),
     #[error("this caller may not receive {provider:?} tokens; ask the operator to extend the broker's policy")]
     ProviderDenied { provider: String },
     #[error("this caller must send the user's ID token (id_token): the policy says require_id_token = true")]
@@ -38,11 +51,22 @@ pub enum BrokerError {
     NoToken { wanted: String, scope_missing: bool },
     #[error("the broker's Management API token lacks a scope ({0}); grant read:users and read:user_idp_tokens to the broker's Auth0 application")]
     ManagementScopeMissing(String),
+    /// Auth0 is unreachable or failing; retrying later may succeed.
     #[error("{reason}; retry later")]
-    Unavailable {
+    Auth0Unavailable {
         reason: String,
         retry_after: Option<Duration>,
     },
+    /// Auth0 answered 429 past the retry budget, or the broker's own budget
+    /// for Auth0 (or this caller's share of it) is spent.
+    #[error("{reason}; retry later")]
+    Auth0RateLimited {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// The caller has spent its share of the Auth0 budget (`--auth0-caller-share`).
+    #[error("this caller has spent its share of the broker's Auth0 budget; retry later")]
+    CallerShareSpent { retry_after: Duration },
     #[error("Auth0 rejected the broker's own credentials ({0}); an operator must fix AUTH0_CLIENT_ID/SECRET or the application's grants")]
     CredentialsRejected(String),
     #[error("the caller's deadline passed before Auth0 answered")]
@@ -52,6 +76,9 @@ pub enum BrokerError {
     #[error("{0}")]
     Internal(String),
 }
+
+/// `domain` of every `google.rpc.ErrorInfo` the broker sends.
+pub const ERROR_DOMAIN: &str = "tokenbroker";
 
 fn no_token_message(wanted: &str, scope_missing: bool) -> String {
     if scope_missing {
@@ -67,24 +94,28 @@ fn no_token_message(wanted: &str, scope_missing: bool) -> String {
 
 impl From<InvalidUserId> for BrokerError {
     fn from(error: InvalidUserId) -> Self {
-        Self::InvalidArgument(error.to_string())
+        Self::InvalidUserId(error.to_string())
     }
 }
 
 impl From<Auth0Error> for BrokerError {
     fn from(error: Auth0Error) -> Self {
         match error {
-            Auth0Error::Unreachable(_) | Auth0Error::Timeout => Self::Unavailable {
+            Auth0Error::Unreachable(_) | Auth0Error::Timeout => Self::Auth0Unavailable {
                 reason: error.to_string(),
                 retry_after: None,
             },
-            Auth0Error::RateLimited { .. }
-            | Auth0Error::ServerError { .. }
-            | Auth0Error::Throttled { .. } => Self::Unavailable {
+            Auth0Error::ServerError { .. } => Self::Auth0Unavailable {
                 retry_after: error.retry_after(),
                 reason: error.to_string(),
             },
-            Auth0Error::ManagementTokenRejected => Self::Unavailable {
+            Auth0Error::RateLimited { .. } | Auth0Error::Throttled { .. } => {
+                Self::Auth0RateLimited {
+                    retry_after: error.retry_after(),
+                    reason: error.to_string(),
+                }
+            }
+            Auth0Error::ManagementTokenRejected => Self::Auth0Unavailable {
                 reason: "Auth0 rejected a freshly issued Management API token".to_owned(),
                 retry_after: None,
             },
@@ -95,7 +126,7 @@ impl From<Auth0Error> for BrokerError {
                 status: 400,
                 message,
                 ..
-            } => Self::InvalidArgument(format!("Auth0 refused the user_id: {message}")),
+            } => Self::InvalidUserId(format!("Auth0 refused the user_id: {message:?}")),
             Auth0Error::Unexpected { .. } | Auth0Error::InvalidBody(_) => {
                 Self::Internal(error.to_string())
             }
@@ -104,13 +135,16 @@ impl From<Auth0Error> for BrokerError {
 }
 
 impl BrokerError {
-    /// The gRPC code of DESIGN.md's status table.
+    /// The gRPC code of the README's status table.
     pub fn code(&self) -> Code {
         match self {
-            Self::InvalidArgument(_) | Self::IdTokenSubjectMismatch => Code::InvalidArgument,
-            Self::PermissionDenied(_) | Self::ProviderDenied { .. } | Self::IdTokenRequired => {
-                Code::PermissionDenied
+            Self::InvalidUserId(_) | Self::MalformedRequest(_) | Self::IdTokenSubjectMismatch => {
+                Code::InvalidArgument
             }
+            Self::CallerUnknown(_)
+            | Self::RpcNotAllowed(_)
+            | Self::ProviderDenied { .. }
+            | Self::IdTokenRequired => Code::PermissionDenied,
             Self::IdTokenRefused(error) if error.is_unavailable() => Code::Unavailable,
             Self::IdTokenRefused(_) => Code::Unauthenticated,
             Self::IdTokensNotConfigured => Code::FailedPrecondition,
@@ -118,9 +152,75 @@ impl BrokerError {
             Self::NoToken { .. }
             | Self::ManagementScopeMissing(_)
             | Self::CredentialsRejected(_) => Code::FailedPrecondition,
-            Self::Unavailable { .. } | Self::ShuttingDown => Code::Unavailable,
+            Self::Auth0Unavailable { .. }
+            | Self::Auth0RateLimited { .. }
+            | Self::CallerShareSpent { .. }
+            | Self::ShuttingDown => Code::Unavailable,
             Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The `google.rpc.ErrorInfo` reason: what a program switches on, stable
+    /// across releases (the README lists them).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidUserId(_) => "INVALID_USER_ID",
+            Self::MalformedRequest(_) => "MALFORMED_REQUEST",
+            Self::IdTokenSubjectMismatch => "ID_TOKEN_SUBJECT_MISMATCH",
+            Self::CallerUnknown(_) => "CALLER_UNKNOWN",
+            Self::RpcNotAllowed(_) => "RPC_NOT_ALLOWED",
+            Self::ProviderDenied { .. } => "PROVIDER_NOT_ALLOWED",
+            Self::IdTokenRequired => "ID_TOKEN_REQUIRED",
+            Self::IdTokenRefused(error) if error.is_unavailable() => "AUTH0_UNAVAILABLE",
+            Self::IdTokenRefused(_) => "ID_TOKEN_INVALID",
+            Self::UserNotFound => "USER_NOT_FOUND",
+            Self::NoIdentity { .. } => "IDENTITY_NOT_LINKED",
+            Self::NoToken {
+                scope_missing: false,
+                ..
+            } => "TOKEN_NOT_STORED",
+            Self::NoToken { .. }
+            | Self::IdTokensNotConfigured
+            | Self::ManagementScopeMissing(_)
+            | Self::CredentialsRejected(_) => "BROKER_MISCONFIGURED",
+            Self::Auth0Unavailable { .. } => "AUTH0_UNAVAILABLE",
+            Self::Auth0RateLimited { .. } | Self::CallerShareSpent { .. } => "AUTH0_RATE_LIMITED",
+            Self::ShuttingDown => "SHUTTING_DOWN",
+            Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// Whether Auth0 itself is failing (not the caller, not the broker's
+    /// settings): only then may a stale cached copy be served.
+    pub fn is_auth0_failing(&self) -> bool {
+        matches!(
+            self,
+            Self::Auth0Unavailable { .. }
+                | Self::Auth0RateLimited { .. }
+                | Self::CallerShareSpent { .. }
+        )
+    }
+
+    /// How long the caller should wait before retrying, when known.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Auth0Unavailable { retry_after, .. }
+            | Self::Auth0RateLimited { retry_after, .. } => *retry_after,
+            Self::CallerShareSpent { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// ErrorInfo metadata: the provider a refusal is about, never a token,
+    /// secret or user id.
+    fn metadata(&self) -> HashMap<String, String> {
+        match self {
+            Self::ProviderDenied { provider } => {
+                HashMap::from([("provider".to_owned(), capped(provider).into_owned())])
+            }
+            _ => HashMap::new(),
         }
     }
 
@@ -141,21 +241,16 @@ impl BrokerError {
         )
     }
 
-    /// The status sent to the caller; UNAVAILABLE carries a `google.rpc.RetryInfo`
-    /// when Auth0 said how long to wait.
+    /// The status sent to the caller: its code, a message for humans, a
+    /// `google.rpc.ErrorInfo` (domain `tokenbroker`, [`Self::reason`]) for
+    /// programs, and a `google.rpc.RetryInfo` when the wait is known.
     pub fn to_status(&self) -> Status {
-        let message = self.to_string();
-        match self {
-            Self::Unavailable {
-                retry_after: Some(delay),
-                ..
-            } => Status::with_error_details(
-                Code::Unavailable,
-                message,
-                ErrorDetails::with_retry_info(Some(*delay)),
-            ),
-            _ => Status::new(self.code(), message),
+        let mut details =
+            ErrorDetails::with_error_info(self.reason(), ERROR_DOMAIN, self.metadata());
+        if let Some(delay) = self.retry_after() {
+            details.set_retry_info(Some(delay));
         }
+        Status::with_error_details(self.code(), self.to_string(), details)
     }
 }
 

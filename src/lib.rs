@@ -24,12 +24,15 @@
 //! `secrecy` types and never enter a log line or span field.
 
 pub mod auth0;
+pub mod budget;
 pub mod cache;
+pub mod caller;
 pub mod config;
 pub mod dev;
 pub mod emulator;
 pub mod error;
 pub mod id_token;
+pub mod logsafe;
 pub mod pki;
 pub mod policy;
 pub mod reload;

@@ -7,8 +7,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 /// Why certificates could not be made, loaded or written; names the file.
@@ -40,6 +40,16 @@ pub struct LeafSpec {
     pub uris: Vec<String>,
     /// Server (serverAuth) or client (clientAuth) certificate.
     pub server: bool,
+    /// Extensions added as given, DER and all: how tests make the broken or
+    /// repeated SAN extensions that hostile clients send.
+    pub raw_extensions: Vec<RawExtension>,
+}
+
+/// An X.509 extension by OID and DER content, written verbatim.
+#[derive(Debug, Clone)]
+pub struct RawExtension {
+    pub oid: Vec<u64>,
+    pub content: Vec<u8>,
 }
 
 impl LeafSpec {
@@ -52,8 +62,8 @@ impl LeafSpec {
                 IpAddr::from([127, 0, 0, 1]),
                 IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
             ],
-            uris: Vec::new(),
             server: true,
+            ..Self::default()
         }
     }
 
@@ -140,6 +150,14 @@ impl CertificateAuthority {
             params
                 .subject_alt_names
                 .push(SanType::URI(uri.as_str().try_into()?));
+        }
+        for raw in &spec.raw_extensions {
+            params
+                .custom_extensions
+                .push(CustomExtension::from_oid_content(
+                    &raw.oid,
+                    raw.content.clone(),
+                ));
         }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -235,35 +253,6 @@ pub fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), PkiE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::caller_id;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-
-    fn der(pem: &str) -> CertificateDer<'static> {
-        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
-    }
-
-    #[test]
-    fn caller_id_prefers_spiffe_then_dns_then_cn() {
-        let ca = CertificateAuthority::generate("test CA").unwrap();
-        let spiffe = ca
-            .issue(&LeafSpec::spiffe_client(
-                "spiffe://example.org/ns/prod/sa/billing",
-            ))
-            .unwrap();
-        let dns = ca.issue(&LeafSpec::dns_client("billing.prod.svc")).unwrap();
-        let cn = ca.issue(&LeafSpec::cn_client("billing")).unwrap();
-        assert_eq!(
-            caller_id(&der(&spiffe.cert_pem)).as_deref(),
-            Some("spiffe://example.org/ns/prod/sa/billing")
-        );
-        assert_eq!(
-            caller_id(&der(&dns.cert_pem)).as_deref(),
-            Some("billing.prod.svc")
-        );
-        assert_eq!(caller_id(&der(&cn.cert_pem)).as_deref(), Some("billing"));
-    }
-
     #[test]
     fn dev_pki_is_reused_on_the_next_run() {
         let dir = tempfile::tempdir().unwrap();

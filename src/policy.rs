@@ -8,9 +8,12 @@
 //! providers = ["github"]          # "*" for all
 //! invalidate = false              # may call InvalidateUser
 //! require_id_token = false        # true: only with the user's verified ID token
+//! bypass_cache = false            # true: may send bypass_cache (spends Auth0 budget)
 //! ```
 //! Unlisted callers are denied everything. Running with no policy at all
-//! needs an explicit `--allow-any-caller`.
+//! needs an explicit `--allow-any-caller`. An `id` names its kind (see
+//! [`crate::caller`]): a URI (`spiffe://…`) matches only a URI SAN, a bare
+//! name (or `dns:name`) only a DNS SAN, `cn:name` only a subject CN.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -18,7 +21,9 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::caller;
 use crate::error::BrokerError;
+use crate::logsafe::capped;
 
 /// Providers value that means "every provider".
 const ALL_PROVIDERS: &str = "*";
@@ -32,6 +37,9 @@ pub struct CallerRule {
     /// Must prove the user is present: token requests without the user's
     /// verified `id_token` are refused.
     pub require_id_token: bool,
+    /// May send `bypass_cache`: each such request is an Auth0 read, so it is
+    /// a privilege, refused (RPC_NOT_ALLOWED) to callers without it.
+    pub bypass_cache: bool,
 }
 
 /// The set is shared, so handing a caller its rule on every RPC
@@ -49,6 +57,7 @@ impl CallerRule {
             providers: Providers::All,
             invalidate: true,
             require_id_token: false,
+            bypass_cache: true,
         }
     }
 
@@ -107,6 +116,8 @@ struct CallerEntry {
     invalidate: bool,
     #[serde(default)]
     require_id_token: bool,
+    #[serde(default)]
+    bypass_cache: bool,
 }
 
 impl Policy {
@@ -140,19 +151,24 @@ impl Policy {
         let mut callers = HashMap::new();
         for entry in file.caller {
             let id_offset = entry.id.span().start;
-            let id = entry.id.into_inner();
-            if id.trim().is_empty() {
+            let raw_id = entry.id.into_inner();
+            if raw_id.trim().is_empty() {
                 return Err(invalid(id_offset, "caller id is empty".to_owned()));
             }
+            let id = caller::policy_id(&raw_id).map_err(|reason| invalid(id_offset, reason))?;
             let providers = parse_providers(entry.providers.get_ref())
                 .map_err(|reason| invalid(entry.providers.span().start, reason))?;
             let rule = CallerRule {
                 providers,
                 invalidate: entry.invalidate,
                 require_id_token: entry.require_id_token,
+                bypass_cache: entry.bypass_cache,
             };
-            if callers.insert(id.clone(), rule).is_some() {
-                return Err(invalid(id_offset, format!("caller {id:?} is listed twice")));
+            if callers.insert(id, rule).is_some() {
+                return Err(invalid(
+                    id_offset,
+                    format!("caller {raw_id:?} is listed twice"),
+                ));
             }
         }
         Ok(Self {
@@ -160,13 +176,14 @@ impl Policy {
         })
     }
 
-    /// The caller's rule, or PERMISSION_DENIED when the caller is not listed.
+    /// The caller's rule, or CALLER_UNKNOWN when the caller is not listed.
     pub fn rule_for(&self, caller: &str) -> Result<CallerRule, BrokerError> {
         match &self.mode {
             Mode::AllowAny => Ok(CallerRule::everything()),
             Mode::Listed(callers) => callers.get(caller).cloned().ok_or_else(|| {
-                BrokerError::PermissionDenied(format!(
-                    "caller {caller:?} is not in the broker's policy; ask the operator to add it"
+                BrokerError::CallerUnknown(format!(
+                    "caller {:?} is not in the broker's policy; ask the operator to add it",
+                    capped(caller)
                 ))
             }),
         }
@@ -285,6 +302,38 @@ mod tests {
         assert!(!rule.allows_provider("google-oauth2"));
         assert!(!rule.invalidate);
         assert!(!rule.require_id_token, "binding to an ID token is opt-in");
+        assert!(
+            !rule.bypass_cache,
+            "bypass_cache is a privilege, off unless granted"
+        );
+    }
+
+    #[test]
+    fn ids_match_only_their_own_kind() {
+        let policy = parse(
+            "[[caller]]\nid = \"spiffe://example.org/sa/reports\"\nproviders = [\"*\"]\n\n\
+             [[caller]]\nid = \"dns:billing.svc\"\nproviders = [\"*\"]\n\n\
+             [[caller]]\nid = \"cn:legacy\"\nproviders = [\"*\"]\nbypass_cache = true\n",
+        )
+        .unwrap();
+        assert!(policy.rule_for("spiffe://example.org/sa/reports").is_ok());
+        assert!(policy
+            .rule_for("cn:spiffe://example.org/sa/reports")
+            .is_err());
+        assert!(policy.rule_for("billing.svc").is_ok());
+        assert!(policy.rule_for("cn:billing.svc").is_err());
+        assert!(policy.rule_for("cn:legacy").unwrap().bypass_cache);
+        assert!(policy.rule_for("legacy").is_err());
+    }
+
+    #[test]
+    fn an_id_that_can_match_no_certificate_names_its_line() {
+        let error =
+            parse("[[caller]]\nid = \"a\"\nproviders = [\"*\"]\n\n[[caller]]\nid = \"legacy billing\"\nproviders = [\"*\"]\n")
+                .unwrap_err()
+                .to_string();
+        assert!(error.starts_with("policy.toml:6:"), "{error}");
+        assert!(error.contains("cn:legacy billing"), "{error}");
     }
 
     #[test]
@@ -310,7 +359,7 @@ mod tests {
         let policy = parse("[[caller]]\nid = \"a\"\nproviders = [\"*\"]\n").unwrap();
         assert!(matches!(
             policy.rule_for("b"),
-            Err(BrokerError::PermissionDenied(_))
+            Err(BrokerError::CallerUnknown(_))
         ));
     }
 

@@ -3,6 +3,7 @@
 
 use crate::auth0::{Identity, UserIdentities};
 use crate::error::BrokerError;
+use crate::logsafe::capped;
 
 /// What the caller asked for, from `provider` and `connection` of the request.
 /// It borrows them from the request: choosing copies no strings.
@@ -52,12 +53,16 @@ impl<'a> Selector<'a> {
             Self::Provider {
                 provider,
                 connection: None,
-            } => format!("provider {provider:?}"),
+            } => format!("provider {:?}", capped(provider)),
             Self::Provider {
                 provider,
                 connection: Some(connection),
-            } => format!("provider {provider:?} and connection {connection:?}"),
-            Self::Connection(connection) => format!("connection {connection:?}"),
+            } => format!(
+                "provider {:?} and connection {:?}",
+                capped(provider),
+                capped(connection)
+            ),
+            Self::Connection(connection) => format!("connection {:?}", capped(connection)),
             Self::FirstWithToken => "any of the user's identities".to_owned(),
         }
     }

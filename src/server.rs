@@ -17,13 +17,14 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::auth0::{Auth0Client, Auth0Error};
+use crate::budget::{CallerBudgets, ShareSettings};
 use crate::cache::IdentityStore;
 use crate::config::{Auth0Settings, CacheSettings, ResilienceSettings, RunSettings, ServeConfig};
 use crate::id_token::{IdTokenSettings, IdTokenVerifier};
 use crate::policy::{PolicyError, PolicyStore};
 use crate::proto;
 use crate::reload;
-use crate::service::TokenBrokerService;
+use crate::service::{ServiceParts, TokenBrokerService};
 use crate::shutdown::{Drain, DrainControl};
 use crate::tls::{self, TlsError, TlsStore};
 
@@ -73,6 +74,8 @@ impl ServerError {
 pub struct Broker {
     pub store: Arc<IdentityStore>,
     pub policy: Arc<PolicyStore>,
+    /// Each caller's share of the Auth0 budget.
+    pub budgets: Arc<CallerBudgets>,
     pub tls: Arc<TlsStore>,
     /// `None` when no ID-token audience is configured. Cheap to clone: clones
     /// share the JWKS cache.
@@ -90,6 +93,12 @@ impl Broker {
         policy: PolicyStore,
         tls: TlsStore,
     ) -> Result<Self, ServerError> {
+        let budgets = CallerBudgets::new(ShareSettings {
+            rate_per_second: resilience.outbound.rate_per_second,
+            burst: resilience.outbound.burst,
+            share: resilience.caller_share,
+            max_wait: resilience.outbound.max_wait,
+        });
         let auth0 = Auth0Client::with_limits(auth0, resilience.outbound)?;
         let id_tokens =
             id_token.map(|settings| IdTokenVerifier::new(settings, auth0.http_client()));
@@ -98,6 +107,7 @@ impl Broker {
                 IdentityStore::new(auth0, cache).with_stale_if_error(resilience.stale_if_error),
             ),
             policy: Arc::new(policy),
+            budgets: Arc::new(budgets),
             tls: Arc::new(tls),
             id_tokens,
         })
@@ -179,12 +189,13 @@ pub async fn run(
     };
     let mut mtls = tokio::spawn(
         Server::builder()
-            .add_service(TokenBrokerService::server(
-                broker.store.clone(),
-                broker.policy.clone(),
-                broker.id_tokens.clone(),
+            .add_service(TokenBrokerService::server(ServiceParts {
+                store: broker.store.clone(),
+                policy: broker.policy.clone(),
+                budgets: broker.budgets.clone(),
+                id_tokens: broker.id_tokens.clone(),
                 drain,
-            ))
+            }))
             .add_service(health_service.clone())
             .add_service(reflection_builder().build_v1()?)
             .add_service(reflection_builder().build_v1alpha()?)

@@ -100,6 +100,24 @@ fn describe() {
         "tokenbroker_policy_reloads_total",
         "Policy reloads by outcome: success, failure"
     );
+    describe_counter!(
+        "tokenbroker_rpc_refusals_total",
+        "RPCs refused, by method and ErrorInfo reason (CALLER_UNKNOWN, MALFORMED_REQUEST, ...)"
+    );
+    describe_counter!(
+        "tokenbroker_caller_share_rejections_total",
+        "Auth0 reads refused because the caller had spent its share of the Auth0 budget"
+    );
+}
+
+/// One refused RPC, by its ErrorInfo reason (a fixed vocabulary).
+pub fn rpc_refused(method: &'static str, reason: &'static str) {
+    counter!("tokenbroker_rpc_refusals_total", "method" => method, "reason" => reason).increment(1);
+}
+
+/// A caller's Auth0 read refused: its share of the budget was spent.
+pub fn caller_share_rejection() {
+    counter!("tokenbroker_caller_share_rejections_total").increment(1);
 }
 
 /// One answered RPC.

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::caller::{self, UnreadableCaller};
+use crate::config::TlsFiles;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -24,10 +26,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use x509_parser::extensions::GeneralName;
-use x509_parser::prelude::{FromDer, X509Certificate};
-
-use crate::config::TlsFiles;
 
 /// A handshake that takes longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -179,9 +177,10 @@ impl TlsStore {
 /// connection's `ConnectInfo`), so per-request code reads a ready `Arc<str>`.
 #[derive(Debug, Clone)]
 pub struct Peer {
-    /// The caller id of the verified client certificate; `None` if the
-    /// certificate names nobody (no URI or DNS SAN and no CN).
-    pub caller: Option<Arc<str>>,
+    /// The caller id of the verified client certificate (see [`caller`]),
+    /// or why the certificate names nobody: such a connection is refused
+    /// every RPC, never given a weaker name instead.
+    pub caller: Result<Arc<str>, UnreadableCaller>,
 }
 
 /// An mTLS connection that passed the handshake, with its [`Peer`].
@@ -197,8 +196,8 @@ impl AuthenticatedStream {
             caller: session
                 .peer_certificates()
                 .and_then(|certs| certs.first())
-                .and_then(caller_id)
-                .map(Arc::from),
+                .ok_or(UnreadableCaller::NoCertificate)
+                .and_then(|leaf| caller::identify(leaf.as_ref())),
         };
         Self { inner, peer }
     }
@@ -313,35 +312,4 @@ async fn accept_loop(listener: TcpListener, tls: Arc<TlsStore>, sender: mpsc::Se
             }
         });
     }
-}
-
-/// The caller's identity from its verified leaf certificate: the URI SAN
-/// (SPIFFE id) if any, else the first DNS SAN, else the subject CN.
-pub fn caller_id(leaf: &CertificateDer<'_>) -> Option<String> {
-    let (_, certificate) = X509Certificate::from_der(leaf.as_ref()).ok()?;
-    let names: Vec<GeneralName<'_>> = certificate
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| san.value.general_names.clone())
-        .unwrap_or_default();
-    let uri = names.iter().find_map(|name| match name {
-        GeneralName::URI(uri) => Some(uri.to_string()),
-        _ => None,
-    });
-    let dns = || {
-        names.iter().find_map(|name| match name {
-            GeneralName::DNSName(dns) => Some(dns.to_string()),
-            _ => None,
-        })
-    };
-    let common_name = || {
-        certificate
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_owned)
-    };
-    uri.or_else(dns).or_else(common_name)
 }

@@ -459,7 +459,7 @@ async fn logs_and_metrics_never_contain_a_token_or_the_client_secret() {
         &[CALLER_ID, STRANGER_ID],
         // Every provider but "auth0", so denials are logged too.
         &format!(
-            "[[caller]]\nid = \"{CALLER_ID}\"\nproviders = [\"github\", \"google-oauth2\", \"twitter\", \"oauth2\"]\ninvalidate = true\n"
+            "[[caller]]\nid = \"{CALLER_ID}\"\nproviders = [\"github\", \"google-oauth2\", \"twitter\", \"oauth2\"]\ninvalidate = true\nbypass_cache = true\n"
         ),
         "trace,h2=info,hyper=info,tower=info,rustls=info",
     );
@@ -799,10 +799,27 @@ struct ServedBinary {
 impl ServedBinary {
     fn start(
         emulator: &Emulator,
-        (client_id, client_secret): (&str, &str),
+        credentials: (&str, &str),
         caller_ids: &[&str],
         policy: &str,
         rust_log: &str,
+    ) -> Self {
+        Self::start_logging(
+            emulator,
+            credentials,
+            caller_ids,
+            policy,
+            (rust_log, "json"),
+        )
+    }
+
+    /// [`ServedBinary::start`] with `(RUST_LOG, TOKENBROKER_LOG_FORMAT)`.
+    fn start_logging(
+        emulator: &Emulator,
+        (client_id, client_secret): (&str, &str),
+        caller_ids: &[&str],
+        policy: &str,
+        (rust_log, log_format): (&str, &str),
     ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = CertificateAuthority::generate("binary test CA").expect("CA");
@@ -833,7 +850,7 @@ impl ServedBinary {
             .env("TOKENBROKER_TLS_KEY", path("server.key"))
             .env("TOKENBROKER_CLIENT_CA", path("ca.pem"))
             .env("TOKENBROKER_POLICY", path("policy.toml"))
-            .env("TOKENBROKER_LOG_FORMAT", "json")
+            .env("TOKENBROKER_LOG_FORMAT", log_format)
             .env("RUST_LOG", rust_log)
             .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
             .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
@@ -882,4 +899,98 @@ async fn sigterm_lets_an_in_flight_rpc_finish_and_exits_0() {
     assert_eq!(token.access_token, seed::GITHUB_ACCESS_TOKEN);
     assert!(status.success(), "exit 0 after draining: {status}");
     emulator.shutdown().await;
+}
+
+/// What an unlisted caller sends to forge an audit line: a newline, then a
+/// line that looks like a release.
+const FORGED_LINE: &str =
+    "FORGED-LINE audit: caller=\"spiffe://test.example/ns/it/sa/victim\" outcome=\"released\"";
+
+#[tokio::test]
+async fn callers_cannot_forge_or_inflate_log_lines_in_either_format() {
+    const CALLER_ID: &str = "spiffe://test.example/ns/it/sa/logs";
+    const STRANGER_ID: &str = "spiffe://test.example/ns/it/sa/stranger";
+    for format in ["text", "json"] {
+        let emulator = Emulator::start(EmulatorConfig::new("logs-test", "logs-test-secret"))
+            .await
+            .expect("emulator starts");
+        let mut served = ServedBinary::start_logging(
+            &emulator,
+            ("logs-test", "logs-test-secret"),
+            &[CALLER_ID, STRANGER_ID],
+            &format!("[[caller]]\nid = \"{CALLER_ID}\"\nproviders = [\"github\"]\n"),
+            ("info", format),
+        );
+        let stranger_cert = served.client_certs.pop().expect("stranger cert");
+        let caller_cert = served.client_certs.pop().expect("caller cert");
+        let mut caller = connect_when_listening(
+            &mut served.child,
+            served.addr,
+            &served.ca.cert_pem,
+            &caller_cert,
+        )
+        .await;
+        let mut stranger = mtls_client(served.addr, &served.ca.cert_pem, Some(&stranger_cert))
+            .await
+            .expect("connects");
+        let forged = format!("x\n{FORGED_LINE}");
+        let refused = invalidate_on(&mut stranger, &forged)
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        let _ = get_on(&mut caller, get_request(&forged, &forged)).await;
+        // 50 calls with two 30 000-byte fields (the request cap is 64 KiB).
+        let giant = "g".repeat(30_000);
+        for _ in 0..25 {
+            let _ = get_on(&mut stranger, get_request(&giant, &giant)).await;
+            let _ = get_on(&mut caller, get_request(&giant, &giant)).await;
+        }
+        // A message that does not decode, from a listed caller.
+        let channel =
+            crate::support::mtls_channel(served.addr, &served.ca.cert_pem, Some(&caller_cert))
+                .await
+                .expect("connects");
+        let status =
+            crate::support::send_raw(channel, "GetIdpToken", b"\x0a\x03\xff\xfe\xfd".to_vec())
+                .await;
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        let metrics = scrape_metrics(served.metrics_addr).await;
+        drop((caller, stranger));
+        let status = terminate(&mut served.child).await;
+        assert!(status.success(), "{format}: exit 0 on SIGTERM: {status}");
+        emulator.shutdown().await;
+
+        let stdout = std::fs::read_to_string(&served.stdout_path).expect("read stdout");
+        assert!(
+            stdout.lines().all(|line| !line.starts_with("FORGED-LINE")),
+            "{format}: a caller's newline started a log line of its own:\n{stdout}"
+        );
+        assert!(
+            stdout.len() < 200_000,
+            "{format}: 50 giant requests wrote {} bytes of log",
+            stdout.len()
+        );
+        let longest = stdout.lines().map(str::len).max().unwrap_or(0);
+        assert!(longest < 4_000, "{format}: a log line of {longest} bytes");
+        let malformed_audited = stdout.lines().any(|line| {
+            line.contains("audit") && line.contains("MALFORMED_REQUEST") && line.contains(CALLER_ID)
+        });
+        assert!(
+            malformed_audited,
+            "{format}: the malformed request has an audit line:\n{stdout}"
+        );
+        assert!(
+            metrics.contains(r#"tokenbroker_rpc_refusals_total{method="GetIdpToken",reason="MALFORMED_REQUEST"} 1"#),
+            "the malformed request is counted:\n{metrics}"
+        );
+        if format == "json" {
+            for line in stdout.lines().filter(|line| !line.trim().is_empty()) {
+                let event: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
+                if let Some(user_id) = event["user_id"].as_str() {
+                    assert!(user_id.len() <= 600, "a user_id of {} bytes", user_id.len());
+                }
+            }
+        }
+    }
 }

@@ -3,6 +3,7 @@
 
 mod binary;
 mod caching;
+mod hardening;
 mod id_tokens;
 mod lifecycle;
 mod policy;

@@ -138,7 +138,7 @@ async fn invalidate_needs_the_invalidate_permission() {
 async fn callers_are_identified_by_spiffe_id_then_dns_name_then_common_name() {
     let broker = broker_with_policy(policy(&[
         ("billing.prod.svc.cluster.local", "\"github\"", false),
-        ("legacy-billing", "\"github\"", false),
+        ("cn:legacy-billing", "\"github\"", false),
     ]))
     .await;
     let dns = broker

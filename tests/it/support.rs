@@ -17,12 +17,13 @@ use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, Leaf
 use tokenbroker::policy::{Policy, PolicyStore};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::{
-    GetIdpTokenRequest, IdpToken, InvalidateUserRequest, ListIdpTokensRequest,
+    GetIdpTokenRequest, GetIdpTokenResponse, IdpToken, InvalidateUserRequest, ListIdpTokensRequest,
 };
 use tokenbroker::server::{self, Broker, Listeners};
 use tokenbroker::tls::TlsStore;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::Status;
 use tonic_health::pb::health_client::HealthClient;
@@ -161,6 +162,57 @@ pub async fn health_status(
     Ok(response.into_inner().status)
 }
 
+/// A codec that sends request bytes as given, as a client with a broken
+/// encoder would, and decodes answers with prost.
+#[derive(Default)]
+pub struct RawRequestCodec;
+
+pub struct RawEncoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        use prost::bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Codec for RawRequestCodec {
+    type Encode = Vec<u8>;
+    type Decode = GetIdpTokenResponse;
+    type Encoder = RawEncoder;
+    type Decoder = tonic_prost::ProstDecoder<GetIdpTokenResponse>;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+/// Sends `body` as the request message of `method`; the broker must refuse it.
+pub async fn send_raw(channel: Channel, method: &str, body: Vec<u8>) -> Status {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    bounded("raw call", grpc.ready()).await.expect("ready");
+    let path =
+        PathAndQuery::try_from(format!("/tokenbroker.v1.TokenBroker/{method}")).expect("path");
+    bounded(
+        "raw call",
+        grpc.unary(tonic::Request::new(body), path, RawRequestCodec),
+    )
+    .await
+    .expect_err("a malformed request is refused")
+}
+
 /// How a test wants its broker.
 pub struct Options {
     pub cache: CacheSettings,
@@ -182,6 +234,8 @@ pub struct Options {
     pub stale_if_error: Duration,
     /// The `aud` values ID tokens may carry; empty turns ID-token verification off.
     pub id_token_audiences: Vec<String>,
+    /// The fraction of the Auth0 budget one caller may spend.
+    pub caller_share: f64,
 }
 
 impl Default for Options {
@@ -201,6 +255,7 @@ impl Default for Options {
             outbound: OutboundLimits::default(),
             stale_if_error: DEFAULT_STALE_IF_ERROR,
             id_token_audiences: vec![seed::DEFAULT_ID_TOKEN_AUDIENCE.to_owned()],
+            caller_share: 1.0,
             run: RunSettings {
                 shutdown_grace: Duration::from_secs(20),
                 reload_interval: Duration::from_millis(100),
@@ -288,6 +343,7 @@ impl TestBroker {
         let resilience = ResilienceSettings {
             outbound: options.outbound,
             stale_if_error: options.stale_if_error,
+            caller_share: options.caller_share,
         };
         let broker = Broker::new(auth0, resilience, options.cache, id_token, policy, tls)
             .expect("broker builds");

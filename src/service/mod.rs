@@ -1,21 +1,31 @@
-//! The `tokenbroker.v1.TokenBroker` gRPC service: validates requests, applies
-//! the caller's deadline, turns cached identities into proto messages and
-//! records every release or refusal as an audit event (target `audit`).
+//! The `tokenbroker.v1.TokenBroker` gRPC service: identifies the caller,
+//! checks the policy, validates requests, applies the caller's deadline,
+//! turns cached identities into proto messages and records every release or
+//! refusal as an audit event (see [`audit`]).
+//!
+//! Order of checks in every RPC: the caller's identity and policy first (an
+//! unlisted caller learns nothing else and costs nothing), then the request's
+//! fields, then Auth0.
 
-use std::borrow::Cow;
+pub mod audit;
+pub mod codec;
+pub mod malformed;
+
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use secrecy::ExposeSecret;
-use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::auth0::{Identity, UserIdentities};
+use crate::budget::{CallerBudgets, CallerShare};
 use crate::cache::{IdentityStore, Lookup};
+use crate::caller::UnreadableCaller;
 use crate::error::BrokerError;
 use crate::id_token::IdTokenVerifier;
+use crate::logsafe::capped;
 use crate::policy::{CallerRule, PolicyStore};
 use crate::proto::token_broker_server::{TokenBroker, TokenBrokerServer};
 use crate::proto::{
@@ -27,9 +37,15 @@ use crate::shutdown::Drain;
 use crate::stats;
 use crate::tls;
 use crate::user_id::UserId;
+use audit::{Subject, Wanted};
 
-/// Name used when a request carries no caller id (only possible without the interceptor).
-const UNKNOWN_CALLER: &str = "unknown";
+/// How the audit names a caller whose certificate yields no caller id.
+pub const UNREADABLE_CALLER: &str = "-";
+
+/// Largest request message the broker decodes. Its messages hold a user id
+/// (at most 512 bytes), names and an ID token: 64 KiB is ample, and a caller
+/// cannot make the broker buffer megabytes per stream.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// How much earlier than the caller's deadline the broker gives up, so the
 /// caller gets DEADLINE_EXCEEDED from us rather than its own transport's
@@ -46,78 +62,64 @@ fn deadline_headroom(deadline: Duration) -> Duration {
 pub struct TokenBrokerService {
     store: Arc<IdentityStore>,
     policy: Arc<PolicyStore>,
+    /// Each caller's share of the Auth0 budget, spent on cache misses.
+    budgets: Arc<CallerBudgets>,
     /// `None` when the operator configured no ID-token audience.
     id_tokens: Option<IdTokenVerifier>,
     /// Ends in-flight RPCs with UNAVAILABLE when the shutdown grace period is over.
     drain: Drain,
 }
 
-/// The tonic server type, with the interceptor that identifies callers.
-pub type TokenBrokerGrpc = InterceptedService<
-    TokenBrokerServer<TokenBrokerService>,
-    fn(Request<()>) -> Result<Request<()>, Status>,
->;
+/// The tonic server type: the generated server, with requests that do not
+/// decode refused, audited and counted like every other refusal.
+pub type TokenBrokerGrpc = malformed::AuditMalformed<TokenBrokerServer<TokenBrokerService>>;
 
-impl TokenBrokerService {
-    /// Wraps the service in the generated tonic server behind the caller-id interceptor.
-    pub fn server(
-        store: Arc<IdentityStore>,
-        policy: Arc<PolicyStore>,
-        id_tokens: Option<IdTokenVerifier>,
-        drain: Drain,
-    ) -> TokenBrokerGrpc {
-        TokenBrokerServer::with_interceptor(
-            Self {
-                store,
-                policy,
-                id_tokens,
-                drain,
-            },
-            attach_caller_id,
-        )
-    }
+/// What the service is built from.
+pub struct ServiceParts {
+    pub store: Arc<IdentityStore>,
+    pub policy: Arc<PolicyStore>,
+    pub budgets: Arc<CallerBudgets>,
+    /// `None` when the operator configured no ID-token audience.
+    pub id_tokens: Option<IdTokenVerifier>,
+    pub drain: Drain,
 }
 
-/// The caller's identity from its verified client certificate, put in the
-/// request extensions once so every handler and log line uses the same value.
-/// An `Arc<str>` shared with the connection: no copy per request.
-#[derive(Debug, Clone)]
-pub struct CallerId(pub Arc<str>);
-
-/// Takes the caller id the listener read from the verified certificate when
-/// the connection was made ([`tls::Peer`]). A request without one (a
-/// certificate naming nobody, or a server not behind the mTLS listener) is
-/// refused. The request's copy of the peer is taken, not cloned: nothing
-/// else reads it, and each clone of the id is an atomic increment on a count
-/// that all of the connection's requests share, across cores.
-fn attach_caller_id(mut request: Request<()>) -> Result<Request<()>, Status> {
-    let caller = request
-        .extensions_mut()
-        .remove::<tls::Peer>()
-        .and_then(|peer| peer.caller)
-        .ok_or_else(|| {
-            Status::permission_denied("no verified client certificate identifies the caller")
-        })?;
-    request.extensions_mut().insert(CallerId(caller));
-    Ok(request)
+impl TokenBrokerService {
+    /// Wraps the service in the generated tonic server, with the request
+    /// size cap and the audit of requests that do not decode.
+    pub fn server(parts: ServiceParts) -> TokenBrokerGrpc {
+        let policy = parts.policy.clone();
+        let server = TokenBrokerServer::new(Self {
+            store: parts.store,
+            policy: parts.policy,
+            budgets: parts.budgets,
+            id_tokens: parts.id_tokens,
+            drain: parts.drain,
+        })
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+        malformed::AuditMalformed::new(server, policy)
+    }
 }
 
 /// What every RPC knows about itself, for deadlines and log lines.
 struct CallContext {
     method: &'static str,
-    caller: Arc<str>,
+    /// The caller id the listener read from the verified certificate when
+    /// the connection was made, or why there is none.
+    caller: Result<Arc<str>, UnreadableCaller>,
     deadline: Option<Duration>,
     started: Instant,
 }
 
 impl CallContext {
-    /// Takes the [`CallerId`] out of the request (no clone: see
-    /// [`attach_caller_id`]); handlers read it from here.
+    /// Takes the connection's [`tls::Peer`] out of the request: taken, not
+    /// cloned, since nothing else reads it and each clone of the id is an
+    /// atomic increment on a count all of the connection's requests share.
     fn of<T>(method: &'static str, request: &mut Request<T>) -> Self {
         let caller = request
             .extensions_mut()
-            .remove::<CallerId>()
-            .map_or_else(|| Arc::from(UNKNOWN_CALLER), |caller| caller.0);
+            .remove::<tls::Peer>()
+            .map_or(Err(UnreadableCaller::NoCertificate), |peer| peer.caller);
         let deadline = request
             .metadata()
             .get("grpc-timeout")
@@ -179,48 +181,44 @@ impl CallContext {
         }
     }
 
-    fn latency_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    /// The caller's rule: CALLER_UNKNOWN when the certificate names nobody
+    /// (never a fallback name) or the policy does not list it.
+    fn rule(&self, policy: &PolicyStore) -> Result<CallerRule, BrokerError> {
+        match &self.caller {
+            Ok(caller) => policy.current().rule_for(caller),
+            Err(unreadable) => Err(BrokerError::CallerUnknown(format!(
+                "{unreadable}, so the connection has no caller id; ask the operator of the client CA for a certificate with one valid URI SAN, DNS SAN or CN"
+            ))),
+        }
     }
 
-    /// One audit event per decision to release or refuse tokens; it names the
-    /// user the tokens were for and whether a verified ID token proved it.
-    /// The text of `wanted` and of the released providers is only made when
-    /// the event is recorded (field values of a disabled event are never
-    /// evaluated): without a subscriber a release allocates nothing for its audit.
-    fn audit(
-        &self,
-        claimed_user_id: &str,
-        binding: &IdTokenBinding,
-        wanted: Wanted<'_>,
-        outcome: Result<&[IdpToken], &BrokerError>,
-    ) {
-        let user_id = binding.sub.as_deref().unwrap_or(claimed_user_id);
-        let bound_to_id_token = binding.sub.is_some();
-        let code = outcome.map_or_else(|error| error.code(), |_| tonic::Code::Ok);
-        stats::rpc_finished(self.method, code, self.started.elapsed());
+    /// The caller as the audit names it.
+    fn caller_name(&self) -> &str {
+        self.caller.as_deref().unwrap_or(UNREADABLE_CALLER)
+    }
+
+    /// The audit's subject for `user_id`, `binding` and `requested`.
+    fn subject<'a>(
+        &'a self,
+        claimed_user_id: &'a str,
+        binding: &'a IdTokenBinding,
+        requested: Wanted<'a>,
+    ) -> Subject<'a> {
+        Subject {
+            caller: self.caller_name(),
+            method: self.method,
+            user_id: binding.sub.as_deref().unwrap_or(claimed_user_id),
+            bound_to_id_token: binding.sub.is_some(),
+            requested,
+        }
+    }
+
+    /// One audit event per decision to release or refuse tokens.
+    fn audit(&self, subject: &Subject<'_>, outcome: Result<&[IdpToken], &BrokerError>) {
+        let latency = self.started.elapsed();
         match outcome {
-            Ok(tokens) => tracing::info!(
-                target: "audit",
-                caller = %self.caller,
-                method = self.method,
-                user_id,
-                bound_to_id_token,
-                requested = &*wanted.describe(),
-                released = %Providers(tokens),
-                from_cache = tokens.first().is_some_and(|token| token.from_cache),
-                outcome = "released",
-                code = "OK",
-                latency_ms = self.latency_ms(),
-            ),
-            Err(error) => {
-                let code = stats::code_name(error.code());
-                if error.needs_operator() {
-                    tracing::error!(target: "audit", caller = %self.caller, method = self.method, user_id, bound_to_id_token, requested = &*wanted.describe(), outcome = "refused", code, reason = %error, latency_ms = self.latency_ms());
-                } else {
-                    tracing::info!(target: "audit", caller = %self.caller, method = self.method, user_id, bound_to_id_token, requested = &*wanted.describe(), outcome = "refused", code, reason = %error, latency_ms = self.latency_ms());
-                }
-            }
+            Ok(tokens) => audit::released(subject, tokens, latency),
+            Err(error) => audit::refused(subject, error, latency),
         }
     }
 }
@@ -230,51 +228,6 @@ impl CallContext {
 #[derive(Default)]
 struct IdTokenBinding {
     sub: Option<String>,
-}
-
-/// What an RPC asked for, as its audit event names it.
-#[derive(Clone, Copy)]
-enum Wanted<'a> {
-    /// GetIdpToken's choice of identity; both empty means the first with a token.
-    One {
-        provider: &'a str,
-        connection: &'a str,
-    },
-    /// ListIdpTokens: every identity with a token.
-    All,
-}
-
-impl Wanted<'_> {
-    fn describe(self) -> Cow<'static, str> {
-        match self {
-            Self::One {
-                provider,
-                connection,
-            } => match (provider.is_empty(), connection.is_empty()) {
-                (true, true) => Cow::Borrowed("first"),
-                (false, true) => Cow::Owned(provider.to_owned()),
-                (true, false) => Cow::Owned(format!("connection:{connection}")),
-                (false, false) => Cow::Owned(format!("{provider}/{connection}")),
-            },
-            Self::All => Cow::Borrowed("all"),
-        }
-    }
-}
-
-/// The providers of released tokens, comma-separated, for the audit event
-/// (providers only, never tokens). Written straight into the event.
-struct Providers<'a>(&'a [IdpToken]);
-
-impl std::fmt::Display for Providers<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, token) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            f.write_str(&token.provider)?;
-        }
-        Ok(())
-    }
 }
 
 #[tonic::async_trait]
@@ -296,9 +249,7 @@ impl TokenBroker for TokenBrokerService {
             connection: &request.connection,
         };
         call.audit(
-            &request.user_id,
-            &binding,
-            wanted,
+            &call.subject(&request.user_id, &binding, wanted),
             result.as_ref().map(std::slice::from_ref),
         );
         result
@@ -317,7 +268,10 @@ impl TokenBroker for TokenBrokerService {
             let work = pin!(self.list_tokens(&call, &request, &mut binding));
             call.bounded(&self.drain, work).await
         };
-        call.audit(&request.user_id, &binding, Wanted::All, result.as_deref());
+        call.audit(
+            &call.subject(&request.user_id, &binding, Wanted::All),
+            result.as_deref(),
+        );
         result
             .map(|tokens| Response::new(ListIdpTokensResponse { tokens }))
             .map_err(|error| error.to_status())
@@ -329,20 +283,13 @@ impl TokenBroker for TokenBrokerService {
     ) -> Result<Response<InvalidateUserResponse>, Status> {
         let call = CallContext::of("InvalidateUser", &mut request);
         let request = request.into_inner();
-        let result = self.invalidate(&call.caller, &request).await;
-        let code = result
-            .as_ref()
-            .map_or_else(BrokerError::code, |()| tonic::Code::Ok);
-        stats::rpc_finished(call.method, code, call.started.elapsed());
-        tracing::info!(
-            target: "audit",
-            caller = %call.caller,
-            method = call.method,
-            user_id = %request.user_id,
-            outcome = if result.is_ok() { "invalidated" } else { "refused" },
-            reason = result.as_ref().err().map(ToString::to_string),
-            latency_ms = call.latency_ms(),
-        );
+        let result = self.invalidate(&call, &request).await;
+        let binding = IdTokenBinding::default();
+        let subject = call.subject(&request.user_id, &binding, Wanted::Nothing);
+        match &result {
+            Ok(()) => audit::invalidated(&subject, call.started.elapsed()),
+            Err(error) => audit::refused(&subject, error, call.started.elapsed()),
+        }
         result
             .map(|()| Response::new(InvalidateUserResponse {}))
             .map_err(|error| error.to_status())
@@ -359,19 +306,30 @@ impl TokenBrokerService {
         selector: &Selector<'_>,
         binding: &mut IdTokenBinding,
     ) -> Result<IdpToken, BrokerError> {
-        let rule = self.policy.current().rule_for(&call.caller)?;
+        let rule = call.rule(&self.policy)?;
         if !request.provider.is_empty() && !rule.allows_provider(&request.provider) {
             return Err(BrokerError::ProviderDenied {
-                provider: request.provider.clone(),
+                provider: capped(&request.provider).into_owned(),
             });
+        }
+        if request.bypass_cache && !rule.bypass_cache {
+            return Err(BrokerError::RpcNotAllowed(
+                "this caller may not send bypass_cache (each one is an Auth0 read); the policy must say bypass_cache = true".to_owned(),
+            ));
         }
         let user_id = self
             .user_for(&rule, &request.user_id, &request.id_token, binding)
             .await?;
-        let Lookup { user, from_cache } = self
-            .store
-            .lookup(&user_id, request.bypass_cache, call.auth0_deadline())
-            .await?;
+        let share = self.share_of(call);
+        let Lookup { user, from_cache } = if request.bypass_cache {
+            self.store
+                .reread(&user_id, share, call.auth0_deadline())
+                .await?
+        } else {
+            self.store
+                .lookup(&user_id, share, call.auth0_deadline())
+                .await?
+        };
         let identity =
             selection::select(&user, selector, &|provider| rule.allows_provider(provider))?;
         Ok(to_proto(identity, &user, from_cache))
@@ -383,13 +341,13 @@ impl TokenBrokerService {
         request: &ListIdpTokensRequest,
         binding: &mut IdTokenBinding,
     ) -> Result<Vec<IdpToken>, BrokerError> {
-        let rule = self.policy.current().rule_for(&call.caller)?;
+        let rule = call.rule(&self.policy)?;
         let user_id = self
             .user_for(&rule, &request.user_id, &request.id_token, binding)
             .await?;
         let Lookup { user, from_cache } = self
             .store
-            .lookup(&user_id, false, call.auth0_deadline())
+            .lookup(&user_id, self.share_of(call), call.auth0_deadline())
             .await?;
         if !user.idp_tokens_readable && user.identities.iter().all(|i| i.access_token.is_none()) {
             return Err(BrokerError::NoToken {
@@ -438,20 +396,29 @@ impl TokenBrokerService {
         Ok(subject)
     }
 
+    /// The policy before the user id: an unlisted caller learns nothing
+    /// about what it sent.
     async fn invalidate(
         &self,
-        caller: &str,
+        call: &CallContext,
         request: &InvalidateUserRequest,
     ) -> Result<(), BrokerError> {
-        let user_id = UserId::parse(&request.user_id)?;
-        let rule = self.policy.current().rule_for(caller)?;
+        let rule = call.rule(&self.policy)?;
         if !rule.invalidate {
-            return Err(BrokerError::PermissionDenied(format!(
-                "caller {caller:?} may not call InvalidateUser; the policy must say invalidate = true"
-            )));
+            return Err(BrokerError::RpcNotAllowed(
+                "this caller may not call InvalidateUser; the policy must say invalidate = true"
+                    .to_owned(),
+            ));
         }
+        let user_id = UserId::parse(&request.user_id)?;
         self.store.invalidate(&user_id).await;
         Ok(())
+    }
+
+    /// The caller's share of the Auth0 budget, spent only if the lookup has
+    /// to read Auth0. A caller without an id never gets this far.
+    fn share_of<'a>(&'a self, call: &'a CallContext) -> CallerShare<'a> {
+        CallerShare::of(&self.budgets, call.caller_name())
     }
 }
 
@@ -518,28 +485,6 @@ mod tests {
         assert_eq!(
             deadline_headroom(Duration::from_millis(4)),
             Duration::from_millis(2)
-        );
-    }
-
-    #[test]
-    fn audit_names_what_was_asked_for_and_released() {
-        let one = |provider, connection| Wanted::One {
-            provider,
-            connection,
-        };
-        assert_eq!(one("", "").describe(), "first");
-        assert_eq!(one("github", "").describe(), "github");
-        assert_eq!(one("", "corp").describe(), "connection:corp");
-        assert_eq!(one("github", "corp").describe(), "github/corp");
-        assert_eq!(Wanted::All.describe(), "all");
-        let token = |provider: &str| IdpToken {
-            provider: provider.to_owned(),
-            ..Default::default()
-        };
-        assert_eq!(Providers(&[]).to_string(), "");
-        assert_eq!(
-            Providers(&[token("github"), token("google-oauth2")]).to_string(),
-            "github,google-oauth2"
         );
     }
 
