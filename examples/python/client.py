@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Calls tokenbroker's GetIdpToken over mutual TLS and handles each status code
-the way the broker's contract (DESIGN.md, README "Status codes") says:
+the way the broker's contract (README "Status codes and reasons") says:
 
 - OK: prints the provider and a fingerprint of the token, never the token.
 - UNAVAILABLE: retried, waiting the google.rpc.RetryInfo delay when the broker

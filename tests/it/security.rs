@@ -1,5 +1,5 @@
 //! Security properties: mutual TLS refuses callers without a certificate from
-//! the client CA (DESIGN.md: "handshake fails (no RPC)"), user ids are one
+//! the client CA (README: "TLS handshake fails (no RPC)"), user ids are one
 //! percent-encoded path segment that can never reach another Management API
 //! endpoint, and reflection and health are served over the same mTLS port.
 

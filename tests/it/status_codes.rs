@@ -1,4 +1,4 @@
-//! One test (at least) per row of DESIGN.md's status table, plus the facts of
+//! One test (at least) per row of the README's status table, plus the facts of
 //! the real Auth0 API the broker must handle. The handshake rows live in
 //! `security.rs`; the caller policy in depth lives in `policy.rs`, here is
 //! only its row of the table.
@@ -784,7 +784,7 @@ async fn list_returns_exactly_the_token_bearing_identities_without_refresh_token
 #[tokio::test]
 async fn list_for_a_user_without_tokens_is_failed_precondition_or_empty() {
     let broker = TestBroker::start().await;
-    // DESIGN.md: ListIdpTokens returns the tokens the caller may have; a user
+    // README: ListIdpTokens returns the tokens the caller may have; a user
     // with none has nothing to return, and the broker must not invent one.
     match broker.list(seed::DATABASE_USER).await {
         Ok(tokens) => assert!(tokens.is_empty(), "{tokens:?}"),
