@@ -23,6 +23,7 @@
 //! touch proto types and `tonic::Status`; tokens and the client secret are
 //! `secrecy` types and never enter a log line or span field.
 
+pub mod audit;
 pub mod auth0;
 pub mod budget;
 pub mod cache;
@@ -32,6 +33,7 @@ pub mod dev;
 pub mod emulator;
 pub mod error;
 pub mod id_token;
+pub mod keyfile;
 pub mod logsafe;
 pub mod pki;
 pub mod policy;

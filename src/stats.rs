@@ -105,6 +105,10 @@ fn describe() {
         "RPCs refused, by method and ErrorInfo reason (CALLER_UNKNOWN, MALFORMED_REQUEST, ...)"
     );
     describe_counter!(
+        "tokenbroker_audit_lines_total",
+        "Audit lines by outcome: written, failed (their releases were refused)"
+    );
+    describe_counter!(
         "tokenbroker_caller_share_rejections_total",
         "Auth0 reads refused because the caller had spent its share of the Auth0 budget"
     );
@@ -113,6 +117,15 @@ fn describe() {
 /// One refused RPC, by its ErrorInfo reason (a fixed vocabulary).
 pub fn rpc_refused(method: &'static str, reason: &'static str) {
     counter!("tokenbroker_rpc_refusals_total", "method" => method, "reason" => reason).increment(1);
+}
+
+/// Audit lines written (or not) by the audit writer.
+pub fn audit_lines(lines: u64, written: bool) {
+    if written {
+        counter!("tokenbroker_audit_lines_total", "outcome" => "written").increment(lines);
+    } else {
+        counter!("tokenbroker_audit_lines_total", "outcome" => "failed").increment(lines);
+    }
 }
 
 /// A caller's Auth0 read refused: its share of the budget was spent.
