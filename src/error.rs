@@ -80,7 +80,8 @@ impl From<Auth0Error> for BrokerError {
             },
             Auth0Error::RateLimited { .. }
             | Auth0Error::ServerError { .. }
-            | Auth0Error::Throttled { .. } => Self::Unavailable {
+            | Auth0Error::Throttled { .. }
+            | Auth0Error::BodyTooLarge { .. } => Self::Unavailable {
                 retry_after: error.retry_after(),
                 reason: error.to_string(),
             },

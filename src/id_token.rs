@@ -31,6 +31,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use moka::future::Cache;
 use serde::Deserialize;
 
+use crate::auth0::body::{read_capped, BodyError, MAX_BODY_BYTES};
 use crate::stats;
 
 /// Clock skew tolerated on `exp`, `nbf` and `iat`.
@@ -318,8 +319,11 @@ impl Inner {
             tracing::warn!(%reason, "cannot fetch Auth0 signing keys");
             return Err(reason);
         }
-        let jwks = response.json::<JwkSet>().await.map_err(|error| {
-            tracing::warn!(error = %error.without_url(), "Auth0 JWKS is not a JWK set");
+        let body = read_capped(response, JWKS_ENDPOINT, MAX_BODY_BYTES)
+            .await
+            .map_err(body_reason)?;
+        let jwks = serde_json::from_slice::<JwkSet>(&body).map_err(|error| {
+            tracing::warn!(%error, "Auth0 JWKS is not a JWK set");
             "JWKS body is not a JWK set".to_owned()
         })?;
         Ok(Arc::new(jwks))
@@ -439,6 +443,14 @@ fn transport_reason(error: reqwest::Error) -> String {
     };
     tracing::warn!(%reason, "cannot fetch Auth0 signing keys");
     reason
+}
+
+/// A body that could not be read as a reason (the oversize case is logged by the reader).
+fn body_reason(error: BodyError) -> String {
+    match error {
+        BodyError::TooLarge { limit, .. } => format!("JWKS body is larger than {limit} bytes"),
+        BodyError::Transport { source, .. } => transport_reason(source),
+    }
 }
 
 /// The error and its causes, `: `-joined, as reqwest's top-level text says little.

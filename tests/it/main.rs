@@ -3,6 +3,7 @@
 
 mod binary;
 mod caching;
+mod hostile_auth0;
 mod id_tokens;
 mod lifecycle;
 mod policy;

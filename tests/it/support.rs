@@ -182,6 +182,10 @@ pub struct Options {
     pub stale_if_error: Duration,
     /// The `aud` values ID tokens may carry; empty turns ID-token verification off.
     pub id_token_audiences: Vec<String>,
+    /// `--auth0-timeout`: how long one whole call to Auth0 may take; `None`: 10 s.
+    pub auth0_request_timeout: Option<Duration>,
+    /// Least time between two unknown-`kid` JWKS refreshes; `None`: the default (30 s).
+    pub id_token_min_refresh_interval: Option<Duration>,
 }
 
 impl Default for Options {
@@ -201,6 +205,8 @@ impl Default for Options {
             outbound: OutboundLimits::default(),
             stale_if_error: DEFAULT_STALE_IF_ERROR,
             id_token_audiences: vec![seed::DEFAULT_ID_TOKEN_AUDIENCE.to_owned()],
+            auth0_request_timeout: None,
+            id_token_min_refresh_interval: None,
             run: RunSettings {
                 shutdown_grace: Duration::from_secs(20),
                 reload_interval: Duration::from_millis(100),
@@ -271,10 +277,19 @@ impl TestBroker {
             client_id: CLIENT_ID.to_owned(),
             client_secret: options.broker_secret.into(),
             connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(10),
+            request_timeout: options
+                .auth0_request_timeout
+                .unwrap_or(Duration::from_secs(10)),
         };
         let id_token = (!options.id_token_audiences.is_empty()).then(|| {
-            IdTokenSettings::new(auth0.base_url.clone(), options.id_token_audiences.clone())
+            let defaults =
+                IdTokenSettings::new(auth0.base_url.clone(), options.id_token_audiences.clone());
+            IdTokenSettings {
+                min_refresh_interval: options
+                    .id_token_min_refresh_interval
+                    .unwrap_or(defaults.min_refresh_interval),
+                ..defaults
+            }
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
