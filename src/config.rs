@@ -74,7 +74,7 @@ pub struct CommonArgs {
     #[arg(long, env = "TOKENBROKER_AUTH0_CONNECT_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub auth0_connect_timeout: Duration,
 
-    /// Timeout for one whole request to Auth0.
+    /// Bounds one whole call to Auth0, retries and their waits included (and each request).
     #[arg(long, env = "TOKENBROKER_AUTH0_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub auth0_timeout: Duration,
 
@@ -247,6 +247,8 @@ pub struct Auth0Settings {
     /// Kept secret in memory: `Debug` prints `[REDACTED]`.
     pub client_secret: SecretString,
     pub connect_timeout: Duration,
+    /// Bounds one whole call to an Auth0 endpoint, retries included, so a hanging tenant
+    /// cannot hold a caller without a deadline for attempts × timeout.
     pub request_timeout: Duration,
 }
 

@@ -125,9 +125,9 @@ impl Auth0Client {
             .map_err(Auth0Error::from_transport)?;
         Ok(Self {
             http,
+            outbound: Outbound::new(limits, settings.request_timeout),
             settings,
             next_generation: AtomicU64::new(1),
-            outbound: Outbound::new(limits),
         })
     }
 

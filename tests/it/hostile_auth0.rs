@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use tokenbroker::auth0::OutboundLimits;
 use tokenbroker::emulator::{seed, Endpoint, Fault};
 use tokenbroker::proto::GetIdpTokenRequest;
 use tonic::{Code, Status};
@@ -134,5 +135,34 @@ async fn oversized_jwks_body_is_unavailable_and_not_buffered() {
     assert!(started.elapsed() < QUICK, "took {:?}", started.elapsed());
     assert_not_buffered(&broker);
     assert_eq!(broker.emulator.calls().users, 0, "no key, no user read");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_hanging_auth0_is_given_up_on_after_the_auth0_timeout_retries_included() {
+    let broker = warm(Options {
+        auth0_request_timeout: Some(Duration::from_secs(1)),
+        outbound: OutboundLimits {
+            max_attempts: 3,
+            ..OutboundLimits::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    broker.emulator.set_latency(Duration::from_secs(10));
+    let started = Instant::now();
+    // No grpc-timeout: only --auth0-timeout bounds the call.
+    let result = broker.get(seed::GITHUB_USER, "github").await;
+    let elapsed = started.elapsed();
+    assert_unavailable(result, "Auth0 never answers");
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_millis(1800),
+        "answered after {elapsed:?}: the 1 s budget covers all three attempts"
+    );
+    assert_eq!(
+        broker.emulator.user_calls_for(seed::GITHUB_USER),
+        1,
+        "no attempt started past the budget"
+    );
     broker.stop().await;
 }

@@ -165,6 +165,9 @@ async fn a_burst_of_cold_users_never_exceeds_the_rate_limit() {
     const BURST: u32 = 10;
     let broker = warm(Options {
         outbound: limits(RATE, BURST, Duration::from_secs(30)),
+        // The last reads wait ~9 s for a slot; in production max_wait and the
+        // call budget are the one --auth0-timeout.
+        auth0_request_timeout: Some(Duration::from_secs(30)),
         ..Options::default()
     })
     .await;
