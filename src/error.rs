@@ -143,7 +143,7 @@ impl BrokerError {
     }
 
     /// The status sent to the caller; UNAVAILABLE carries a `google.rpc.RetryInfo`
-    /// when Auth0 said how long to wait.
+    /// when Auth0 said how long to wait, or the ID-token verifier knows when to retry.
     pub fn to_status(&self) -> Status {
         let message = self.to_string();
         match self {
@@ -155,6 +155,14 @@ impl BrokerError {
                 message,
                 ErrorDetails::with_retry_info(Some(*delay)),
             ),
+            Self::IdTokenRefused(error) => match error.retry_after() {
+                Some(delay) => Status::with_error_details(
+                    self.code(),
+                    message,
+                    ErrorDetails::with_retry_info(Some(delay)),
+                ),
+                None => Status::new(self.code(), message),
+            },
             _ => Status::new(self.code(), message),
         }
     }
@@ -190,8 +198,10 @@ mod tests {
     fn id_token_refusals_are_unauthenticated_unless_the_jwks_is_out_of_reach() {
         let forged = BrokerError::IdTokenRefused(IdTokenError::Signature);
         assert_eq!(forged.code(), Code::Unauthenticated);
-        let unreachable =
-            BrokerError::IdTokenRefused(IdTokenError::JwksUnavailable("connection refused".into()));
+        let unreachable = BrokerError::IdTokenRefused(IdTokenError::JwksUnavailable {
+            reason: "connection refused".into(),
+            retry_after: None,
+        });
         assert_eq!(unreachable.code(), Code::Unavailable);
         assert_eq!(BrokerError::IdTokenRequired.code(), Code::PermissionDenied);
         assert_eq!(
