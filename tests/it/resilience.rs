@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokenbroker::auth0::OutboundLimits;
+use tokenbroker::cache::DEFAULT_USER_MAX_BYTES;
 use tokenbroker::config::CacheSettings;
 use tokenbroker::emulator::{seed, Endpoint, Fault};
 use tonic::Code;
@@ -38,6 +39,7 @@ fn short_ttl(user_ttl: Duration, stale_if_error: Duration) -> Options {
         cache: CacheSettings {
             user_ttl,
             user_capacity: 1000,
+            user_max_bytes: DEFAULT_USER_MAX_BYTES,
             negative_ttl: Duration::from_secs(30),
         },
         stale_if_error,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokenbroker::auth0::OutboundLimits;
-use tokenbroker::cache::DEFAULT_STALE_IF_ERROR;
+use tokenbroker::cache::{DEFAULT_STALE_IF_ERROR, DEFAULT_USER_MAX_BYTES};
 use tokenbroker::config::{
     Auth0Settings, CacheSettings, ResilienceSettings, RunSettings, TlsFiles,
 };
@@ -194,6 +194,7 @@ impl Default for Options {
             cache: CacheSettings {
                 user_ttl: Duration::from_secs(300),
                 user_capacity: 1000,
+                user_max_bytes: DEFAULT_USER_MAX_BYTES,
                 negative_ttl: Duration::from_secs(30),
             },
             broker_secret: CLIENT_SECRET.to_owned(),
