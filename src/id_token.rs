@@ -55,9 +55,10 @@ pub const DEFAULT_MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a failed JWKS fetch is remembered before the JWKS is fetched again.
 pub const DEFAULT_FAILURE_TTL: Duration = Duration::from_secs(5);
-/// One JWKS fetch (cold, TTL or refresh) per this period on average...
+/// All JWKS fetches together (cold, after the TTL, refreshes) get one slot per this period,
+/// so no mix of failures, expiries and unknown `kid`s makes the broker hammer the JWKS.
 pub const JWKS_FETCH_PERIOD: Duration = Duration::from_secs(1);
-/// ...and at most this many at once: a burst of requests makes a handful of fetches at most.
+/// Slots available at once: a burst of requests makes a handful of fetches at most.
 pub const JWKS_FETCH_BURST: NonZeroU32 = match NonZeroU32::new(3) {
     Some(burst) => burst,
     None => NonZeroU32::MIN,
