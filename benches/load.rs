@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokenbroker::auth0::{Auth0Client, OutboundLimits};
 use tokenbroker::budget::{CallerBudgets, ShareSettings};
-use tokenbroker::cache::{IdentityStore, DEFAULT_STALE_IF_ERROR};
+use tokenbroker::cache::{IdentityStore, DEFAULT_STALE_IF_ERROR, DEFAULT_USER_MAX_BYTES};
 use tokenbroker::config::{Auth0Settings, CacheSettings, RunSettings, TlsFiles};
 use tokenbroker::emulator::{Emulator, EmulatorConfig};
 use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, LeafSpec};
@@ -294,6 +294,7 @@ async fn start_broker(
         // Longer than any run, so no entry expires under load.
         user_ttl: Duration::from_secs(3600),
         user_capacity: capacity,
+        user_max_bytes: DEFAULT_USER_MAX_BYTES,
         negative_ttl: Duration::from_secs(30),
     };
     let store = Arc::new(

@@ -3,7 +3,8 @@
 //! * Management token: one entry, kept for its lifetime minus a margin;
 //!   concurrent misses share one `/oauth/token` call; a 401 from the users
 //!   endpoint drops exactly the rejected token and the read is retried once.
-//! * Users: all identities of a user, keyed by user id, bounded. An entry
+//! * Users: all identities of a user, keyed by user id, bounded by a user
+//!   count and by an estimate of the bytes they hold (see [`UserBudget`]). An entry
 //!   answers lookups for the configured TTL (never past a known token
 //!   expiry), then stays on for the stale-if-error window as the copy to
 //!   serve if Auth0 fails; one entry per user serves both. A 404 is
@@ -24,7 +25,9 @@ use moka::sync::Cache as SyncCache;
 use moka::Expiry;
 use tokio::time::Instant as Deadline;
 
-use crate::auth0::{Auth0Client, Auth0Error, ManagementToken, UserIdentities};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::auth0::{Auth0Client, Auth0Error, Identity, ManagementToken, UserIdentities};
 use crate::budget::CallerShare;
 use crate::config::CacheSettings;
 use crate::error::BrokerError;
@@ -125,6 +128,82 @@ pub struct IdentityStore {
 /// Default stale-if-error window: how long past its TTL a user may still be
 /// served when Auth0 is failing.
 pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(600);
+
+/// Default byte budget of the user cache (`--user-cache-max-bytes`): 256 MiB,
+/// half the Deployment's memory limit. The default 100 000 users of about
+/// 850 bytes each take a third of it; the budget only binds when profiles are
+/// large (many identities, long tokens).
+pub const DEFAULT_USER_MAX_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Bytes a cached user costs besides its strings and identities: moka's
+/// entry, key and `CachedUser`, the `Arc` and `UserIdentities` (BENCHMARKS.md
+/// measured about 790 bytes per one-identity user beyond the payload).
+const ENTRY_OVERHEAD: u64 = 640;
+/// Bytes an identity costs besides its strings.
+const IDENTITY_OVERHEAD: u64 = std::mem::size_of::<Identity>() as u64;
+
+/// How the user cache keeps both bounds with moka's one weighted capacity:
+/// each user weighs its estimated bytes ([`estimated_bytes`]) but at least
+/// `floor` = `user_max_bytes / user_capacity` (rounded up), and the cache holds
+/// `floor × user_capacity` of weight. So it never holds more than
+/// `user_capacity` users, nor more than `user_max_bytes` (rounded up to a
+/// multiple of the capacity) of estimated bytes, whichever binds first.
+#[derive(Clone, Copy, Debug)]
+struct UserBudget {
+    floor: u32,
+    max_weight: u64,
+}
+
+impl UserBudget {
+    fn new(settings: &CacheSettings) -> Self {
+        let capacity = settings.user_capacity.max(1);
+        let floor = settings
+            .user_max_bytes
+            .div_ceil(capacity)
+            .clamp(1, u64::from(u32::MAX));
+        Self {
+            floor: u32::try_from(floor).unwrap_or(u32::MAX),
+            max_weight: floor.saturating_mul(capacity),
+        }
+    }
+
+    /// moka's weight of one entry.
+    fn weight(&self, user_id: &UserId, entry: &CachedUser) -> u32 {
+        let bytes = u32::try_from(estimated_bytes(user_id, entry)).unwrap_or(u32::MAX);
+        bytes.max(self.floor)
+    }
+}
+
+/// What a cached user costs in memory, roughly: the key, the strings and
+/// tokens of every identity, and fixed overheads.
+fn estimated_bytes(user_id: &UserId, entry: &CachedUser) -> u64 {
+    let identities = match &entry.state {
+        UserState::Found(user) => identities_bytes(user),
+        UserState::NotFound => 0,
+    };
+    ENTRY_OVERHEAD + user_id.as_str().len() as u64 + identities
+}
+
+fn identities_bytes(user: &UserIdentities) -> u64 {
+    let strings: usize = user
+        .identities
+        .iter()
+        .map(|identity| {
+            identity.provider.len()
+                + identity.connection.len()
+                + identity.idp_user_id.len()
+                + secret_len(identity.access_token.as_ref())
+                + secret_len(identity.access_token_secret.as_ref())
+        })
+        .sum();
+    let overhead = IDENTITY_OVERHEAD.saturating_mul(user.identities.len() as u64);
+    (user.user_id.len() + strings) as u64 + overhead
+}
+
+/// A token's length, for the weight; the token itself goes nowhere.
+fn secret_len(secret: Option<&SecretString>) -> usize {
+    secret.map_or(0, |secret| secret.expose_secret().len())
+}
 
 /// Keeps a Management token for its reuse window.
 struct ManagementTokenExpiry;
@@ -562,13 +641,16 @@ impl IdentityStore {
     }
 }
 
-/// The user cache, keeping entries `stale_if_error` past their freshness.
+/// The user cache, keeping entries `stale_if_error` past their freshness,
+/// bounded in users and bytes ([`UserBudget`]).
 fn users_cache(
     settings: &CacheSettings,
     stale_if_error: Duration,
 ) -> SyncCache<UserId, CachedUser> {
+    let budget = UserBudget::new(settings);
     SyncCache::builder()
-        .max_capacity(settings.user_capacity)
+        .max_capacity(budget.max_weight)
+        .weigher(move |user_id: &UserId, entry: &CachedUser| budget.weight(user_id, entry))
         .expire_after(UserExpiry { stale_if_error })
         .build()
 }
@@ -584,4 +666,110 @@ fn stamps_cache(settings: &CacheSettings, stale_if_error: Duration) -> SyncCache
                 .max(settings.negative_ttl),
         )
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(user_capacity: u64, user_max_bytes: u64) -> CacheSettings {
+        CacheSettings {
+            user_ttl: Duration::from_secs(300),
+            user_capacity,
+            user_max_bytes,
+            negative_ttl: Duration::from_secs(30),
+        }
+    }
+
+    /// A found user with one GitHub identity holding a token of `token_len` bytes.
+    fn user(user_id: &str, token_len: usize) -> CachedUser {
+        let identity = Identity {
+            provider: "github".to_owned(),
+            connection: "github".to_owned(),
+            idp_user_id: "1234567".to_owned(),
+            access_token: Some(SecretString::from("t".repeat(token_len))),
+            access_token_secret: None,
+            expires_at: None,
+        };
+        let user = UserIdentities {
+            user_id: user_id.to_owned(),
+            identities: vec![identity],
+            fetched_at: SystemTime::now(),
+            fetched_instant: Instant::now(),
+            idp_tokens_readable: true,
+        };
+        CachedUser {
+            state: UserState::Found(Arc::new(user)),
+            read_started: 1,
+            fresh_until: Instant::now() + Duration::from_secs(300),
+        }
+    }
+
+    fn fill(cache: &SyncCache<UserId, CachedUser>, users: usize, token_len: usize) {
+        for index in 0..users {
+            let id = format!("github|{index}");
+            let key = UserId::parse(&id).expect("user id");
+            cache.insert(key, user(&id, token_len));
+        }
+        cache.run_pending_tasks();
+    }
+
+    #[test]
+    fn the_byte_budget_evicts_users_beyond_it() {
+        let budget = 64 * 1024;
+        let cache = users_cache(&settings(1000, budget), DEFAULT_STALE_IF_ERROR);
+        fill(&cache, 100, 10_000);
+        assert!(
+            cache.weighted_size() <= budget,
+            "{} bytes held",
+            cache.weighted_size()
+        );
+        assert!(
+            (1..=6).contains(&cache.entry_count()),
+            "{} users of ~11 KB in 64 KiB",
+            cache.entry_count()
+        );
+    }
+
+    #[test]
+    fn the_user_count_still_bounds_small_users() {
+        let cache = users_cache(
+            &settings(10, DEFAULT_USER_MAX_BYTES),
+            DEFAULT_STALE_IF_ERROR,
+        );
+        fill(&cache, 100, 40);
+        assert!(cache.entry_count() <= 10, "{}", cache.entry_count());
+    }
+
+    #[test]
+    fn the_estimate_counts_ids_strings_tokens_and_overheads() {
+        let id = UserId::parse("github|1").expect("user id");
+        let small = estimated_bytes(&id, &user("github|1", 40));
+        let large = estimated_bytes(&id, &user("github|1", 10_040));
+        assert_eq!(large - small, 10_000);
+        let strings = (2 * "github|1".len() + "github".len() * 2 + "1234567".len() + 40) as u64;
+        assert_eq!(small, ENTRY_OVERHEAD + IDENTITY_OVERHEAD + strings);
+        let missing = CachedUser {
+            state: UserState::NotFound,
+            read_started: 1,
+            fresh_until: Instant::now(),
+        };
+        assert_eq!(estimated_bytes(&id, &missing), ENTRY_OVERHEAD + 8);
+    }
+
+    #[test]
+    fn every_user_weighs_at_least_its_share_of_the_budget() {
+        let budget = UserBudget::new(&settings(100_000, DEFAULT_USER_MAX_BYTES));
+        assert_eq!(budget.floor, 2685);
+        assert_eq!(budget.max_weight, 268_500_000);
+        let id = UserId::parse("github|1").expect("user id");
+        assert_eq!(budget.weight(&id, &user("github|1", 40)), 2685);
+        assert_eq!(budget.weight(&id, &user("github|1", 10_000)), {
+            let bytes = estimated_bytes(&id, &user("github|1", 10_000));
+            u32::try_from(bytes).expect("fits")
+        });
+        let huge = UserBudget::new(&settings(1, u64::MAX));
+        assert_eq!(huge.floor, u32::MAX);
+        assert_eq!(huge.max_weight, u64::from(u32::MAX));
+    }
 }

@@ -66,6 +66,10 @@ pub struct CommonArgs {
     )]
     pub user_cache_capacity: u64,
 
+    /// Estimated bytes the identity cache holds at most (ids, identities, tokens, overhead), so a few huge profiles cannot take the memory the capacity was sized for.
+    #[arg(long, env = "TOKENBROKER_USER_CACHE_MAX_BYTES", default_value_t = crate::cache::DEFAULT_USER_MAX_BYTES)]
+    pub user_cache_max_bytes: u64,
+
     /// How long "Auth0 has no such user" is remembered, so a caller in a retry loop cannot burn the quota.
     #[arg(long, env = "TOKENBROKER_NEGATIVE_CACHE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub negative_cache_ttl: Duration,
@@ -74,7 +78,7 @@ pub struct CommonArgs {
     #[arg(long, env = "TOKENBROKER_AUTH0_CONNECT_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub auth0_connect_timeout: Duration,
 
-    /// Timeout for one whole request to Auth0.
+    /// Bounds one whole call to Auth0, retries and their waits included (and each request).
     #[arg(long, env = "TOKENBROKER_AUTH0_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub auth0_timeout: Duration,
 
@@ -255,6 +259,8 @@ pub struct Auth0Settings {
     /// Kept secret in memory: `Debug` prints `[REDACTED]`.
     pub client_secret: SecretString,
     pub connect_timeout: Duration,
+    /// Bounds one whole call to an Auth0 endpoint, retries included, so a hanging tenant
+    /// cannot hold a caller without a deadline for attempts × timeout.
     pub request_timeout: Duration,
 }
 
@@ -262,7 +268,11 @@ pub struct Auth0Settings {
 #[derive(Debug, Clone, Copy)]
 pub struct CacheSettings {
     pub user_ttl: Duration,
+    /// Users held at most.
     pub user_capacity: u64,
+    /// Estimated bytes the users held may take at most: the bound that holds when profiles
+    /// are large, beside `user_capacity` (see `cache::IdentityStore`).
+    pub user_max_bytes: u64,
     pub negative_ttl: Duration,
 }
 
@@ -410,9 +420,15 @@ impl CommonArgs {
             self.auth0_connect_timeout,
         )?;
         require_positive("TOKENBROKER_AUTH0_TIMEOUT", self.auth0_timeout)?;
+        if self.user_cache_max_bytes == 0 {
+            return Err(ConfigError::Zero {
+                name: "TOKENBROKER_USER_CACHE_MAX_BYTES",
+            });
+        }
         Ok(CacheSettings {
             user_ttl: self.user_cache_ttl,
             user_capacity: self.user_cache_capacity,
+            user_max_bytes: self.user_cache_max_bytes,
             negative_ttl: self.negative_cache_ttl,
         })
     }

@@ -105,10 +105,12 @@ impl From<Auth0Error> for BrokerError {
                 reason: error.to_string(),
                 retry_after: None,
             },
-            Auth0Error::ServerError { .. } => Self::Auth0Unavailable {
-                retry_after: error.retry_after(),
-                reason: error.to_string(),
-            },
+            Auth0Error::ServerError { .. } | Auth0Error::BodyTooLarge { .. } => {
+                Self::Auth0Unavailable {
+                    retry_after: error.retry_after(),
+                    reason: error.to_string(),
+                }
+            }
             Auth0Error::RateLimited { .. } | Auth0Error::Throttled { .. } => {
                 Self::Auth0RateLimited {
                     retry_after: error.retry_after(),
@@ -209,6 +211,7 @@ impl BrokerError {
             Self::Auth0Unavailable { retry_after, .. }
             | Self::Auth0RateLimited { retry_after, .. } => *retry_after,
             Self::CallerShareSpent { retry_after } => Some(*retry_after),
+            Self::IdTokenRefused(error) => error.retry_after(),
             _ => None,
         }
     }
@@ -284,8 +287,10 @@ mod tests {
     fn id_token_refusals_are_unauthenticated_unless_the_jwks_is_out_of_reach() {
         let forged = BrokerError::IdTokenRefused(IdTokenError::Signature);
         assert_eq!(forged.code(), Code::Unauthenticated);
-        let unreachable =
-            BrokerError::IdTokenRefused(IdTokenError::JwksUnavailable("connection refused".into()));
+        let unreachable = BrokerError::IdTokenRefused(IdTokenError::JwksUnavailable {
+            reason: "connection refused".into(),
+            retry_after: None,
+        });
         assert_eq!(unreachable.code(), Code::Unavailable);
         assert_eq!(BrokerError::IdTokenRequired.code(), Code::PermissionDenied);
         assert_eq!(

@@ -8,15 +8,23 @@
 //! ours) and `sub` hold; `iat` is not in the future beyond the leeway.
 //!
 //! The JWKS (`{issuer_base_url}/.well-known/jwks.json`) is cached in a one-entry moka cache
-//! for [`IdTokenSettings::jwks_ttl`]; concurrent misses share one fetch. An unknown `kid`
-//! (Auth0 rotated its key) refetches the JWKS at once, but at most once per
-//! [`IdTokenSettings::min_refresh_interval`] across all requests, so a flood of tokens with
-//! made-up `kid`s cannot turn the broker into a JWKS fetch amplifier.
+//! for [`IdTokenSettings::jwks_ttl`]; concurrent misses share one fetch. A failed fetch is
+//! cached too, for [`IdTokenSettings::failure_ttl`], and repeated as UNAVAILABLE with the
+//! time left, so a failing JWKS is not fetched once per request. Every fetch also takes a
+//! slot of one limit ([`JWKS_FETCH_PERIOD`], [`JWKS_FETCH_BURST`]).
 //!
-//! Whose fault: [`IdTokenError::JwksUnavailable`] is the broker's (Auth0's keys could not be
-//! had; the caller should retry, the service maps it to UNAVAILABLE). Every other error is
-//! the caller's (UNAUTHENTICATED). No error message, log line or `Debug` output ever holds the
-//! token.
+//! An unknown `kid` (Auth0 rotated its key) refreshes the JWKS at once, one refresh at a
+//! time and at most one per [`IdTokenSettings::min_refresh_interval`] across all requests,
+//! so a flood of tokens with made-up `kid`s cannot turn the broker into a JWKS fetch
+//! amplifier. A `kid` is refused ([`IdTokenError::UnknownKey`]) only when a JWKS fetched
+//! after the token arrived lacks it; while the limit holds the refresh back it is
+//! [`IdTokenError::KeyNotYetKnown`], UNAVAILABLE with the time until the next refresh, so a
+//! genuine token signed with a key Auth0 just rotated to is retried, not refused.
+//!
+//! Whose fault: [`IdTokenError::JwksUnavailable`] and [`IdTokenError::KeyNotYetKnown`] are
+//! the broker's (the caller should retry, the service maps them to UNAVAILABLE). Every other
+//! error is the caller's (UNAUTHENTICATED). No error message, log line or `Debug` output
+//! ever holds the token.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -24,13 +32,17 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use moka::future::Cache;
+use moka::Expiry;
 use serde::Deserialize;
+use tokio::sync::Mutex;
 
+use crate::auth0::body::{read_capped, BodyError, MAX_BODY_BYTES};
 use crate::stats;
 
 /// Clock skew tolerated on `exp`, `nbf` and `iat`.
@@ -41,6 +53,16 @@ pub const DEFAULT_JWKS_TTL: Duration = Duration::from_secs(600);
 pub const DEFAULT_MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// Timeout of one JWKS request.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a failed JWKS fetch is remembered before the JWKS is fetched again.
+pub const DEFAULT_FAILURE_TTL: Duration = Duration::from_secs(5);
+/// All JWKS fetches together (cold, after the TTL, refreshes) get one slot per this period,
+/// so no mix of failures, expiries and unknown `kid`s makes the broker hammer the JWKS.
+pub const JWKS_FETCH_PERIOD: Duration = Duration::from_secs(1);
+/// Slots available at once: a burst of requests makes a handful of fetches at most.
+pub const JWKS_FETCH_BURST: NonZeroU32 = match NonZeroU32::new(3) {
+    Some(burst) => burst,
+    None => NonZeroU32::MIN,
+};
 
 /// Where Auth0 publishes a tenant's signing keys, below the issuer base URL.
 const JWKS_PATH: &str = "/.well-known/jwks.json";
@@ -66,6 +88,10 @@ pub struct IdTokenSettings {
     pub min_refresh_interval: Duration,
     /// Timeout of one JWKS request.
     pub request_timeout: Duration,
+    /// How long a failed fetch is remembered (answered UNAVAILABLE with the time left) before
+    /// the JWKS is fetched again, so a failing JWKS costs one fetch per period, not one per
+    /// request.
+    pub failure_ttl: Duration,
 }
 
 impl IdTokenSettings {
@@ -78,6 +104,7 @@ impl IdTokenSettings {
             jwks_ttl: DEFAULT_JWKS_TTL,
             min_refresh_interval: DEFAULT_MIN_REFRESH_INTERVAL,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            failure_ttl: DEFAULT_FAILURE_TTL,
         }
     }
 
@@ -113,10 +140,14 @@ pub enum IdTokenError {
     /// The header has no `kid`, so no published key can be chosen.
     #[error("ID token header has no kid")]
     MissingKeyId,
-    /// No published key has this `kid`, even after refreshing the JWKS (or the refresh budget
-    /// was spent).
+    /// No published key has this `kid` in a JWKS fetched after the token arrived.
     #[error("ID token is signed by key {0:?}, which the tenant does not publish")]
     UnknownKey(String),
+    /// No key the broker holds has this `kid`, and the refresh limit holds back the JWKS
+    /// refresh that could find it (one happened moments ago): likely a key Auth0 just rotated
+    /// to. The broker's delay, not the caller's fault: retry after `retry_after`.
+    #[error("ID token is signed by key {kid:?}, which the broker cannot look up for another {} ms; retry then", retry_after.as_millis())]
+    KeyNotYetKnown { kid: String, retry_after: Duration },
     /// The signature does not verify with the published key.
     #[error("ID token signature is invalid")]
     Signature,
@@ -141,10 +172,14 @@ pub enum IdTokenError {
     /// Another required claim (`exp`) is missing.
     #[error("ID token lacks the required claim {0}")]
     MissingClaim(&'static str),
-    /// The tenant's JWKS could not be fetched or parsed: the broker's problem, not the
-    /// caller's; retrying later may succeed.
-    #[error("Auth0 signing keys are unavailable: {0}")]
-    JwksUnavailable(String),
+    /// The tenant's JWKS could not be fetched or parsed (or publishes an unusable key): the
+    /// broker's problem, not the caller's; retrying later may succeed, after `retry_after`
+    /// when known (a failed fetch is not repeated before then).
+    #[error("Auth0 signing keys are unavailable: {reason}")]
+    JwksUnavailable {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 impl IdTokenError {
@@ -155,6 +190,7 @@ impl IdTokenError {
             Self::Algorithm(_) => "algorithm",
             Self::MissingKeyId => "missing_kid",
             Self::UnknownKey(_) => "unknown_kid",
+            Self::KeyNotYetKnown { .. } => "kid_not_yet_known",
             Self::Signature => "signature",
             Self::Expired => "expired",
             Self::NotYetValid => "not_yet_valid",
@@ -163,14 +199,35 @@ impl IdTokenError {
             Self::Audience => "audience",
             Self::MissingSubject => "subject",
             Self::MissingClaim(_) => "missing_claim",
-            Self::JwksUnavailable(_) => "jwks_unavailable",
+            Self::JwksUnavailable { .. } => "jwks_unavailable",
         }
     }
 
-    /// True when the broker, not the caller, is at fault ([`Self::JwksUnavailable`]): map it
-    /// to UNAVAILABLE and let the caller retry; everything else is UNAUTHENTICATED.
+    /// True when the broker, not the caller, is at fault ([`Self::JwksUnavailable`],
+    /// [`Self::KeyNotYetKnown`]): map it to UNAVAILABLE and let the caller retry; everything
+    /// else is UNAUTHENTICATED.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::JwksUnavailable(_))
+        matches!(
+            self,
+            Self::JwksUnavailable { .. } | Self::KeyNotYetKnown { .. }
+        )
+    }
+
+    /// When retrying may succeed, if the broker knows: sent as the status's RetryInfo.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::KeyNotYetKnown { retry_after, .. } => Some(*retry_after),
+            Self::JwksUnavailable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Unavailable keys without a known retry time: a reason fit for a log line.
+    fn jwks_unavailable(reason: impl Into<String>) -> Self {
+        Self::JwksUnavailable {
+            reason: reason.into(),
+            retry_after: None,
+        }
     }
 }
 
@@ -195,10 +252,84 @@ struct Inner {
     http: reqwest::Client,
     jwks_url: String,
     validation: Validation,
-    /// One entry (key `()`): the tenant's JWKS.
-    jwks: Cache<(), Arc<JwkSet>>,
-    /// Budget of refreshes caused by unknown `kid`s; `None` = unlimited.
-    refreshes: Option<DefaultDirectRateLimiter>,
+    /// One entry (key `()`): the tenant's JWKS, or why it could not be had and until when.
+    jwks: Cache<(), JwksEntry>,
+    /// Taken by the one unknown-`kid` refresh under way; holds when the next may start.
+    next_refresh: Mutex<Option<Instant>>,
+    /// Every JWKS fetch takes a slot: cold, after the TTL, or a refresh.
+    fetches: DefaultDirectRateLimiter,
+}
+
+/// A fetched JWKS and when its request started, to tell whether it is newer than a token.
+struct Keys {
+    set: JwkSet,
+    fetched_at: Instant,
+}
+
+impl Keys {
+    fn find(&self, kid: &str) -> Option<&Jwk> {
+        self.set.find(kid)
+    }
+}
+
+/// Why the JWKS could not be had, and until when the broker will not try again.
+struct FetchFailure {
+    reason: String,
+    until: Instant,
+}
+
+impl FetchFailure {
+    fn new(reason: String, retry_after: Duration) -> Self {
+        FetchFailure {
+            reason,
+            until: Instant::now() + retry_after,
+        }
+    }
+
+    /// The error every request gets while the failure is remembered, with the time left.
+    fn error(&self) -> IdTokenError {
+        IdTokenError::JwksUnavailable {
+            reason: self.reason.clone(),
+            retry_after: Some(self.until.saturating_duration_since(Instant::now())),
+        }
+    }
+}
+
+/// The JWKS cache's one entry.
+#[derive(Clone)]
+enum JwksEntry {
+    Keys(Arc<Keys>),
+    Failed(Arc<FetchFailure>),
+}
+
+/// Keeps keys for the JWKS TTL and a failure until its retry time.
+struct JwksExpiry {
+    jwks_ttl: Duration,
+}
+
+impl JwksExpiry {
+    fn lifetime(&self, entry: &JwksEntry) -> Duration {
+        match entry {
+            JwksEntry::Keys(_) => self.jwks_ttl,
+            JwksEntry::Failed(failure) => failure.until.saturating_duration_since(Instant::now()),
+        }
+    }
+}
+
+impl Expiry<(), JwksEntry> for JwksExpiry {
+    fn expire_after_create(&self, _key: &(), entry: &JwksEntry, _at: Instant) -> Option<Duration> {
+        Some(self.lifetime(entry))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &(),
+        entry: &JwksEntry,
+        _at: Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.lifetime(entry))
+    }
 }
 
 impl IdTokenVerifier {
@@ -207,12 +338,15 @@ impl IdTokenVerifier {
     pub fn new(settings: IdTokenSettings, http: reqwest::Client) -> Self {
         let jwks = Cache::builder()
             .max_capacity(1)
-            .time_to_live(settings.jwks_ttl)
+            .expire_after(JwksExpiry {
+                jwks_ttl: settings.jwks_ttl,
+            })
             .build();
         let inner = Inner {
             jwks_url: settings.jwks_url(),
             validation: validation(&settings),
-            refreshes: refresh_limiter(settings.min_refresh_interval),
+            next_refresh: Mutex::new(None),
+            fetches: fetch_limiter(),
             settings,
             http,
             jwks,
@@ -248,57 +382,116 @@ impl IdTokenVerifier {
         Ok(VerifiedIdToken { sub, exp })
     }
 
-    /// The published key named `kid`, refreshing the JWKS once if it is not known yet.
+    /// The published key named `kid`: from the cached JWKS, else from a newer one (another
+    /// request's refresh, or one made now). A JWKS whose fetch began after the token arrived
+    /// is new enough by itself.
     async fn decoding_key(&self, kid: &str) -> Result<DecodingKey, IdTokenError> {
+        let arrived = Instant::now();
         let jwks = self.cached_jwks().await?;
         if let Some(jwk) = jwks.find(kid) {
             return decoding_key(jwk, kid);
         }
-        let refreshed = self.refresh_jwks().await?;
-        match refreshed.as_deref().and_then(|jwks| jwks.find(kid)) {
+        let jwks = if jwks.fetched_at >= arrived {
+            jwks
+        } else {
+            self.jwks_newer_than(&jwks, kid).await?
+        };
+        match jwks.find(kid) {
             Some(jwk) => decoding_key(jwk, kid),
             None => Err(IdTokenError::UnknownKey(echo(kid))),
         }
     }
 
-    /// The cached JWKS, fetched on a miss; concurrent misses share one fetch.
-    async fn cached_jwks(&self) -> Result<Arc<JwkSet>, IdTokenError> {
+    /// The cached JWKS, fetched on a miss; concurrent misses share one fetch, and a failed
+    /// fetch is answered from the cache until its retry time.
+    async fn cached_jwks(&self) -> Result<Arc<Keys>, IdTokenError> {
         let inner = self.inner.clone();
-        self.inner
+        let entry = self
+            .inner
             .jwks
-            .try_get_with((), async move { inner.fetch_jwks().await })
-            .await
-            .map_err(|reason| IdTokenError::JwksUnavailable(reason.to_string()))
+            .get_with((), async move { inner.fetch_entry().await })
+            .await;
+        match entry {
+            JwksEntry::Keys(keys) => Ok(keys),
+            JwksEntry::Failed(failure) => Err(failure.error()),
+        }
     }
 
-    /// Fetches the JWKS anew and caches it, unless a refresh happened less than
-    /// `min_refresh_interval` ago (then `None`).
-    async fn refresh_jwks(&self) -> Result<Option<Arc<JwkSet>>, IdTokenError> {
-        if !self.inner.may_refresh() {
-            tracing::debug!("unknown ID token kid; JWKS refresh skipped, refreshed recently");
-            return Ok(None);
+    /// A JWKS fetched after `seen`: one another request brought while this one waited its
+    /// turn, else a refresh now, unless the refresh limit holds it back (then
+    /// [`IdTokenError::KeyNotYetKnown`] with the time until it allows one). Refreshes run one
+    /// at a time; a failed one keeps the cached keys.
+    async fn jwks_newer_than(&self, seen: &Keys, kid: &str) -> Result<Arc<Keys>, IdTokenError> {
+        let mut next_refresh = self.inner.next_refresh.lock().await;
+        let cached = self.cached_jwks().await?;
+        if cached.fetched_at > seen.fetched_at {
+            return Ok(cached);
+        }
+        let now = Instant::now();
+        let held_back = next_refresh
+            .and_then(|at| at.checked_duration_since(now))
+            .filter(|wait| !wait.is_zero());
+        if let Some(wait) = held_back.or_else(|| self.inner.fetch_wait()) {
+            tracing::debug!(
+                wait_ms = wait.as_millis() as u64,
+                "unknown ID token kid; JWKS refresh held back"
+            );
+            return Err(IdTokenError::KeyNotYetKnown {
+                kid: echo(kid),
+                retry_after: wait,
+            });
         }
         tracing::debug!("unknown ID token kid; refreshing the JWKS");
-        let jwks = self
-            .inner
-            .fetch_jwks()
-            .await
-            .map_err(IdTokenError::JwksUnavailable)?;
-        self.inner.jwks.insert((), jwks.clone()).await;
-        Ok(Some(jwks))
+        match self.inner.fetch_jwks().await {
+            Ok(keys) => {
+                *next_refresh = Some(now + self.inner.settings.min_refresh_interval);
+                self.inner
+                    .jwks
+                    .insert((), JwksEntry::Keys(keys.clone()))
+                    .await;
+                Ok(keys)
+            }
+            Err(reason) => {
+                let retry_after = self.inner.settings.failure_ttl;
+                *next_refresh = Some(now + retry_after);
+                Err(IdTokenError::JwksUnavailable {
+                    reason,
+                    retry_after: Some(retry_after),
+                })
+            }
+        }
     }
 }
 
 impl Inner {
-    /// Takes one refresh from the budget, if any is left.
-    fn may_refresh(&self) -> bool {
-        self.refreshes
-            .as_ref()
-            .is_none_or(|limiter| limiter.check().is_ok())
+    /// The cache entry for a miss: the keys, or why not and until when not to try again
+    /// (the fetch limit's next slot, or the failure TTL after a failed fetch).
+    async fn fetch_entry(&self) -> JwksEntry {
+        if let Some(wait) = self.fetch_wait() {
+            let reason = "JWKS fetches are rate-limited".to_owned();
+            tracing::warn!(
+                wait_ms = wait.as_millis() as u64,
+                "cannot fetch Auth0 signing keys: {reason}"
+            );
+            return JwksEntry::Failed(Arc::new(FetchFailure::new(reason, wait)));
+        }
+        match self.fetch_jwks().await {
+            Ok(keys) => JwksEntry::Keys(keys),
+            Err(reason) => {
+                let failure = FetchFailure::new(reason, self.settings.failure_ttl);
+                JwksEntry::Failed(Arc::new(failure))
+            }
+        }
+    }
+
+    /// Takes a slot of the fetch limit; `None` when one was free, else how long until one is.
+    fn fetch_wait(&self) -> Option<Duration> {
+        let not_until = self.fetches.check().err()?;
+        Some(not_until.wait_time_from(DefaultClock::default().now()))
     }
 
     /// One JWKS request; the error is a reason fit for a log line (no secrets exist here).
-    async fn fetch_jwks(&self) -> Result<Arc<JwkSet>, String> {
+    async fn fetch_jwks(&self) -> Result<Arc<Keys>, String> {
         let started = Instant::now();
         let request = self
             .http
@@ -318,11 +511,17 @@ impl Inner {
             tracing::warn!(%reason, "cannot fetch Auth0 signing keys");
             return Err(reason);
         }
-        let jwks = response.json::<JwkSet>().await.map_err(|error| {
-            tracing::warn!(error = %error.without_url(), "Auth0 JWKS is not a JWK set");
+        let body = read_capped(response, JWKS_ENDPOINT, MAX_BODY_BYTES)
+            .await
+            .map_err(body_reason)?;
+        let set = serde_json::from_slice::<JwkSet>(&body).map_err(|error| {
+            tracing::warn!(%error, "Auth0 JWKS is not a JWK set");
             "JWKS body is not a JWK set".to_owned()
         })?;
-        Ok(Arc::new(jwks))
+        Ok(Arc::new(Keys {
+            set,
+            fetched_at: started,
+        }))
     }
 }
 
@@ -346,10 +545,12 @@ fn validation(settings: &IdTokenSettings) -> Validation {
     validation
 }
 
-/// One refresh per `interval`, the first one right away; `None` when `interval` is zero.
-fn refresh_limiter(interval: Duration) -> Option<DefaultDirectRateLimiter> {
-    let quota = Quota::with_period(interval)?.allow_burst(NonZeroU32::MIN);
-    Some(RateLimiter::direct(quota))
+/// [`JWKS_FETCH_BURST`] fetches at once, then one per [`JWKS_FETCH_PERIOD`].
+fn fetch_limiter() -> DefaultDirectRateLimiter {
+    let quota = Quota::with_period(JWKS_FETCH_PERIOD)
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(JWKS_FETCH_BURST);
+    RateLimiter::direct(quota)
 }
 
 /// The `kid` of an RS256 token; refuses every other algorithm before any key is looked up.
@@ -386,7 +587,7 @@ fn peek_alg(token: &str) -> Option<String> {
 fn decoding_key(jwk: &Jwk, kid: &str) -> Result<DecodingKey, IdTokenError> {
     DecodingKey::from_jwk(jwk).map_err(|_| {
         let kid = echo(kid);
-        IdTokenError::JwksUnavailable(format!("published key {kid:?} is not a usable key"))
+        IdTokenError::jwks_unavailable(format!("published key {kid:?} is not a usable key"))
     })
 }
 
@@ -439,6 +640,14 @@ fn transport_reason(error: reqwest::Error) -> String {
     };
     tracing::warn!(%reason, "cannot fetch Auth0 signing keys");
     reason
+}
+
+/// A body that could not be read as a reason (the oversize case is logged by the reader).
+fn body_reason(error: BodyError) -> String {
+    match error {
+        BodyError::TooLarge { limit, .. } => format!("JWKS body is larger than {limit} bytes"),
+        BodyError::Transport { source, .. } => transport_reason(source),
+    }
 }
 
 /// The error and its causes, `: `-joined, as reqwest's top-level text says little.
@@ -777,20 +986,186 @@ mod tests {
         assert_eq!(error, IdTokenError::UnknownKey("dev-signing-1".into()));
     }
 
+    /// The reason and retry time of a [`IdTokenError::JwksUnavailable`]; panics on another error.
+    fn unavailable(error: &IdTokenError) -> (&str, Option<Duration>) {
+        match error {
+            IdTokenError::JwksUnavailable {
+                reason,
+                retry_after,
+            } => (reason, *retry_after),
+            other => panic!("expected JwksUnavailable, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
-    async fn jwks_server_error_is_unavailable_and_not_cached() {
+    async fn jwks_failure_is_remembered_with_the_time_left_then_fetched_again() {
         let emu = emulator().await;
         emu.inject_faults(Endpoint::Jwks, vec![Fault::Status(500)]);
-        let verifier = verifier(&emu);
+        let verifier = verifier_with(IdTokenSettings {
+            failure_ttl: Duration::from_millis(400),
+            ..settings(&emu)
+        });
         let token = emu.issue_id_token(USER);
         let error = verifier.verify(&token).await.expect_err("JWKS fails");
-        assert!(matches!(error, IdTokenError::JwksUnavailable(_)), "{error}");
         assert!(error.is_unavailable());
-        assert!(error.to_string().contains("500"), "{error}");
+        let (reason, retry_after) = unavailable(&error);
+        assert!(reason.contains("500"), "{reason}");
+        let first = retry_after.expect("retry time");
+        assert!(first <= Duration::from_millis(400), "{first:?}");
+
+        let again = verifier.verify(&token).await.expect_err("remembered");
+        let (_, retry_after) = unavailable(&again);
+        assert!(retry_after.expect("time left") <= first);
+        assert_eq!(
+            emu.calls().jwks,
+            1,
+            "the failure is answered from the cache"
+        );
+
+        tokio::time::sleep(Duration::from_millis(450)).await;
         verifier
             .verify(&token)
             .await
-            .expect("next call fetches again");
+            .expect("fetched again after the failure TTL");
+        assert_eq!(emu.calls().jwks, 2);
+    }
+
+    #[tokio::test]
+    async fn concurrent_verifications_against_a_failing_jwks_share_one_fetch() {
+        let emu = emulator().await;
+        emu.inject_faults(Endpoint::Jwks, vec![Fault::Status(404); 50]);
+        let verifier = verifier(&emu);
+        let token = emu.issue_id_token(USER);
+        for _ in 0..3 {
+            let results = join_all((0..50).map(|_| verifier.verify(&token))).await;
+            for result in results {
+                let error = result.expect_err("no keys");
+                assert!(unavailable(&error).1.is_some(), "{error:?}");
+            }
+        }
+        assert_eq!(emu.calls().jwks, 1, "150 verifications, one fetch");
+    }
+
+    #[tokio::test]
+    async fn jwks_fetches_are_limited_even_when_failures_are_forgotten_at_once() {
+        let emu = emulator().await;
+        emu.inject_faults(Endpoint::Jwks, vec![Fault::Status(503); 50]);
+        let verifier = verifier_with(IdTokenSettings {
+            failure_ttl: Duration::from_millis(1),
+            ..settings(&emu)
+        });
+        let token = emu.issue_id_token(USER);
+        let started = std::time::Instant::now();
+        let mut limited = 0;
+        for _ in 0..20 {
+            let error = verifier.verify(&token).await.expect_err("no keys");
+            let (reason, retry_after) = unavailable(&error);
+            if reason.contains("rate-limited") {
+                limited += 1;
+                assert!(retry_after.expect("next slot") <= super::JWKS_FETCH_PERIOD);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let allowed = super::JWKS_FETCH_BURST.get() as u64 + started.elapsed().as_secs() + 1;
+        assert!(
+            emu.calls().jwks <= allowed,
+            "{} fetches, at most {allowed} allowed",
+            emu.calls().jwks
+        );
+        assert!(limited > 0, "some fetches were held back");
+    }
+
+    #[tokio::test]
+    async fn a_kid_missing_from_a_jwks_fetched_for_this_token_is_refused_without_a_refresh() {
+        let emu = emulator().await;
+        let unknown = emu.issue_id_token_with(IdTokenSpec {
+            kid: KidHeader::Custom("made-up".into()),
+            ..spec()
+        });
+        let error = verifier(&emu).verify(&unknown).await.expect_err("unknown");
+        assert_eq!(error, IdTokenError::UnknownKey("made-up".into()));
+        assert_eq!(emu.calls().jwks, 1, "the cold fetch came after the token");
+    }
+
+    #[tokio::test]
+    async fn a_rotated_kid_held_back_by_the_refresh_limit_is_not_yet_known_then_accepted() {
+        let emu = emulator().await;
+        let verifier = verifier_with(IdTokenSettings {
+            min_refresh_interval: Duration::from_millis(500),
+            ..settings(&emu)
+        });
+        verifier
+            .verify(&emu.issue_id_token(USER))
+            .await
+            .expect("warm");
+        let made_up = emu.issue_id_token_with(IdTokenSpec {
+            kid: KidHeader::Custom("made-up".into()),
+            ..spec()
+        });
+        let refused = verifier.verify(&made_up).await.expect_err("unknown kid");
+        assert_eq!(
+            refused.check(),
+            "unknown_kid",
+            "a refresh happened: {refused}"
+        );
+
+        let kid = emu.rotate_signing_key();
+        let rotated = emu.issue_id_token(USER);
+        let error = verifier.verify(&rotated).await.expect_err("held back");
+        let IdTokenError::KeyNotYetKnown {
+            kid: named,
+            retry_after,
+        } = &error
+        else {
+            panic!("expected KeyNotYetKnown, got {error:?}");
+        };
+        assert_eq!(*named, kid);
+        assert!(error.is_unavailable());
+        assert_eq!(error.retry_after(), Some(*retry_after));
+        assert!(
+            *retry_after <= Duration::from_millis(500),
+            "{retry_after:?}"
+        );
+        assert_eq!(emu.calls().jwks, 2, "no fetch while held back");
+
+        tokio::time::sleep(*retry_after + Duration::from_millis(20)).await;
+        let verified = verifier.verify(&rotated).await.expect("after the delay");
+        assert_eq!(verified.sub, USER);
+        assert_eq!(emu.calls().jwks, 3);
+    }
+
+    #[tokio::test]
+    async fn concurrent_tokens_with_a_rotated_kid_share_one_refresh_and_are_accepted() {
+        let emu = emulator().await;
+        let verifier = verifier(&emu);
+        verifier
+            .verify(&emu.issue_id_token(USER))
+            .await
+            .expect("warm");
+        emu.rotate_signing_key();
+        let rotated = emu.issue_id_token(USER);
+        let results = join_all((0..20).map(|_| verifier.verify(&rotated))).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(emu.calls().jwks, 2, "one fetch, one refresh");
+    }
+
+    #[tokio::test]
+    async fn a_failed_refresh_keeps_the_cached_keys() {
+        let emu = emulator().await;
+        let verifier = verifier(&emu);
+        let genuine = emu.issue_id_token(USER);
+        verifier.verify(&genuine).await.expect("warm");
+        emu.inject_faults(Endpoint::Jwks, vec![Fault::Status(503)]);
+        let made_up = emu.issue_id_token_with(IdTokenSpec {
+            kid: KidHeader::Custom("made-up".into()),
+            ..spec()
+        });
+        let error = verifier.verify(&made_up).await.expect_err("refresh fails");
+        assert_eq!(unavailable(&error).1, Some(super::DEFAULT_FAILURE_TTL));
+        verifier
+            .verify(&genuine)
+            .await
+            .expect("the cached keys still verify");
         assert_eq!(emu.calls().jwks, 2);
     }
 
@@ -806,10 +1181,7 @@ mod tests {
             .verify(&emu.issue_id_token(USER))
             .await
             .expect_err("times out");
-        assert_eq!(
-            error,
-            IdTokenError::JwksUnavailable("JWKS request timed out".into())
-        );
+        assert_eq!(unavailable(&error).0, "JWKS request timed out");
     }
 
     #[tokio::test]
@@ -877,7 +1249,7 @@ mod tests {
     }
 
     #[test]
-    fn only_jwks_unavailability_is_the_brokers_fault() {
+    fn only_unavailable_keys_are_the_brokers_fault() {
         let errors = [
             IdTokenError::Malformed("x"),
             IdTokenError::Algorithm("none".into()),
@@ -897,6 +1269,17 @@ mod tests {
         checks.sort_unstable();
         checks.dedup();
         assert_eq!(checks.len(), errors.len(), "check names are distinct");
-        assert!(IdTokenError::JwksUnavailable("down".into()).is_unavailable());
+        let unavailable = IdTokenError::JwksUnavailable {
+            reason: "down".into(),
+            retry_after: None,
+        };
+        assert!(unavailable.is_unavailable());
+        let not_yet = IdTokenError::KeyNotYetKnown {
+            kid: "k".into(),
+            retry_after: Duration::from_secs(3),
+        };
+        assert!(not_yet.is_unavailable());
+        assert_eq!(not_yet.retry_after(), Some(Duration::from_secs(3)));
+        assert!(errors.iter().all(|error| error.retry_after().is_none()));
     }
 }

@@ -6,6 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use reqwest::header::HeaderMap;
 use serde::Deserialize;
 
+use super::body::BodyError;
+
 /// A failed call to Auth0. Messages never contain a token or the client secret.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Auth0Error {
@@ -42,6 +44,14 @@ pub enum Auth0Error {
     },
     #[error("Auth0 sent a body the broker cannot read: {0}")]
     InvalidBody(String),
+    /// A body over the cap: a broken or hostile answer, never buffered whole.
+    /// Not retried (another answer would likely be as large); the caller may
+    /// retry later.
+    #[error("Auth0 answered {endpoint} with a body larger than {limit} bytes; not read")]
+    BodyTooLarge {
+        endpoint: &'static str,
+        limit: usize,
+    },
     #[error("the broker's own Auth0 rate limit is exhausted")]
     Throttled { retry_after: Duration },
 }
@@ -76,6 +86,15 @@ impl Auth0Error {
             return Self::Timeout;
         }
         Self::Unreachable(error.without_url().to_string())
+    }
+}
+
+impl From<BodyError> for Auth0Error {
+    fn from(error: BodyError) -> Self {
+        match error {
+            BodyError::TooLarge { endpoint, limit } => Self::BodyTooLarge { endpoint, limit },
+            BodyError::Transport { source, .. } => Self::from_transport(source),
+        }
     }
 }
 
@@ -139,6 +158,20 @@ pub fn retry_delay(headers: &HeaderMap) -> Option<Duration> {
 mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
+
+    #[test]
+    fn an_oversized_body_is_unavailable_and_not_retried() {
+        let error = Auth0Error::BodyTooLarge {
+            endpoint: "/api/v2/users",
+            limit: 1024,
+        };
+        assert!(!error.is_transient());
+        let broker = crate::error::BrokerError::from(error);
+        assert!(
+            matches!(broker, crate::error::BrokerError::Auth0Unavailable { .. }),
+            "{broker:?}"
+        );
+    }
 
     #[test]
     fn retry_after_wins_over_ratelimit_reset() {

@@ -1,6 +1,7 @@
 //! The only module that speaks HTTP: Auth0's client-credentials grant and the
 //! Management API's user endpoint.
 
+pub(crate) mod body;
 mod error;
 mod model;
 mod outbound;
@@ -124,9 +125,9 @@ impl Auth0Client {
             .map_err(Auth0Error::from_transport)?;
         Ok(Self {
             http,
+            outbound: Outbound::new(limits, settings.request_timeout),
             settings,
             next_generation: AtomicU64::new(1),
-            outbound: Outbound::new(limits),
         })
     }
 
@@ -217,7 +218,9 @@ impl Auth0Client {
 }
 
 /// Sends `request` and parses a 2xx JSON body; other statuses go through the
-/// endpoint's own error mapping.
+/// endpoint's own error mapping. Every body, error bodies included, is read
+/// with the [`body::MAX_BODY_BYTES`] cap: a larger one is
+/// [`Auth0Error::BodyTooLarge`] whatever the status.
 async fn send_json<T: serde::de::DeserializeOwned>(
     request: reqwest::RequestBuilder,
     endpoint: &'static str,
@@ -234,7 +237,7 @@ async fn send_json<T: serde::de::DeserializeOwned>(
     let status = response.status();
     stats::auth0_request(endpoint, status.as_u16(), started.elapsed());
     let headers = response.headers().clone();
-    let bytes = response.bytes().await.map_err(Auth0Error::from_transport)?;
+    let bytes = body::read_capped(response, endpoint, body::MAX_BODY_BYTES).await?;
     if !status.is_success() {
         return Err(map_error(status, &headers, &bytes));
     }

@@ -2,6 +2,10 @@
 //! tenant shares: a client-side rate limit (governor), a bound on requests in
 //! flight, and retries of transient failures that honour what Auth0 asks
 //! (`Retry-After`, `x-ratelimit-reset`) and never outlive the caller.
+//!
+//! One call, attempts and waits included, also never outlives its time budget
+//! (`--auth0-timeout`): without it a hanging Auth0 held a caller without a
+//! deadline for attempts × timeout (30 s with the defaults).
 
 use std::future::Future;
 use std::num::NonZeroU32;
@@ -52,20 +56,32 @@ pub struct Outbound {
     limiter: DefaultDirectRateLimiter,
     in_flight: Semaphore,
     limits: OutboundLimits,
+    /// How long one call may take, attempts and waits included.
+    call_timeout: Duration,
 }
 
 impl Outbound {
-    pub fn new(limits: OutboundLimits) -> Self {
+    /// A gate with these limits, where one call gives up after `call_timeout`
+    /// (`--auth0-timeout`) whatever the caller's deadline.
+    pub fn new(limits: OutboundLimits, call_timeout: Duration) -> Self {
         let quota = Quota::per_second(limits.rate_per_second).allow_burst(limits.burst);
         Self {
             limiter: RateLimiter::direct(quota),
             in_flight: Semaphore::new(limits.max_in_flight.max(1)),
             limits,
+            call_timeout,
         }
     }
 
-    /// Runs `attempt` within the limits, retrying transient failures. Gives
-    /// up at once when the next wait would pass `deadline`.
+    /// Runs `attempt` within the limits, retrying transient failures, for at
+    /// most the call timeout in all. Gives up at once when the next wait would
+    /// pass `deadline` or the end of that budget; an attempt still running at
+    /// the end of the budget is dropped and the call fails with
+    /// [`Auth0Error::Timeout`].
+    ///
+    /// An attempt is not cut at the caller's `deadline`: the service answers
+    /// DEADLINE_EXCEEDED then and drops this future, and cutting it here at
+    /// the same instant would race that answer with an UNAVAILABLE.
     pub async fn call<T, F, Fut>(
         &self,
         endpoint: &'static str,
@@ -76,20 +92,23 @@ impl Outbound {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Auth0Error>>,
     {
+        let budget_end = Instant::now() + self.call_timeout;
+        let give_up_at = deadline.map_or(budget_end, |deadline| deadline.min(budget_end));
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let permit = self.admit(deadline).await?;
-            let error = match attempt().await {
-                Ok(value) => return Ok(value),
-                Err(error) => error,
+            let permit = self.admit(deadline, budget_end).await?;
+            let error = match tokio::time::timeout_at(budget_end, attempt()).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => error,
+                Err(_) => Auth0Error::Timeout,
             };
             drop(permit);
             if !error.is_transient() || attempts >= self.limits.max_attempts {
                 return Err(error);
             }
             let wait = error.retry_after().unwrap_or_else(|| backoff(attempts));
-            if wait > self.limits.max_wait || deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            if wait > self.limits.max_wait || Instant::now() + wait >= give_up_at {
                 return Err(error);
             }
             stats::auth0_retry(endpoint);
@@ -99,9 +118,16 @@ impl Outbound {
     }
 
     /// A rate-limit slot and an in-flight permit, or THROTTLED when neither
-    /// comes before the deadline.
-    async fn admit(&self, deadline: Option<Instant>) -> Result<SemaphorePermit<'_>, Auth0Error> {
-        let give_up_at = deadline.unwrap_or_else(|| Instant::now() + self.limits.max_wait);
+    /// comes before the caller's deadline (else `max_wait` from now), nor
+    /// before `budget_end`.
+    async fn admit(
+        &self,
+        deadline: Option<Instant>,
+        budget_end: Instant,
+    ) -> Result<SemaphorePermit<'_>, Auth0Error> {
+        let give_up_at = deadline
+            .unwrap_or_else(|| Instant::now() + self.limits.max_wait)
+            .min(budget_end);
         while let Err(not_until) = self.limiter.check() {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             if Instant::now() + wait >= give_up_at {
@@ -143,9 +169,14 @@ mod tests {
         }
     }
 
+    /// A gate with `max_attempts` and a call timeout longer than any test here.
+    fn outbound(max_attempts: u32) -> Outbound {
+        Outbound::new(limits(max_attempts), Duration::from_secs(60))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn transient_failures_are_retried_with_the_delay_auth0_asked_for() {
-        let outbound = Outbound::new(limits(3));
+        let outbound = outbound(3);
         let calls = AtomicU32::new(0);
         let started = Instant::now();
         let result = outbound
@@ -165,7 +196,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn at_most_max_attempts_then_the_last_error() {
-        let outbound = Outbound::new(limits(3));
+        let outbound = outbound(3);
         let calls = AtomicU32::new(0);
         let result: Result<(), _> = outbound
             .call("test", None, || async {
@@ -185,7 +216,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn no_retry_when_the_wait_would_pass_the_deadline() {
-        let outbound = Outbound::new(limits(3));
+        let outbound = outbound(3);
         let calls = AtomicU32::new(0);
         let deadline = Instant::now() + Duration::from_secs(1);
         let result: Result<(), _> = outbound
@@ -202,7 +233,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn client_errors_are_not_retried() {
-        let outbound = Outbound::new(limits(3));
+        let outbound = outbound(3);
         let calls = AtomicU32::new(0);
         let _ = outbound
             .call("test", None, || async {
@@ -210,6 +241,68 @@ mod tests {
                 Err::<(), _>(Auth0Error::UserNotFound)
             })
             .await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_auth0_is_given_up_on_after_the_call_timeout_without_a_deadline() {
+        let outbound = Outbound::new(limits(3), Duration::from_secs(1));
+        let calls = AtomicU32::new(0);
+        let started = Instant::now();
+        let result: Result<(), _> = outbound
+            .call("test", None, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                std::future::pending().await
+            })
+            .await;
+        assert!(matches!(result, Err(Auth0Error::Timeout)), "{result:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "no attempt past the budget"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_and_backoff_together_stay_within_the_call_timeout() {
+        let outbound = Outbound::new(limits(5), Duration::from_secs(1));
+        let calls = AtomicU32::new(0);
+        let started = Instant::now();
+        let result: Result<(), _> = outbound
+            .call("test", None, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                Err(Auth0Error::ServerError {
+                    status: 503,
+                    retry_after: None,
+                })
+            })
+            .await;
+        assert!(result.is_err());
+        assert!(
+            started.elapsed() <= Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(calls.load(Ordering::SeqCst) <= 2, "{calls:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_wait_is_started_that_would_pass_the_call_timeout() {
+        let outbound = Outbound::new(limits(3), Duration::from_secs(3));
+        let calls = AtomicU32::new(0);
+        let started = Instant::now();
+        let result: Result<(), _> = outbound
+            .call("test", None, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(Auth0Error::RateLimited {
+                    retry_after: Some(Duration::from_secs(5)),
+                })
+            })
+            .await;
+        assert!(matches!(result, Err(Auth0Error::RateLimited { .. })));
+        assert_eq!(started.elapsed(), Duration::ZERO, "gave up at once");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 

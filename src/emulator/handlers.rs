@@ -8,10 +8,10 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -349,7 +349,7 @@ async fn jwks(State(state): AppState) -> Response {
 // ---------------------------------------------------------------------------------------------
 
 /// Applies the next queued fault of `endpoint`: an answer to send, or a delay then `None`.
-async fn take_fault(state: &Shared, endpoint: Endpoint) -> Option<Response> {
+async fn take_fault(state: &Arc<Shared>, endpoint: Endpoint) -> Option<Response> {
     match state.next_fault(endpoint)? {
         Fault::Status(code) => Some(status_fault(endpoint, code)),
         Fault::RateLimited {
@@ -360,7 +360,35 @@ async fn take_fault(state: &Shared, endpoint: Endpoint) -> Option<Response> {
             tokio::time::sleep(delay).await;
             None
         }
+        Fault::HugeBody { bytes, announced } => Some(huge_body(state.clone(), bytes, announced)),
     }
+}
+
+/// One chunk of a huge fault body: JSON whitespace, shared, never copied.
+static PADDING: [u8; 64 * 1024] = [b' '; 64 * 1024];
+
+/// A 200 whose body of `bytes` bytes is produced chunk by chunk as hyper asks for it (so
+/// only as fast as the client reads), counting each chunk handed over.
+fn huge_body(state: Arc<Shared>, bytes: u64, announced: bool) -> Response {
+    let chunks = futures::stream::unfold(bytes, move |left| {
+        let state = state.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let size = left.min(PADDING.len() as u64);
+            state.count_huge_body_bytes(size);
+            let chunk = Bytes::from_static(&PADDING).slice(..size as usize);
+            Some((Ok::<_, std::convert::Infallible>(chunk), left - size))
+        }
+    });
+    let mut response = (StatusCode::OK, Body::from_stream(chunks)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if announced {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes));
+    }
+    response
 }
 
 /// An error answer with the given status, in the body style of `endpoint`.

@@ -114,6 +114,17 @@ pub enum Fault {
     },
     /// Slow this one call down by the duration, then answer it normally.
     Delay(Duration),
+    /// Answer 200 with a body of `bytes` bytes (JSON whitespace), streamed in chunks as the
+    /// connection takes them, so the emulator never holds it: a hostile or broken tenant.
+    /// `announced` sends a matching `Content-Length`; without it the length is unknown to
+    /// the client until the end. [`Emulator::huge_body_bytes_sent`] tells how much of it the
+    /// client let through.
+    HugeBody {
+        /// Length of the body.
+        bytes: u64,
+        /// Whether a `Content-Length` header announces it.
+        announced: bool,
+    },
 }
 
 /// How many requests reached each handler since start (or the last reset).
@@ -247,6 +258,13 @@ impl Emulator {
     /// A snapshot of the call counters, to assert how often the broker called Auth0.
     pub fn calls(&self) -> CallCounts {
         self.state.calls()
+    }
+
+    /// How many bytes of [`Fault::HugeBody`] bodies were handed to connections since start
+    /// (or the last reset): what a client read, plus what socket buffers took. A client that
+    /// stops reading early keeps this far below the body's length.
+    pub fn huge_body_bytes_sent(&self) -> u64 {
+        self.state.huge_body_bytes_sent()
     }
 
     /// How many `/api/v2/users/{id}` calls named this (decoded) user id, to check caching.

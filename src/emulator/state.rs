@@ -4,6 +4,7 @@
 //! global, so many emulators can run in one process.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,9 @@ pub(crate) struct Shared {
     audience: String,
     id_token_audience: String,
     inner: Mutex<Inner>,
+    /// Bytes of huge fault bodies handed to connections; outside the mutex, as the body
+    /// streams add to it chunk by chunk.
+    huge_body_sent: AtomicU64,
 }
 
 impl Shared {
@@ -100,6 +104,7 @@ impl Shared {
             audience,
             id_token_audience,
             inner: Mutex::new(inner),
+            huge_body_sent: AtomicU64::new(0),
         };
         for user in users {
             shared.upsert_user(user);
@@ -253,6 +258,15 @@ impl Shared {
         self.lock().seen_paths.push(path.to_owned());
     }
 
+    /// Counts `bytes` more of a huge fault body handed to a connection.
+    pub(crate) fn count_huge_body_bytes(&self, bytes: u64) {
+        self.huge_body_sent.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn huge_body_bytes_sent(&self) -> u64 {
+        self.huge_body_sent.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn calls(&self) -> CallCounts {
         self.lock().counts
     }
@@ -271,6 +285,7 @@ impl Shared {
         inner.counts = CallCounts::default();
         inner.user_counts.clear();
         inner.seen_paths.clear();
+        self.huge_body_sent.store(0, Ordering::Relaxed);
     }
 
     /// The JWKS document: `{"keys": [...]}` with every published key, oldest first.

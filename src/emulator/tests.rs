@@ -502,3 +502,22 @@ async fn jwks_faults_are_served_then_the_keys_again() {
     assert_eq!(kids(&jwks(&emu).await), ["dev-signing-1"]);
     assert_eq!(emu.calls().jwks, 2);
 }
+
+#[tokio::test]
+async fn huge_body_fault_streams_its_length_with_or_without_content_length() {
+    let emu = emulator().await;
+    let bytes = 200_000;
+    for announced in [true, false] {
+        emu.inject_faults(Endpoint::Jwks, vec![Fault::HugeBody { bytes, announced }]);
+        let response = get_jwks(&emu).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let length = response.content_length();
+        assert_eq!(length.is_some(), announced, "{length:?}");
+        let body = response.bytes().await.expect("body");
+        assert_eq!(body.len() as u64, bytes);
+        assert!(body.iter().all(u8::is_ascii_whitespace));
+    }
+    assert_eq!(emu.huge_body_bytes_sent(), 2 * bytes);
+    emu.reset_counters();
+    assert_eq!(emu.huge_body_bytes_sent(), 0);
+}

@@ -226,6 +226,12 @@ async fn bad_config_fails_at_start_with_one_line_naming_the_setting() {
             vec![],
             &["TOKENBROKER_USER_CACHE_CAPACITY"],
         ),
+        BadStart::new(
+            "zero cache byte budget",
+            vec![("TOKENBROKER_USER_CACHE_MAX_BYTES", "0".to_owned())],
+            vec![],
+            &["TOKENBROKER_USER_CACHE_MAX_BYTES"],
+        ),
     ];
 
     for case in cases {

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::future::join_all;
 use serde_json::{json, Value};
+use tokenbroker::cache::DEFAULT_USER_MAX_BYTES;
 use tokenbroker::config::CacheSettings;
 use tokenbroker::emulator::{seed, CallCounts, EmulatorConfig};
 use tokenbroker::proto::IdpToken;
@@ -27,6 +28,7 @@ fn with_cache(user_ttl: Duration, user_capacity: u64, negative_ttl: Duration) ->
         cache: CacheSettings {
             user_ttl,
             user_capacity,
+            user_max_bytes: DEFAULT_USER_MAX_BYTES,
             negative_ttl,
         },
         ..Options::default()

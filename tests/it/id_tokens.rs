@@ -1,11 +1,16 @@
 //! Binding a release to the user's own Auth0 ID token, over real mTLS against
 //! the emulator's JWKS: the token's `sub` picks the user, every check that
 //! fails is UNAUTHENTICATED naming the check, and a caller whose policy
-//! requires an ID token gets nothing without one.
+//! requires an ID token gets nothing without one. Keys the broker cannot have
+//! yet (a failing JWKS, a refresh held back) are UNAVAILABLE with RetryInfo.
 
-use tokenbroker::emulator::{seed, Audience, IdTokenSpec, KidHeader, Signing};
+use std::time::Duration;
+
+use futures::future::join_all;
+use tokenbroker::emulator::{seed, Audience, Endpoint, Fault, IdTokenSpec, KidHeader, Signing};
 use tokenbroker::proto::{GetIdpTokenRequest, IdpToken, ListIdpTokensRequest};
 use tonic::{Code, Status};
+use tonic_types::StatusExt;
 
 use crate::support::{bounded, get_request, Options, TestBroker, CLIENT_SPIFFE_ID};
 
@@ -252,6 +257,7 @@ async fn a_rotated_signing_key_is_accepted_after_one_jwks_refresh() {
 async fn a_flood_of_unknown_kids_refreshes_the_jwks_at_most_once() {
     let broker = TestBroker::start().await;
     let mut client = broker.client().await;
+    let mut held_back = 0;
     for attempt in 0..30 {
         let token = broker.emulator.issue_id_token_with(IdTokenSpec {
             kid: KidHeader::Custom(format!("made-up-{attempt}")),
@@ -260,13 +266,108 @@ async fn a_flood_of_unknown_kids_refreshes_the_jwks_at_most_once() {
         let status = crate::support::get_on(&mut client, bound_request(token, "github"))
             .await
             .expect_err("unknown kid");
-        assert_eq!(status.code(), Code::Unauthenticated);
+        // Refused once a JWKS fetched after the token lacks the kid; while the
+        // refresh limit holds the next refresh back, "retry later".
+        match status.code() {
+            Code::Unauthenticated => {}
+            Code::Unavailable => {
+                held_back += 1;
+                let retry = status.get_details_retry_info().expect("RetryInfo");
+                assert!(retry
+                    .retry_delay
+                    .is_some_and(|delay| delay <= Duration::from_secs(30)));
+            }
+            other => panic!("attempt {attempt}: {other:?} {status:?}"),
+        }
     }
+    assert!(held_back >= 28, "{held_back} of 30 held back");
+    assert_eq!(broker.emulator.calls().users, 0);
     assert!(
         broker.emulator.calls().jwks <= 2,
         "30 made-up kids made {} JWKS fetches: the first fetch and at most one refresh",
         broker.emulator.calls().jwks
     );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_rotated_right_after_a_refresh_is_unavailable_then_accepted_after_the_delay() {
+    let broker = TestBroker::start_with(Options {
+        id_token_min_refresh_interval: Some(Duration::from_secs(1)),
+        ..Options::default()
+    })
+    .await;
+    get_signed_in(&broker, seed::GITHUB_USER)
+        .await
+        .expect("a genuine token is accepted");
+    let (token, result) = get_bound(
+        &broker,
+        IdTokenSpec {
+            kid: KidHeader::Custom("no-such-key".to_owned()),
+            ..spec()
+        },
+    )
+    .await;
+    assert_refused(result, &token, "no-such-key");
+    assert_eq!(broker.emulator.calls().jwks, 2, "the unknown kid refreshed");
+
+    broker.emulator.rotate_signing_key();
+    let rotated = broker.emulator.issue_id_token(seed::GITHUB_USER);
+    let status = broker
+        .get_with(bound_request(rotated.clone(), "github"))
+        .await
+        .expect_err("the refresh that would find the new key is held back");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let delay = status
+        .get_details_retry_info()
+        .and_then(|retry| retry.retry_delay)
+        .expect("RetryInfo with a delay");
+    assert!(delay <= Duration::from_secs(1), "{delay:?}");
+
+    tokio::time::sleep(delay + Duration::from_millis(50)).await;
+    let released = broker
+        .get_with(bound_request(rotated, "github"))
+        .await
+        .expect("accepted after the delay");
+    assert_eq!(released.access_token, seed::GITHUB_ACCESS_TOKEN);
+    assert_eq!(broker.emulator.calls().jwks, 3);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_jwks_is_fetched_a_handful_of_times_for_a_burst_of_requests() {
+    let broker = TestBroker::start().await;
+    broker
+        .emulator
+        .inject_faults(Endpoint::Jwks, vec![Fault::Status(404); 200]);
+    let client = broker.client().await;
+    let token = broker.emulator.issue_id_token(seed::GITHUB_USER);
+    // Ten waves of twenty concurrent requests: concurrent misses always shared
+    // one fetch, but each wave after a failure used to fetch again.
+    for _wave in 0..10 {
+        let requests = (0..20).map(|_| {
+            let mut client = client.clone();
+            let request = bound_request(token.clone(), "github");
+            tokio::spawn(async move { crate::support::get_on(&mut client, request).await })
+        });
+        for result in join_all(requests).await {
+            let status = result.expect("task").expect_err("no keys");
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            let retry = status.get_details_retry_info().expect("RetryInfo");
+            assert!(
+                retry
+                    .retry_delay
+                    .is_some_and(|delay| delay <= Duration::from_secs(5)),
+                "{retry:?}"
+            );
+        }
+    }
+    assert!(
+        broker.emulator.calls().jwks <= 3,
+        "200 requests made {} JWKS fetches",
+        broker.emulator.calls().jwks
+    );
+    assert_eq!(broker.emulator.calls().users, 0);
     broker.stop().await;
 }
 
@@ -324,7 +425,6 @@ async fn a_broker_without_id_token_audiences_refuses_id_tokens_as_a_failed_preco
 
 #[tokio::test]
 async fn an_unreachable_jwks_is_unavailable_not_the_callers_fault() {
-    use tokenbroker::emulator::{Endpoint, Fault};
     let broker = TestBroker::start().await;
     broker
         .emulator

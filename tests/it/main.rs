@@ -4,6 +4,7 @@
 mod binary;
 mod caching;
 mod hardening;
+mod hostile_auth0;
 mod id_tokens;
 mod lifecycle;
 mod policy;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokenbroker::auth0::OutboundLimits;
+use tokenbroker::cache::DEFAULT_USER_MAX_BYTES;
 use tokenbroker::config::CacheSettings;
 use tokenbroker::emulator::{seed, Endpoint, Fault};
 use tonic::Code;
@@ -38,6 +39,7 @@ fn short_ttl(user_ttl: Duration, stale_if_error: Duration) -> Options {
         cache: CacheSettings {
             user_ttl,
             user_capacity: 1000,
+            user_max_bytes: DEFAULT_USER_MAX_BYTES,
             negative_ttl: Duration::from_secs(30),
         },
         stale_if_error,
@@ -165,6 +167,9 @@ async fn a_burst_of_cold_users_never_exceeds_the_rate_limit() {
     const BURST: u32 = 10;
     let broker = warm(Options {
         outbound: limits(RATE, BURST, Duration::from_secs(30)),
+        // The last reads wait ~9 s for a slot; in production max_wait and the
+        // call budget are the one --auth0-timeout.
+        auth0_request_timeout: Some(Duration::from_secs(30)),
         ..Options::default()
     })
     .await;

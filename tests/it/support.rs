@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokenbroker::auth0::OutboundLimits;
-use tokenbroker::cache::DEFAULT_STALE_IF_ERROR;
+use tokenbroker::cache::{DEFAULT_STALE_IF_ERROR, DEFAULT_USER_MAX_BYTES};
 use tokenbroker::config::{
     Auth0Settings, CacheSettings, ResilienceSettings, RunSettings, TlsFiles,
 };
@@ -236,6 +236,10 @@ pub struct Options {
     pub id_token_audiences: Vec<String>,
     /// The fraction of the Auth0 budget one caller may spend.
     pub caller_share: f64,
+    /// `--auth0-timeout`: how long one whole call to Auth0 may take; `None`: 10 s.
+    pub auth0_request_timeout: Option<Duration>,
+    /// Least time between two unknown-`kid` JWKS refreshes; `None`: the default (30 s).
+    pub id_token_min_refresh_interval: Option<Duration>,
 }
 
 impl Default for Options {
@@ -244,6 +248,7 @@ impl Default for Options {
             cache: CacheSettings {
                 user_ttl: Duration::from_secs(300),
                 user_capacity: 1000,
+                user_max_bytes: DEFAULT_USER_MAX_BYTES,
                 negative_ttl: Duration::from_secs(30),
             },
             broker_secret: CLIENT_SECRET.to_owned(),
@@ -256,6 +261,8 @@ impl Default for Options {
             stale_if_error: DEFAULT_STALE_IF_ERROR,
             id_token_audiences: vec![seed::DEFAULT_ID_TOKEN_AUDIENCE.to_owned()],
             caller_share: 1.0,
+            auth0_request_timeout: None,
+            id_token_min_refresh_interval: None,
             run: RunSettings {
                 shutdown_grace: Duration::from_secs(20),
                 reload_interval: Duration::from_millis(100),
@@ -326,10 +333,19 @@ impl TestBroker {
             client_id: CLIENT_ID.to_owned(),
             client_secret: options.broker_secret.into(),
             connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(10),
+            request_timeout: options
+                .auth0_request_timeout
+                .unwrap_or(Duration::from_secs(10)),
         };
         let id_token = (!options.id_token_audiences.is_empty()).then(|| {
-            IdTokenSettings::new(auth0.base_url.clone(), options.id_token_audiences.clone())
+            let defaults =
+                IdTokenSettings::new(auth0.base_url.clone(), options.id_token_audiences.clone());
+            IdTokenSettings {
+                min_refresh_interval: options
+                    .id_token_min_refresh_interval
+                    .unwrap_or(defaults.min_refresh_interval),
+                ..defaults
+            }
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
