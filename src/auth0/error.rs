@@ -133,7 +133,11 @@ impl ErrorBody {
             .clone()
             .or_else(|| self.error_description.clone())
             .unwrap_or_default();
-        text.chars().take(200).collect()
+        // Control characters become spaces: this text reaches log lines.
+        text.chars()
+            .take(200)
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect()
     }
 }
 

@@ -237,10 +237,15 @@ async fn send_json<T: serde::de::DeserializeOwned>(
     let status = response.status();
     stats::auth0_request(endpoint, status.as_u16(), started.elapsed());
     let headers = response.headers().clone();
-    let bytes = body::read_capped(response, endpoint, body::MAX_BODY_BYTES).await?;
     if !status.is_success() {
+        // The status decides an error; its body only adds Auth0's words, so
+        // an oversized one is dropped rather than hiding a 429 or 503.
+        let bytes = body::read_capped(response, endpoint, body::MAX_BODY_BYTES)
+            .await
+            .unwrap_or_default();
         return Err(map_error(status, &headers, &bytes));
     }
+    let bytes = body::read_capped(response, endpoint, body::MAX_BODY_BYTES).await?;
     serde_json::from_slice(&bytes).map_err(|e| Auth0Error::InvalidBody(format!("{endpoint}: {e}")))
 }
 
