@@ -3,6 +3,7 @@
 
 mod binary;
 mod caching;
+mod floods;
 mod id_tokens;
 mod lifecycle;
 mod policy;
