@@ -150,7 +150,9 @@ impl Default for AcceptBackoff {
 
 /// A TCP connection that holds one of its listener's connection slots.
 pub struct Admitted {
+    /// The accepted socket, not yet handshaken or served.
     pub stream: TcpStream,
+    /// The client's address, for log lines about this connection.
     pub peer: SocketAddr,
     /// Frees the slot when the connection, or whatever wraps it, is dropped.
     pub slot: OwnedSemaphorePermit,
