@@ -23,6 +23,7 @@ use tokenbroker::budget::{CallerBudgets, ShareSettings};
 use tokenbroker::cache::{IdentityStore, DEFAULT_STALE_IF_ERROR, DEFAULT_USER_MAX_BYTES};
 use tokenbroker::config::{Auth0Settings, CacheSettings, RunSettings, TlsFiles};
 use tokenbroker::emulator::{Emulator, EmulatorConfig};
+use tokenbroker::listener::ConnectionLimits;
 use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, LeafSpec};
 use tokenbroker::policy::{Policy, PolicyStore};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
@@ -321,6 +322,7 @@ async fn start_broker(
     let settings = RunSettings {
         shutdown_grace: Duration::from_secs(1),
         reload_interval: Duration::from_secs(5),
+        connections: ConnectionLimits::default(),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -382,7 +384,7 @@ impl TokenBroker for FixedAnswer {
 async fn start_baseline(pki: &Pki, answer: GetIdpTokenResponse) -> RunningServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let incoming = tls::incoming(listener, pki.tls.clone());
+    let incoming = tls::incoming(listener, pki.tls.clone(), ConnectionLimits::default());
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let served = Server::builder()

@@ -17,6 +17,10 @@ use url::Url;
 
 use crate::auth0::OutboundLimits;
 use crate::id_token::IdTokenSettings;
+use crate::listener::{
+    ConnectionLimits, DEFAULT_HEALTH_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_CONCURRENT_STREAMS,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_HANDSHAKES,
+};
 
 /// The `tokenbroker` command line.
 #[derive(Debug, Parser)]
@@ -125,6 +129,42 @@ pub struct CommonArgs {
     /// Clock skew tolerated on an ID token's exp, nbf and iat.
     #[arg(long, env = "TOKENBROKER_ID_TOKEN_LEEWAY", default_value = "60s", value_parser = humantime::parse_duration)]
     pub id_token_leeway: Duration,
+
+    /// HTTP/2 streams one mTLS connection may have open at once; more are refused (REFUSED_STREAM).
+    #[arg(long, env = "TOKENBROKER_MAX_CONCURRENT_STREAMS", default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS)]
+    pub max_concurrent_streams: u32,
+
+    /// HTTP/2 streams one connection to the plaintext health port may have open at once.
+    #[arg(long, env = "TOKENBROKER_HEALTH_MAX_CONCURRENT_STREAMS", default_value_t = DEFAULT_HEALTH_MAX_CONCURRENT_STREAMS)]
+    pub health_max_concurrent_streams: u32,
+
+    /// Connections open at once on each listener (handshakes included); at the cap new ones wait.
+    #[arg(long, env = "TOKENBROKER_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// TLS handshakes in progress at once; beyond it new connections wait, open ones keep working.
+    #[arg(long, env = "TOKENBROKER_MAX_PENDING_HANDSHAKES", default_value_t = DEFAULT_MAX_PENDING_HANDSHAKES)]
+    pub max_pending_handshakes: usize,
+
+    /// How long a TLS handshake may take.
+    #[arg(long, env = "TOKENBROKER_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// How long a new connection may stay silent before sending the HTTP/2 preface.
+    #[arg(long, env = "TOKENBROKER_FIRST_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub first_request_timeout: Duration,
+
+    /// Idle time after which the broker pings a client (HTTP/2 PING) to keep the connection and check it.
+    #[arg(long, env = "TOKENBROKER_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "TOKENBROKER_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// Longest one request may take, body included, before it is ended with CANCELLED.
+    #[arg(long, env = "TOKENBROKER_REQUEST_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
 }
 
 /// `tokenbroker serve`: every setting of a production broker.
@@ -239,13 +279,16 @@ pub struct ResilienceSettings {
     pub caller_share: f64,
 }
 
-/// How the server behaves around shutdown and reloads.
+/// How the server behaves around shutdown and reloads, and what one client
+/// may hold of it.
 #[derive(Debug, Clone, Copy)]
 pub struct RunSettings {
     /// How long in-flight RPCs may take after SIGTERM before they get UNAVAILABLE.
     pub shutdown_grace: Duration,
     /// How often the policy and TLS files are checked for changes.
     pub reload_interval: Duration,
+    /// Streams, connections, handshakes and timeouts, applied to both listeners.
+    pub connections: ConnectionLimits,
 }
 
 /// Where and how the broker reaches Auth0.
@@ -400,12 +443,50 @@ impl CommonArgs {
         })
     }
 
-    /// Validated shutdown and reload settings.
+    /// Validated shutdown, reload and connection settings.
     pub fn run_settings(&self) -> Result<RunSettings, ConfigError> {
         require_positive("TOKENBROKER_RELOAD_INTERVAL", self.reload_interval)?;
         Ok(RunSettings {
             shutdown_grace: self.shutdown_grace,
             reload_interval: self.reload_interval,
+            connections: self.connection_limits()?,
+        })
+    }
+
+    /// Validated connection limits: no count may be zero (it would refuse
+    /// everything) and no timeout zero (it would close every connection).
+    pub fn connection_limits(&self) -> Result<ConnectionLimits, ConfigError> {
+        require_at_least_one(
+            "TOKENBROKER_MAX_CONCURRENT_STREAMS",
+            self.max_concurrent_streams,
+        )?;
+        require_at_least_one(
+            "TOKENBROKER_HEALTH_MAX_CONCURRENT_STREAMS",
+            self.health_max_concurrent_streams,
+        )?;
+        require_at_least_one("TOKENBROKER_MAX_CONNECTIONS", self.max_connections)?;
+        require_at_least_one(
+            "TOKENBROKER_MAX_PENDING_HANDSHAKES",
+            self.max_pending_handshakes,
+        )?;
+        require_positive("TOKENBROKER_HANDSHAKE_TIMEOUT", self.handshake_timeout)?;
+        require_positive(
+            "TOKENBROKER_FIRST_REQUEST_TIMEOUT",
+            self.first_request_timeout,
+        )?;
+        require_positive("TOKENBROKER_KEEPALIVE_INTERVAL", self.keepalive_interval)?;
+        require_positive("TOKENBROKER_KEEPALIVE_TIMEOUT", self.keepalive_timeout)?;
+        require_positive("TOKENBROKER_REQUEST_TIMEOUT", self.request_timeout)?;
+        Ok(ConnectionLimits {
+            max_concurrent_streams: self.max_concurrent_streams,
+            health_max_concurrent_streams: self.health_max_concurrent_streams,
+            max_connections: self.max_connections,
+            max_pending_handshakes: self.max_pending_handshakes,
+            handshake_timeout: self.handshake_timeout,
+            first_request_timeout: self.first_request_timeout,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+            request_timeout: self.request_timeout,
         })
     }
 
@@ -432,6 +513,16 @@ impl CommonArgs {
             negative_ttl: self.negative_cache_ttl,
         })
     }
+}
+
+fn require_at_least_one<T: Default + PartialEq>(
+    name: &'static str,
+    value: T,
+) -> Result<(), ConfigError> {
+    if value == T::default() {
+        return Err(ConfigError::Zero { name });
+    }
+    Ok(())
 }
 
 fn require_positive(name: &'static str, value: Duration) -> Result<(), ConfigError> {
@@ -549,6 +640,51 @@ mod tests {
         assert!(matches!(
             read_client_secret(None, None),
             Err(ConfigError::SecretSource { given: "neither" })
+        ));
+    }
+
+    /// `CommonArgs` as parsed from `args` (and the environment).
+    fn common_args(args: &[&str]) -> CommonArgs {
+        #[derive(Parser)]
+        struct Common {
+            #[command(flatten)]
+            common: CommonArgs,
+        }
+        let argv = std::iter::once("tokenbroker").chain(args.iter().copied());
+        Common::try_parse_from(argv).expect("parses").common
+    }
+
+    #[test]
+    fn connection_flag_defaults_are_the_listener_defaults() {
+        let limits = common_args(&[]).connection_limits().expect("valid");
+        assert_eq!(limits, ConnectionLimits::default());
+    }
+
+    #[test]
+    fn connection_flags_reach_the_limits_and_zero_is_refused() {
+        let limits = common_args(&[
+            "--max-concurrent-streams=8",
+            "--max-connections=4",
+            "--first-request-timeout=300ms",
+        ])
+        .connection_limits()
+        .expect("valid");
+        assert_eq!(limits.max_concurrent_streams, 8);
+        assert_eq!(limits.max_connections, 4);
+        assert_eq!(limits.first_request_timeout, Duration::from_millis(300));
+        let zero = common_args(&["--max-connections=0"]).connection_limits();
+        assert!(matches!(
+            zero,
+            Err(ConfigError::Zero {
+                name: "TOKENBROKER_MAX_CONNECTIONS"
+            })
+        ));
+        let instant = common_args(&["--handshake-timeout=0s"]).connection_limits();
+        assert!(matches!(
+            instant,
+            Err(ConfigError::ZeroDuration {
+                name: "TOKENBROKER_HANDSHAKE_TIMEOUT"
+            })
         ));
     }
 

@@ -71,6 +71,7 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Re
             None => None,
         },
     };
+    crate::open_files::raise_and_report(&run_settings.connections, listeners.count());
     let id_token = args
         .common
         .id_token_settings(&auth0.base_url, &[emulator.id_token_audience()]);

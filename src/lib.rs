@@ -12,6 +12,8 @@
 //! * [`service`] — the gRPC service: proto types, deadlines, audit events.
 //! * [`error`] — the broker's error enum and its mapping to gRPC status.
 //! * [`tls`] — the mTLS listener (rustls) and the caller's identity, read once per connection.
+//! * [`listener`] — connection limits: slots per listener, the preface deadline, accept backoff.
+//! * [`open_files`] — raises the open-file limit at start.
 //! * [`server`] — wires services, reflection and health onto a bound listener.
 //! * [`emulator`] — an in-process Auth0 tenant for `tokenbroker dev` and tests.
 //! * [`pki`] — dev and test certificates (rcgen).
@@ -34,7 +36,9 @@ pub mod emulator;
 pub mod error;
 pub mod id_token;
 pub mod keyfile;
+pub mod listener;
 pub mod logsafe;
+pub mod open_files;
 pub mod pki;
 pub mod policy;
 pub mod reload;

@@ -2,7 +2,9 @@
 //! service, server reflection (v1 and v1alpha, for grpcurl) and gRPC health
 //! behind the mTLS acceptor, plus health alone on an optional plaintext
 //! listener for kubelet probes. Owns the shutdown sequence. Taking bound
-//! listeners lets tests and `tokenbroker dev` run it on port 0.
+//! listeners lets tests and `tokenbroker dev` run it on port 0. Both
+//! listeners run under the same [`ConnectionLimits`] (the health port with
+//! its own, lower, stream limit).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,7 +13,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -21,6 +22,7 @@ use crate::budget::{CallerBudgets, ShareSettings};
 use crate::cache::IdentityStore;
 use crate::config::{Auth0Settings, CacheSettings, ResilienceSettings, RunSettings, ServeConfig};
 use crate::id_token::{IdTokenSettings, IdTokenVerifier};
+use crate::listener::{self, ConnectionLimits};
 use crate::policy::{PolicyError, PolicyStore};
 use crate::proto;
 use crate::reload;
@@ -34,6 +36,11 @@ pub const READINESS_SERVICE: &str = "tokenbroker.v1.TokenBroker";
 /// After the grace period, how long in-flight RPCs get to send their
 /// UNAVAILABLE answers before the connections are closed.
 const FLUSH_AFTER_GRACE: Duration = Duration::from_secs(2);
+
+/// Largest header block a client may send (SETTINGS_MAX_HEADER_LIST_SIZE).
+/// gRPC metadata here is a few hundred bytes; set explicitly so a change of
+/// library default cannot make each stream's headers cost megabytes.
+const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 
 /// Why the broker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +153,15 @@ pub async fn serve(
             None => None,
         },
     };
+    crate::open_files::raise_and_report(&config.run.connections, listeners.count());
     run(listeners, broker, config.run, shutdown).await
+}
+
+impl Listeners {
+    /// How many sockets accept connections, each with its own connection cap.
+    pub fn count(&self) -> usize {
+        1 + usize::from(self.health.is_some())
+    }
 }
 
 /// Binds `addr`, naming it on failure.
@@ -187,8 +202,9 @@ pub async fn run(
             let _ = accepting.wait_for(|stopped| *stopped).await;
         }
     };
+    let limits = settings.connections;
     let mut mtls = tokio::spawn(
-        Server::builder()
+        http2_server(&limits, limits.max_concurrent_streams)
             .add_service(TokenBrokerService::server(ServiceParts {
                 store: broker.store.clone(),
                 policy: broker.policy.clone(),
@@ -200,15 +216,18 @@ pub async fn run(
             .add_service(reflection_builder().build_v1()?)
             .add_service(reflection_builder().build_v1alpha()?)
             .serve_with_incoming_shutdown(
-                tls::incoming(listeners.mtls, broker.tls.clone()),
+                tls::incoming(listeners.mtls, broker.tls.clone(), limits),
                 until_stopped(),
             ),
     );
     let plaintext_health = listeners.health.map(|listener| {
         tokio::spawn(
-            Server::builder()
+            http2_server(&limits, limits.health_max_concurrent_streams)
                 .add_service(health_service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), until_stopped()),
+                .serve_with_incoming_shutdown(
+                    listener::plaintext_incoming(listener, &limits),
+                    until_stopped(),
+                ),
         )
     });
 
@@ -260,6 +279,19 @@ async fn drain_in_flight(
             Ok(())
         }
     }
+}
+
+/// A tonic server that bounds what one connection may hold: `max_streams`
+/// streams at once, one request at most `request_timeout` (so a stream whose
+/// body never ends is freed), and keepalive pings so idle clients stay
+/// connected and dead ones are dropped.
+fn http2_server(limits: &ConnectionLimits, max_streams: u32) -> Server {
+    Server::builder()
+        .max_concurrent_streams(max_streams)
+        .timeout(limits.request_timeout)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
 }
 
 fn flatten(

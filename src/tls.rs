@@ -6,6 +6,8 @@
 //! tonic's built-in TLS so that a slow or hostile handshake never blocks
 //! other connections, and so the caller id is read from the certificate once
 //! per connection (in [`Peer`]) rather than parsed again on every request.
+//! The accept loop enforces the listener's [`ConnectionLimits`]: connection
+//! slots, a bound on handshakes in progress and the handshake timeout.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use crate::caller::{self, UnreadableCaller};
 use crate::config::TlsFiles;
@@ -23,12 +24,11 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-/// A handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::listener::{self, Acceptor, Admitted, ConnectionLimits, LimitedStream};
 
 /// Why the TLS material could not be loaded; names the file.
 #[derive(Debug, thiserror::Error)]
@@ -251,8 +251,10 @@ impl AsyncWrite for AuthenticatedStream {
     }
 }
 
-/// One accepted connection, or an accept error for the server to log.
-type Accepted = Result<AuthenticatedStream, io::Error>;
+/// One accepted connection, or an accept error for the server to log. The
+/// connection holds its listener slot and must send the HTTP/2 preface within
+/// the first-request timeout.
+type Accepted = Result<LimitedStream<AuthenticatedStream>, io::Error>;
 
 /// A stream of connections that completed the mTLS handshake. Dropping it
 /// stops accepting.
@@ -275,41 +277,77 @@ impl futures::Stream for TlsIncoming {
     }
 }
 
-/// Accepts TCP connections and runs each handshake on its own task; only
-/// connections that pass the handshake come out of the stream.
-pub fn incoming(listener: TcpListener, tls: Arc<TlsStore>) -> TlsIncoming {
+/// Accepts TCP connections within `limits` and runs each handshake on its own
+/// task; only connections that pass the handshake come out of the stream.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<TlsStore>,
+    limits: ConnectionLimits,
+) -> TlsIncoming {
     let (sender, connections) = mpsc::channel(64);
-    let accept_task = tokio::spawn(accept_loop(listener, tls, sender));
+    let acceptor = Acceptor::new(listener, limits.max_connections, "mTLS");
+    let accept_task = tokio::spawn(accept_loop(acceptor, tls, limits, sender));
     TlsIncoming {
         connections,
         accept_task,
     }
 }
 
-async fn accept_loop(listener: TcpListener, tls: Arc<TlsStore>, sender: mpsc::Sender<Accepted>) {
+/// Takes a handshake slot before accepting, so that once
+/// `max_pending_handshakes` clients are mid-handshake (silent ones included)
+/// newcomers wait in the kernel's backlog instead of holding descriptors,
+/// while established connections are untouched.
+async fn accept_loop(
+    mut acceptor: Acceptor,
+    tls: Arc<TlsStore>,
+    limits: ConnectionLimits,
+    sender: mpsc::Sender<Accepted>,
+) {
+    let handshakes = listener::bounded_semaphore(limits.max_pending_handshakes);
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let Ok(handshake_slot) = handshakes.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(admitted) = acceptor.accept().await else {
+            return;
         };
         if sender.is_closed() {
             return;
         }
-        let acceptor = TlsAcceptor::from(tls.current());
-        let sender = sender.clone();
-        tokio::spawn(async move {
-            let _ = stream.set_nodelay(true);
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => {
-                    let _ = sender.send(Ok(AuthenticatedStream::new(tls))).await;
-                }
-                Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake refused"),
-                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-            }
-        });
+        let tls_acceptor = TlsAcceptor::from(tls.current());
+        tokio::spawn(handshake(
+            admitted,
+            tls_acceptor,
+            limits,
+            handshake_slot,
+            sender.clone(),
+        ));
+    }
+}
+
+/// Runs one handshake within the handshake timeout and hands the connection
+/// to the server, freeing the handshake slot as soon as it is done.
+async fn handshake(
+    admitted: Admitted,
+    acceptor: TlsAcceptor,
+    limits: ConnectionLimits,
+    handshake_slot: OwnedSemaphorePermit,
+    sender: mpsc::Sender<Accepted>,
+) {
+    let Admitted { stream, peer, slot } = admitted;
+    let _ = stream.set_nodelay(true);
+    let outcome = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await;
+    drop(handshake_slot);
+    match outcome {
+        Ok(Ok(tls)) => {
+            let stream = LimitedStream::new(
+                AuthenticatedStream::new(tls),
+                slot,
+                limits.first_request_timeout,
+            );
+            let _ = sender.send(Ok(stream)).await;
+        }
+        Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake refused"),
+        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
     }
 }

@@ -169,7 +169,7 @@ async fn rpc_still_running_after_the_grace_period_gets_unavailable() {
     let mut broker = TestBroker::start_with(Options {
         run: RunSettings {
             shutdown_grace: Duration::from_millis(300),
-            reload_interval: Duration::from_millis(100),
+            ..Options::default().run
         },
         ..Options::default()
     })

@@ -3,6 +3,7 @@
 
 mod binary;
 mod caching;
+mod floods;
 mod hardening;
 mod hostile_auth0;
 mod id_tokens;

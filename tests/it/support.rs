@@ -13,6 +13,7 @@ use tokenbroker::config::{
 };
 use tokenbroker::emulator::{seed, Emulator, EmulatorConfig, Endpoint, Fault};
 use tokenbroker::id_token::IdTokenSettings;
+use tokenbroker::listener::ConnectionLimits;
 use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, LeafSpec};
 use tokenbroker::policy::{Policy, PolicyStore};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
@@ -227,6 +228,7 @@ pub struct Options {
     pub token_faults: Vec<Fault>,
     /// Also serve plaintext health on a second port.
     pub health_listener: bool,
+    /// Shutdown, reload and connection limits (streams, connections, timeouts).
     pub run: RunSettings,
     /// Rate limit, in-flight bound and retries towards Auth0.
     pub outbound: OutboundLimits,
@@ -266,6 +268,7 @@ impl Default for Options {
             run: RunSettings {
                 shutdown_grace: Duration::from_secs(20),
                 reload_interval: Duration::from_millis(100),
+                connections: ConnectionLimits::default(),
             },
         }
     }
