@@ -18,10 +18,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokenbroker::auth0::Auth0Settings;
 use tokenbroker::auth0::{Auth0Client, OutboundLimits};
 use tokenbroker::budget::{CallerBudgets, ShareSettings};
+use tokenbroker::cache::CacheSettings;
 use tokenbroker::cache::{IdentityStore, DEFAULT_STALE_IF_ERROR, DEFAULT_USER_MAX_BYTES};
-use tokenbroker::config::{Auth0Settings, CacheSettings, RunSettings, TlsFiles};
 use tokenbroker::emulator::{Emulator, EmulatorConfig};
 use tokenbroker::listener::ConnectionLimits;
 use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, LeafSpec};
@@ -32,7 +33,9 @@ use tokenbroker::proto::{
     GetIdpTokenRequest, GetIdpTokenResponse, InvalidateUserRequest, InvalidateUserResponse,
     ListIdpTokensRequest, ListIdpTokensResponse,
 };
+use tokenbroker::server::RunSettings;
 use tokenbroker::server::{self, Broker, Listeners};
+use tokenbroker::tls::TlsFiles;
 use tokenbroker::tls::{self, TlsStore};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -317,6 +320,7 @@ async fn start_broker(
             max_wait: open_limits().max_wait,
         })),
         tls: pki.tls.clone(),
+        audit: tokenbroker::audit::AuditTrail::off(),
         id_tokens: None,
     };
     let settings = RunSettings {

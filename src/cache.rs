@@ -29,10 +29,21 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::auth0::{Auth0Client, Auth0Error, Identity, ManagementToken, UserIdentities};
 use crate::budget::CallerShare;
-use crate::config::CacheSettings;
 use crate::error::BrokerError;
 use crate::stats::{self, CacheOutcome};
 use crate::user_id::UserId;
+
+/// Cache sizing and lifetimes.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSettings {
+    pub user_ttl: Duration,
+    /// Users held at most.
+    pub user_capacity: u64,
+    /// Estimated bytes the users held may take at most: the bound that holds when profiles
+    /// are large, beside `user_capacity` (see `cache::IdentityStore`).
+    pub user_max_bytes: u64,
+    pub negative_ttl: Duration,
+}
 
 /// A user as the cache holds it: found, or known not to exist.
 #[derive(Clone)]

@@ -11,16 +11,21 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
 use url::Url;
 
-use crate::auth0::OutboundLimits;
+use crate::audit::{AuditSettings, SinkTarget};
+use crate::auth0::{Auth0Settings, OutboundLimits};
+use crate::cache::CacheSettings;
 use crate::id_token::IdTokenSettings;
 use crate::listener::{
     ConnectionLimits, DEFAULT_HEALTH_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_CONCURRENT_STREAMS,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_HANDSHAKES,
 };
+use crate::server::{BrokerSettings, ResilienceSettings, RunSettings, ServeConfig};
+use crate::telemetry::LogFormat;
+use crate::tls::TlsFiles;
 
 /// The `tokenbroker` command line.
 #[derive(Debug, Parser)]
@@ -37,13 +42,6 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Run with an embedded Auth0 emulator, a generated dev PKI and no account.
     Dev(Box<DevArgs>),
-}
-
-/// Log output format; JSON for log shippers, text for humans.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// Settings shared by `serve` and `dev`.
@@ -109,6 +107,14 @@ pub struct CommonArgs {
     /// How long past its TTL a cached user may be served while Auth0 fails (0 turns it off).
     #[arg(long, env = "TOKENBROKER_STALE_IF_ERROR", default_value = "10m", value_parser = humantime::parse_duration)]
     pub stale_if_error: Duration,
+
+    /// Where the audit trail goes: `stdout`, a file path (reopened on SIGHUP), or `off`.
+    #[arg(long, env = "TOKENBROKER_AUDIT_LOG", default_value = "stdout")]
+    pub audit_log: SinkTarget,
+
+    /// Base64 of 32 random bytes (`openssl rand -base64 32`): audit lines carry an HMAC of each released token under it.
+    #[arg(long, env = "TOKENBROKER_AUDIT_KEY_FILE")]
+    pub audit_key_file: Option<PathBuf>,
 
     /// Plaintext HTTP listener for Prometheus metrics (`/metrics`); off when unset.
     #[arg(long, env = "TOKENBROKER_METRICS_LISTEN")]
@@ -270,80 +276,6 @@ pub enum ConfigError {
     PolicyAndAllowAny,
 }
 
-/// How the broker treats Auth0 beyond timeouts: rate, concurrency, retries, stale-if-error.
-#[derive(Debug, Clone, Copy)]
-pub struct ResilienceSettings {
-    pub outbound: OutboundLimits,
-    pub stale_if_error: Duration,
-    /// The fraction of the Auth0 budget one caller may spend, in (0, 1].
-    pub caller_share: f64,
-}
-
-/// How the server behaves around shutdown and reloads, and what one client
-/// may hold of it.
-#[derive(Debug, Clone, Copy)]
-pub struct RunSettings {
-    /// How long in-flight RPCs may take after SIGTERM before they get UNAVAILABLE.
-    pub shutdown_grace: Duration,
-    /// How often the policy and TLS files are checked for changes.
-    pub reload_interval: Duration,
-    /// Streams, connections, handshakes and timeouts, applied to both listeners.
-    pub connections: ConnectionLimits,
-}
-
-/// Where and how the broker reaches Auth0.
-#[derive(Debug, Clone)]
-pub struct Auth0Settings {
-    /// Scheme, host and port of the tenant, no trailing slash: endpoints are built from it.
-    pub base_url: String,
-    /// Audience of the Management API token; differs from `base_url` with custom domains.
-    pub audience: String,
-    pub client_id: String,
-    /// Kept secret in memory: `Debug` prints `[REDACTED]`.
-    pub client_secret: SecretString,
-    pub connect_timeout: Duration,
-    /// Bounds one whole call to an Auth0 endpoint, retries included, so a hanging tenant
-    /// cannot hold a caller without a deadline for attempts × timeout.
-    pub request_timeout: Duration,
-}
-
-/// Cache sizing and lifetimes.
-#[derive(Debug, Clone, Copy)]
-pub struct CacheSettings {
-    pub user_ttl: Duration,
-    /// Users held at most.
-    pub user_capacity: u64,
-    /// Estimated bytes the users held may take at most: the bound that holds when profiles
-    /// are large, beside `user_capacity` (see `cache::IdentityStore`).
-    pub user_max_bytes: u64,
-    pub negative_ttl: Duration,
-}
-
-/// Files the mTLS listener is built from.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub client_ca: PathBuf,
-}
-
-/// Validated settings of a production broker.
-#[derive(Debug, Clone)]
-pub struct ServeConfig {
-    pub listen: SocketAddr,
-    pub health_listen: Option<SocketAddr>,
-    pub metrics_listen: Option<SocketAddr>,
-    /// `None` means `--allow-any-caller`.
-    pub policy: Option<PathBuf>,
-    pub run: RunSettings,
-    pub resilience: ResilienceSettings,
-    pub auth0: Auth0Settings,
-    pub cache: CacheSettings,
-    pub tls: TlsFiles,
-    /// `None` when no audience is configured: ID tokens are not verified.
-    pub id_token: Option<IdTokenSettings>,
-}
-
 impl ServeArgs {
     /// Checks every setting and reads the secret file, so bad config fails at start.
     pub fn validate(&self) -> Result<ServeConfig, ConfigError> {
@@ -382,20 +314,31 @@ impl ServeArgs {
             metrics_listen: self.common.metrics_listen,
             policy,
             run: self.common.run_settings()?,
-            resilience: self.common.resilience_settings()?,
-            auth0,
-            cache: self.common.cache_settings()?,
             tls: TlsFiles {
                 cert: self.tls_cert.clone(),
                 key: self.tls_key.clone(),
                 client_ca: self.client_ca.clone(),
             },
-            id_token,
+            broker: BrokerSettings {
+                resilience: self.common.resilience_settings()?,
+                auth0,
+                cache: self.common.cache_settings()?,
+                id_token,
+                audit: self.common.audit_settings(),
+            },
         })
     }
 }
 
 impl CommonArgs {
+    /// Where audit lines go and the key of their token fingerprints.
+    pub fn audit_settings(&self) -> AuditSettings {
+        AuditSettings {
+            target: self.audit_log.clone(),
+            key_file: self.audit_key_file.clone(),
+        }
+    }
+
     /// Validated limits on calls to Auth0.
     pub fn resilience_settings(&self) -> Result<ResilienceSettings, ConfigError> {
         if self.auth0_max_in_flight == 0 {

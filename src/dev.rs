@@ -6,11 +6,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use crate::config::{Auth0Settings, ConfigError, DevArgs, TlsFiles};
+use crate::auth0::Auth0Settings;
+use crate::config::{ConfigError, DevArgs};
 use crate::emulator::{seed, Emulator, EmulatorConfig, IdTokenSpec};
 use crate::pki::{write_file, DevPki, PkiError, DEV_CLIENT_ID};
 use crate::policy::PolicyStore;
-use crate::server::{self, Broker, Listeners, ServerError};
+use crate::server::{self, Broker, BrokerSettings, Listeners, ServerError};
+use crate::tls::TlsFiles;
 use crate::tls::TlsStore;
 
 /// Lifetime of the ID token the banner prints: a working day, so the pasted
@@ -75,11 +77,15 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Re
     let id_token = args
         .common
         .id_token_settings(&auth0.base_url, &[emulator.id_token_audience()]);
-    let broker = Broker::new(
+    let settings = BrokerSettings {
         auth0,
         resilience,
         cache,
         id_token,
+        audit: args.common.audit_settings(),
+    };
+    let broker = Broker::new(
+        settings,
         PolicyStore::open(Some(&policy_path)).map_err(ServerError::from)?,
         tls,
     )?;

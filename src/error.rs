@@ -273,6 +273,16 @@ mod tests {
     }
 
     #[test]
+    fn an_oversized_auth0_body_is_auth0_unavailable() {
+        let error = BrokerError::from(Auth0Error::BodyTooLarge {
+            endpoint: "/api/v2/users",
+            limit: 1024,
+        });
+        assert_eq!(error.code(), Code::Unavailable);
+        assert_eq!(error.reason(), "AUTH0_UNAVAILABLE");
+    }
+
+    #[test]
     fn rejected_credentials_are_a_failed_precondition_not_unauthenticated() {
         let error = BrokerError::from(Auth0Error::CredentialsRejected {
             status: 401,

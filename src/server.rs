@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,10 +18,10 @@ use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::auth0::{Auth0Client, Auth0Error};
+use crate::audit::{AuditSettings, AuditSetupError, AuditTrail};
+use crate::auth0::{Auth0Client, Auth0Error, Auth0Settings, OutboundLimits};
 use crate::budget::{CallerBudgets, ShareSettings};
-use crate::cache::IdentityStore;
-use crate::config::{Auth0Settings, CacheSettings, ResilienceSettings, RunSettings, ServeConfig};
+use crate::cache::{CacheSettings, IdentityStore};
 use crate::id_token::{IdTokenSettings, IdTokenVerifier};
 use crate::listener::{self, ConnectionLimits};
 use crate::policy::{PolicyError, PolicyStore};
@@ -28,7 +29,53 @@ use crate::proto;
 use crate::reload;
 use crate::service::{ServiceParts, TokenBrokerService};
 use crate::shutdown::{Drain, DrainControl};
-use crate::tls::{self, TlsError, TlsStore};
+use crate::tls::{self, TlsError, TlsFiles, TlsStore};
+
+/// How the broker treats Auth0 beyond timeouts: rate, concurrency, retries, stale-if-error.
+#[derive(Debug, Clone, Copy)]
+pub struct ResilienceSettings {
+    pub outbound: OutboundLimits,
+    pub stale_if_error: Duration,
+    /// The fraction of the Auth0 budget one caller may spend, in (0, 1].
+    pub caller_share: f64,
+}
+
+/// How the server behaves around shutdown and reloads, and what one client
+/// may hold of it.
+#[derive(Debug, Clone, Copy)]
+pub struct RunSettings {
+    /// How long in-flight RPCs may take after SIGTERM before they get UNAVAILABLE.
+    pub shutdown_grace: Duration,
+    /// How often the policy and TLS files are checked for changes.
+    pub reload_interval: Duration,
+    /// Streams, connections, handshakes and timeouts, applied to both listeners.
+    pub connections: ConnectionLimits,
+}
+
+/// Validated settings of a production broker.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub health_listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
+    /// `None` means `--allow-any-caller`.
+    pub policy: Option<PathBuf>,
+    pub run: RunSettings,
+    pub tls: TlsFiles,
+    pub broker: BrokerSettings,
+}
+
+/// What a [`Broker`] is built from, whoever builds it (`serve`, `dev`, tests,
+/// the benchmark): one struct, so they all build the same broker.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    pub auth0: Auth0Settings,
+    pub resilience: ResilienceSettings,
+    pub cache: CacheSettings,
+    /// `None` when no audience is configured: ID tokens are not verified.
+    pub id_token: Option<IdTokenSettings>,
+    pub audit: AuditSettings,
+}
 
 /// Service name whose health status means "ready to hand out tokens".
 pub const READINESS_SERVICE: &str = "tokenbroker.v1.TokenBroker";
@@ -62,6 +109,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
     Metrics(#[from] crate::stats::MetricsError),
+    #[error(transparent)]
+    Audit(#[from] AuditSetupError),
     #[error("gRPC server task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -72,7 +121,7 @@ impl ServerError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Self::Tls(_) | Self::Policy(_) | Self::Bind { .. } | Self::Metrics(_)
+            Self::Tls(_) | Self::Policy(_) | Self::Bind { .. } | Self::Metrics(_) | Self::Audit(_)
         )
     }
 }
@@ -83,6 +132,8 @@ pub struct Broker {
     pub policy: Arc<PolicyStore>,
     /// Each caller's share of the Auth0 budget.
     pub budgets: Arc<CallerBudgets>,
+    /// Where every RPC's audit line goes.
+    pub audit: AuditTrail,
     pub tls: Arc<TlsStore>,
     /// `None` when no ID-token audience is configured. Cheap to clone: clones
     /// share the JWKS cache.
@@ -93,13 +144,18 @@ impl Broker {
     /// The broker's state from validated settings; `serve` and `dev` share it
     /// so both build exactly the same broker.
     pub fn new(
-        auth0: Auth0Settings,
-        resilience: ResilienceSettings,
-        cache: CacheSettings,
-        id_token: Option<IdTokenSettings>,
+        settings: BrokerSettings,
         policy: PolicyStore,
         tls: TlsStore,
     ) -> Result<Self, ServerError> {
+        let BrokerSettings {
+            auth0,
+            resilience,
+            cache,
+            id_token,
+            audit,
+        } = settings;
+        let audit = audit.open()?;
         let budgets = CallerBudgets::new(ShareSettings {
             rate_per_second: resilience.outbound.rate_per_second,
             burst: resilience.outbound.burst,
@@ -117,6 +173,7 @@ impl Broker {
             budgets: Arc::new(budgets),
             tls: Arc::new(tls),
             id_tokens,
+            audit,
         })
     }
 }
@@ -139,10 +196,7 @@ pub async fn serve(
         crate::stats::install_exporter(addr)?;
     }
     let broker = Broker::new(
-        config.auth0,
-        config.resilience,
-        config.cache,
-        config.id_token,
+        config.broker,
         PolicyStore::open(config.policy.as_deref())?,
         TlsStore::open(config.tls)?,
     )?;

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::caller::{self, UnreadableCaller};
-use crate::config::TlsFiles;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -29,6 +28,14 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::listener::{self, Acceptor, Admitted, ConnectionLimits, LimitedStream};
+
+/// Files the mTLS listener is built from.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
 
 /// Why the TLS material could not be loaded; names the file.
 #[derive(Debug, thiserror::Error)]

@@ -14,6 +14,49 @@ pub use key::{AuditKey, FINGERPRINT_PREFIX};
 pub use record::{Record, Released, RECORD_TYPE};
 pub use sink::{AuditError, AuditSink, SinkTarget};
 
+/// What the operator chose: `--audit-log` and `TOKENBROKER_AUDIT_KEY_FILE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    pub target: SinkTarget,
+    /// `None`: lines carry no `token_hmac`.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl AuditSettings {
+    /// No audit at all, for tests and benchmarks that do not look at it.
+    pub fn off() -> Self {
+        Self {
+            target: SinkTarget::Off,
+            key_file: None,
+        }
+    }
+
+    /// Opens the sink and reads the key; a bad path or key fails at start.
+    /// An audit without a key is allowed, with one warning.
+    pub fn open(&self) -> Result<AuditTrail, AuditSetupError> {
+        let key = match &self.key_file {
+            Some(path) => Some(std::sync::Arc::new(AuditKey::from_file(path)?)),
+            None => None,
+        };
+        let sink = AuditSink::open(&self.target)?;
+        if sink.is_on() && key.is_none() {
+            tracing::warn!(
+                "audit lines will carry no token_hmac: set TOKENBROKER_AUDIT_KEY_FILE to tie leaked tokens to their release"
+            );
+        }
+        Ok(AuditTrail { sink, key })
+    }
+}
+
+/// Why the audit trail cannot start; names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditSetupError {
+    #[error("TOKENBROKER_AUDIT_KEY_FILE {0}")]
+    Key(#[from] crate::keyfile::KeyFileError),
+    #[error("TOKENBROKER_AUDIT_LOG {0}")]
+    Sink(#[from] AuditError),
+}
+
 /// The audit trail in force: where lines go and the key of fingerprints.
 #[derive(Clone)]
 pub struct AuditTrail {

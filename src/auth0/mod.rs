@@ -22,9 +22,24 @@ use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Auth0Settings;
 use crate::stats;
 use crate::user_id::UserId;
+
+/// Where and how the broker reaches Auth0.
+#[derive(Debug, Clone)]
+pub struct Auth0Settings {
+    /// Scheme, host and port of the tenant, no trailing slash: endpoints are built from it.
+    pub base_url: String,
+    /// Audience of the Management API token; differs from `base_url` with custom domains.
+    pub audience: String,
+    pub client_id: String,
+    /// Kept secret in memory: `Debug` prints `[REDACTED]`.
+    pub client_secret: SecretString,
+    pub connect_timeout: Duration,
+    /// Bounds one whole call to an Auth0 endpoint, retries included, so a hanging tenant
+    /// cannot hold a caller without a deadline for attempts × timeout.
+    pub request_timeout: Duration,
+}
 
 /// Everything but RFC 3986 unreserved characters is encoded, so a user id is
 /// always exactly one path segment (`/` becomes `%2F`, `|` becomes `%7C`).

@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use futures::future::join_all;
 use serde_json::{json, Value};
+use tokenbroker::cache::CacheSettings;
 use tokenbroker::cache::DEFAULT_USER_MAX_BYTES;
-use tokenbroker::config::CacheSettings;
 use tokenbroker::emulator::{seed, CallCounts, EmulatorConfig};
 use tokenbroker::proto::IdpToken;
 use tokio::task::JoinHandle;

@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use tokenbroker::config::RunSettings;
 use tokenbroker::emulator::{seed, Fault};
 use tokenbroker::pki::{write_file, CertificateAuthority, LeafSpec};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::IdpToken;
+use tokenbroker::server::RunSettings;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokenbroker::auth0::OutboundLimits;
+use tokenbroker::cache::CacheSettings;
 use tokenbroker::cache::DEFAULT_USER_MAX_BYTES;
-use tokenbroker::config::CacheSettings;
 use tokenbroker::emulator::{seed, Endpoint, Fault};
 use tonic::Code;
 use tonic_types::StatusExt;

@@ -6,11 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokenbroker::audit::AuditSettings;
+use tokenbroker::auth0::Auth0Settings;
 use tokenbroker::auth0::OutboundLimits;
+use tokenbroker::cache::CacheSettings;
 use tokenbroker::cache::{DEFAULT_STALE_IF_ERROR, DEFAULT_USER_MAX_BYTES};
-use tokenbroker::config::{
-    Auth0Settings, CacheSettings, ResilienceSettings, RunSettings, TlsFiles,
-};
 use tokenbroker::emulator::{seed, Emulator, EmulatorConfig, Endpoint, Fault};
 use tokenbroker::id_token::IdTokenSettings;
 use tokenbroker::listener::ConnectionLimits;
@@ -21,6 +21,8 @@ use tokenbroker::proto::{
     GetIdpTokenRequest, GetIdpTokenResponse, IdpToken, InvalidateUserRequest, ListIdpTokensRequest,
 };
 use tokenbroker::server::{self, Broker, Listeners};
+use tokenbroker::server::{BrokerSettings, ResilienceSettings, RunSettings};
+use tokenbroker::tls::TlsFiles;
 use tokenbroker::tls::TlsStore;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -238,6 +240,8 @@ pub struct Options {
     pub id_token_audiences: Vec<String>,
     /// The fraction of the Auth0 budget one caller may spend.
     pub caller_share: f64,
+    /// Where audit lines go; off unless a test reads them.
+    pub audit: AuditSettings,
     /// `--auth0-timeout`: how long one whole call to Auth0 may take; `None`: 10 s.
     pub auth0_request_timeout: Option<Duration>,
     /// Least time between two unknown-`kid` JWKS refreshes; `None`: the default (30 s).
@@ -263,6 +267,7 @@ impl Default for Options {
             stale_if_error: DEFAULT_STALE_IF_ERROR,
             id_token_audiences: vec![seed::DEFAULT_ID_TOKEN_AUDIENCE.to_owned()],
             caller_share: 1.0,
+            audit: AuditSettings::off(),
             auth0_request_timeout: None,
             id_token_min_refresh_interval: None,
             run: RunSettings {
@@ -364,8 +369,14 @@ impl TestBroker {
             stale_if_error: options.stale_if_error,
             caller_share: options.caller_share,
         };
-        let broker = Broker::new(auth0, resilience, options.cache, id_token, policy, tls)
-            .expect("broker builds");
+        let settings = BrokerSettings {
+            auth0,
+            resilience,
+            cache: options.cache,
+            id_token,
+            audit: options.audit.clone(),
+        };
+        let broker = Broker::new(settings, policy, tls).expect("broker builds");
         let tls = broker.tls.clone();
         let listeners = Listeners {
             mtls: listener,
