@@ -42,6 +42,17 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Run with an embedded Auth0 emulator, a generated dev PKI and no account.
     Dev(Box<DevArgs>),
+    /// Print the audit fingerprint (`token_hmac`) of a token read from stdin, to find
+    /// where a leaked token was released.
+    AuditHash(AuditHashArgs),
+}
+
+/// `tokenbroker audit-hash`: the investigator's side of `token_hmac`.
+#[derive(Debug, Args)]
+pub struct AuditHashArgs {
+    /// The audit key file the broker runs with (TOKENBROKER_AUDIT_KEY_FILE).
+    #[arg(long, env = "TOKENBROKER_AUDIT_KEY_FILE")]
+    pub key_file: PathBuf,
 }
 
 /// Settings shared by `serve` and `dev`.

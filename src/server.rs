@@ -247,6 +247,7 @@ pub async fn run(
         watch_policy(&broker.policy, settings.reload_interval),
         watch_tls(&broker.tls, settings.reload_interval),
         tokio::spawn(report_cache_size(broker.store.clone())),
+        reopen_audit_on_hangup(&broker.audit),
     ];
     let (drain_control, drain) = Drain::new();
     let (stop_accepting, accepting) = tokio::sync::watch::channel(false);
@@ -263,6 +264,7 @@ pub async fn run(
                 store: broker.store.clone(),
                 policy: broker.policy.clone(),
                 budgets: broker.budgets.clone(),
+                audit: broker.audit.clone(),
                 id_tokens: broker.id_tokens.clone(),
                 drain,
             }))
@@ -309,6 +311,9 @@ pub async fn run(
     let result = drain_in_flight(&mut mtls, settings.shutdown_grace, &drain_control).await;
     if let Some(health) = plaintext_health {
         health.abort();
+    }
+    if let Err(error) = broker.audit.sink.sync().await {
+        tracing::error!(%error, "the audit log could not be synced to disk at shutdown");
     }
     tracing::info!("stopped");
     result
@@ -377,6 +382,11 @@ fn watch_policy(policy: &Arc<PolicyStore>, interval: Duration) -> JoinHandle<()>
     reload::watch_files(vec![path.to_owned()], interval, move || {
         policy_for_reload.reload()
     })
+}
+
+fn reopen_audit_on_hangup(audit: &AuditTrail) -> JoinHandle<()> {
+    let sink = audit.sink.clone();
+    reload::on_hangup(move || sink.reopen())
 }
 
 fn watch_tls(tls: &Arc<TlsStore>, interval: Duration) -> JoinHandle<()> {
