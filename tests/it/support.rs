@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenbroker::audit::AuditSettings;
+use tokenbroker::audit::{AuditSettings, AuditTrail};
 use tokenbroker::auth0::Auth0Settings;
 use tokenbroker::auth0::OutboundLimits;
 use tokenbroker::cache::CacheSettings;
@@ -291,6 +291,8 @@ pub struct TestBroker {
     pub policy_path: std::path::PathBuf,
     /// The live TLS material, to check reload counters.
     pub tls: Arc<TlsStore>,
+    /// The broker's audit trail, to reopen its file as SIGHUP would.
+    pub audit: AuditTrail,
     pub client_cert: IssuedCertificate,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), server::ServerError>>>,
@@ -378,6 +380,7 @@ impl TestBroker {
         };
         let broker = Broker::new(settings, policy, tls).expect("broker builds");
         let tls = broker.tls.clone();
+        let audit = broker.audit.clone();
         let listeners = Listeners {
             mtls: listener,
             health,
@@ -393,6 +396,7 @@ impl TestBroker {
             files,
             policy_path,
             tls,
+            audit,
             client_cert,
             shutdown: Some(shutdown),
             task: Some(task),
