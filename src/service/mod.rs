@@ -30,7 +30,7 @@ use crate::policy::{CallerRule, PolicyStore};
 use crate::proto::token_broker_server::{TokenBroker, TokenBrokerServer};
 use crate::proto::{
     GetIdpTokenRequest, GetIdpTokenResponse, IdpToken, InvalidateUserRequest,
-    InvalidateUserResponse, ListIdpTokensRequest, ListIdpTokensResponse,
+    InvalidateUserResponse, ListIdpTokensRequest, ListIdpTokensResponse, TokenSource,
 };
 use crate::selection::{self, Selector};
 use crate::shutdown::Drain;
@@ -140,7 +140,12 @@ impl TokenBroker for TokenBrokerService {
         };
         let subject = call.subject(&request.user_id, &binding, Wanted::All);
         let result = self.finish(&call, &subject, result, Vec::as_slice).await;
-        result.map(|tokens| Response::new(ListIdpTokensResponse { tokens }))
+        result.map(|tokens| {
+            Response::new(ListIdpTokensResponse {
+                tokens,
+                unavailable: Vec::new(),
+            })
+        })
     }
 
     async fn invalidate_user(
@@ -331,6 +336,8 @@ fn to_proto(identity: &Identity, user: &UserIdentities, from_cache: bool) -> Idp
         expires_at: identity.expires_at.map(timestamp),
         fetched_at: Some(timestamp(user.fetched_at)),
         from_cache,
+        source: TokenSource::Auth0Profile.into(),
+        scopes: Vec::new(),
     }
 }
 
