@@ -1,8 +1,5 @@
-//! The moka caches in front of Auth0 and the reads that fill them.
+//! The moka cache of users in front of Auth0 and the reads that fill it.
 //!
-//! * Management token: one entry, kept for its lifetime minus a margin;
-//!   concurrent misses share one `/oauth/token` call; a 401 from the users
-//!   endpoint drops exactly the rejected token and the read is retried once.
 //! * Users: all identities of a user, keyed by user id, bounded by a user
 //!   count and by an estimate of the bytes they hold (see [`UserBudget`]). An entry
 //!   answers lookups for the configured TTL (never past a known token
@@ -20,14 +17,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use moka::future::Cache;
-use moka::ops::compute::Op;
 use moka::sync::Cache as SyncCache;
 use moka::Expiry;
 use tokio::time::Instant as Deadline;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::auth0::{Auth0Client, Auth0Error, Identity, ManagementToken, UserIdentities};
+use crate::auth0::{Auth0Client, Auth0Error, Identity, UserIdentities};
 use crate::budget::CallerShare;
 use crate::error::BrokerError;
 use crate::stats::{self, CacheOutcome};
@@ -109,10 +105,10 @@ pub struct Lookup {
     pub from_cache: bool,
 }
 
-/// Caches Management tokens and users' identities in front of one Auth0 tenant.
+/// Caches users' identities in front of one Auth0 tenant.
 pub struct IdentityStore {
+    /// Reads users (its Management token is its own business).
     auth0: Auth0Client,
-    management: Cache<(), Arc<ManagementToken>>,
     /// Fresh entries, and expired ones kept for stale-if-error. moka's
     /// sync cache: a lookup's future then holds no moka future (700 bytes),
     /// which keeps every RPC's boxed future small (see `cached_or_read`).
@@ -216,24 +212,6 @@ fn secret_len(secret: Option<&SecretString>) -> usize {
     secret.map_or(0, |secret| secret.expose_secret().len())
 }
 
-/// Keeps a Management token for its reuse window.
-struct ManagementTokenExpiry;
-
-impl Expiry<(), Arc<ManagementToken>> for ManagementTokenExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &(),
-        token: &Arc<ManagementToken>,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(
-            token
-                .reuse_window()
-                .saturating_sub(token.obtained_at.elapsed()),
-        )
-    }
-}
-
 /// Keeps a found user until its freshness ends plus the stale-if-error
 /// window, but never past a known token expiry; a miss only while fresh.
 struct UserExpiry {
@@ -289,17 +267,12 @@ impl IdentityStore {
     /// Builds empty caches sized by `settings`, with the default
     /// stale-if-error window.
     pub fn new(auth0: Auth0Client, settings: CacheSettings) -> Self {
-        let management = Cache::builder()
-            .max_capacity(1)
-            .expire_after(ManagementTokenExpiry)
-            .build();
         let reads = Cache::builder()
             .max_capacity(settings.user_capacity)
             .time_to_live(READ_COALESCING_TTL)
             .build();
         Self {
             auth0,
-            management,
             users: users_cache(&settings, DEFAULT_STALE_IF_ERROR),
             reads,
             clock: AtomicU64::new(1),
@@ -543,34 +516,20 @@ impl IdentityStore {
         self.last_invalidation.fetch_max(now, Ordering::SeqCst);
     }
 
-    /// Obtains a Management token now; used to tell readiness and to fail
-    /// fast on bad credentials.
+    /// Has Auth0 obtain its Management token now ([`Auth0Client::warm_up`]);
+    /// used to tell readiness and to fail fast on bad credentials.
     pub async fn warm_up(&self) -> Result<(), BrokerError> {
-        self.management_token(None)
-            .await
-            .map(|_| ())
-            .map_err(BrokerError::from)
+        self.auth0.warm_up(None).await.map_err(BrokerError::from)
     }
 
-    /// Reads the user with a shared Management token; one retry with a new
-    /// token when Auth0 rejects the cached one.
+    /// Reads the user from Auth0 as a cache entry: found, or known not to exist.
     async fn read_user(
         &self,
         user_id: &UserId,
         deadline: Option<Deadline>,
     ) -> Result<CachedUser, Auth0Error> {
         let read_started = self.tick();
-        let token = self.management_token(deadline).await?;
-        let result = match self.auth0.fetch_user(&token, user_id, deadline).await {
-            Err(Auth0Error::ManagementTokenRejected) => {
-                tracing::warn!("Auth0 rejected the cached Management token; fetching a new one");
-                self.drop_management_token(token.generation).await;
-                let fresh = self.management_token(deadline).await?;
-                self.auth0.fetch_user(&fresh, user_id, deadline).await
-            }
-            other => other,
-        };
-        let state = match result {
+        let state = match self.auth0.read_user(user_id, deadline).await {
             Ok(user) => UserState::Found(Arc::new(user)),
             Err(Auth0Error::UserNotFound) => UserState::NotFound,
             Err(error) => return Err(error),
@@ -592,63 +551,6 @@ impl IdentityStore {
                 None => self.settings.user_ttl,
             },
         }
-    }
-
-    async fn management_token(
-        &self,
-        deadline: Option<Deadline>,
-    ) -> Result<Arc<ManagementToken>, Auth0Error> {
-        self.management
-            .try_get_with((), self.fetch_management_token(deadline))
-            .await
-            .map_err(|shared| (*shared).clone())
-    }
-
-    async fn fetch_management_token(
-        &self,
-        deadline: Option<Deadline>,
-    ) -> Result<Arc<ManagementToken>, Auth0Error> {
-        match self.auth0.fetch_management_token(deadline).await {
-            Ok(token) => {
-                stats::management_token_refreshed(token.lifetime);
-                tracing::info!(
-                    expires_in_secs = token.lifetime.as_secs(),
-                    reuse_secs = token.reuse_window().as_secs(),
-                    can_read_idp_tokens = token.can_read_idp_tokens(),
-                    "obtained a Management API token"
-                );
-                if !token.can_read_idp_tokens() {
-                    tracing::error!(
-                        scope = %token.scope,
-                        "the Management API token lacks read:user_idp_tokens: Auth0 will omit every IdP token; grant the scope to the broker's application"
-                    );
-                }
-                Ok(Arc::new(token))
-            }
-            Err(error) => {
-                if matches!(error, Auth0Error::CredentialsRejected { .. }) {
-                    tracing::error!(tenant = self.auth0.base_url(), %error, "cannot obtain a Management API token");
-                } else {
-                    tracing::warn!(tenant = self.auth0.base_url(), %error, "cannot obtain a Management API token");
-                }
-                Err(error)
-            }
-        }
-    }
-
-    /// Removes the token only if it is still the one that was rejected, so
-    /// concurrent 401s do not throw away a token another request just fetched.
-    async fn drop_management_token(&self, rejected_generation: u64) {
-        self.management
-            .entry(())
-            .and_compute_with(|current| {
-                let op = match current {
-                    Some(entry) if entry.value().generation == rejected_generation => Op::Remove,
-                    _ => Op::Nop,
-                };
-                std::future::ready(op)
-            })
-            .await;
     }
 }
 
