@@ -42,8 +42,7 @@ use moka::Expiry;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
-use crate::auth0::body::{read_capped, BodyError, MAX_BODY_BYTES};
-use crate::stats;
+use crate::auth0::{Auth0Client, Auth0Error, JwksSource};
 
 /// Clock skew tolerated on `exp`, `nbf` and `iat`.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(60);
@@ -64,11 +63,6 @@ pub const JWKS_FETCH_BURST: NonZeroU32 = match NonZeroU32::new(3) {
     None => NonZeroU32::MIN,
 };
 
-/// Where Auth0 publishes a tenant's signing keys, below the issuer base URL.
-const JWKS_PATH: &str = "/.well-known/jwks.json";
-/// `endpoint` label of the JWKS request in `tokenbroker_auth0_requests_total`, a path like
-/// the other Auth0 endpoints' labels.
-const JWKS_ENDPOINT: &str = JWKS_PATH;
 /// Longest header value (`alg`, `kid`) repeated in an error message.
 const MAX_ECHOED_LEN: usize = 64;
 
@@ -111,10 +105,6 @@ impl IdTokenSettings {
     /// The exact `iss` Auth0 writes: the base URL with one trailing slash.
     fn issuer(&self) -> String {
         format!("{}/", self.issuer_base_url.trim_end_matches('/'))
-    }
-
-    fn jwks_url(&self) -> String {
-        format!("{}{JWKS_PATH}", self.issuer_base_url.trim_end_matches('/'))
     }
 }
 
@@ -249,8 +239,8 @@ pub struct IdTokenVerifier {
 
 struct Inner {
     settings: IdTokenSettings,
-    http: reqwest::Client,
-    jwks_url: String,
+    /// The tenant's JWKS endpoint, on the auth0 module's send path.
+    source: JwksSource,
     validation: Validation,
     /// One entry (key `()`): the tenant's JWKS, or why it could not be had and until when.
     jwks: Cache<(), JwksEntry>,
@@ -333,9 +323,9 @@ impl Expiry<(), JwksEntry> for JwksExpiry {
 }
 
 impl IdTokenVerifier {
-    /// A verifier for `settings`, fetching the JWKS with `http` (the broker's rustls client).
-    /// Nothing is fetched until the first token arrives.
-    pub fn new(settings: IdTokenSettings, http: reqwest::Client) -> Self {
+    /// A verifier for `settings`, fetching the JWKS through `auth0` (its connections, size
+    /// cap and metrics). Nothing is fetched until the first token arrives.
+    pub fn new(settings: IdTokenSettings, auth0: &Auth0Client) -> Self {
         let jwks = Cache::builder()
             .max_capacity(1)
             .expire_after(JwksExpiry {
@@ -343,12 +333,11 @@ impl IdTokenVerifier {
             })
             .build();
         let inner = Inner {
-            jwks_url: settings.jwks_url(),
+            source: auth0.jwks_source(&settings.issuer_base_url, settings.request_timeout),
             validation: validation(&settings),
             next_refresh: Mutex::new(None),
             fetches: fetch_limiter(),
             settings,
-            http,
             jwks,
         };
         IdTokenVerifier {
@@ -493,30 +482,10 @@ impl Inner {
     /// One JWKS request; the error is a reason fit for a log line (no secrets exist here).
     async fn fetch_jwks(&self) -> Result<Arc<Keys>, String> {
         let started = Instant::now();
-        let request = self
-            .http
-            .get(&self.jwks_url)
-            .timeout(self.settings.request_timeout);
-        let response = match request.send().await {
-            Ok(response) => response,
-            Err(error) => {
-                stats::auth0_request(JWKS_ENDPOINT, 0, started.elapsed());
-                return Err(transport_reason(error));
-            }
-        };
-        let status = response.status();
-        stats::auth0_request(JWKS_ENDPOINT, status.as_u16(), started.elapsed());
-        if !status.is_success() {
-            let reason = format!("JWKS request answered HTTP {}", status.as_u16());
-            tracing::warn!(%reason, "cannot fetch Auth0 signing keys");
-            return Err(reason);
-        }
-        let body = read_capped(response, JWKS_ENDPOINT, MAX_BODY_BYTES)
-            .await
-            .map_err(body_reason)?;
-        let set = serde_json::from_slice::<JwkSet>(&body).map_err(|error| {
-            tracing::warn!(%error, "Auth0 JWKS is not a JWK set");
-            "JWKS body is not a JWK set".to_owned()
+        let set = self.source.fetch().await.map_err(|error| {
+            let reason = jwks_reason(&error);
+            tracing::warn!(%reason, %error, "cannot fetch Auth0 signing keys");
+            reason
         })?;
         Ok(Arc::new(Keys {
             set,
@@ -631,36 +600,19 @@ fn echo(value: &str) -> String {
         .collect()
 }
 
-/// A transport failure as a reason: reqwest's text and its causes, without the URL.
-fn transport_reason(error: reqwest::Error) -> String {
-    let reason = if error.is_timeout() {
-        "JWKS request timed out".to_owned()
-    } else {
-        format!("JWKS request failed: {}", error_chain(&error.without_url()))
-    };
-    tracing::warn!(%reason, "cannot fetch Auth0 signing keys");
-    reason
-}
-
-/// A body that could not be read as a reason (the oversize case is logged by the reader).
-fn body_reason(error: BodyError) -> String {
+/// Why the JWKS could not be had, as the reason callers and log lines get.
+fn jwks_reason(error: &Auth0Error) -> String {
     match error {
-        BodyError::TooLarge { limit, .. } => format!("JWKS body is larger than {limit} bytes"),
-        BodyError::Transport { source, .. } => transport_reason(source),
+        Auth0Error::Timeout => "JWKS request timed out".to_owned(),
+        Auth0Error::Unreachable(cause) => format!("JWKS request failed: {cause}"),
+        Auth0Error::RateLimited { .. } => "JWKS request answered HTTP 429".to_owned(),
+        Auth0Error::ServerError { status, .. } | Auth0Error::Unexpected { status, .. } => {
+            format!("JWKS request answered HTTP {status}")
+        }
+        Auth0Error::BodyTooLarge { limit, .. } => format!("JWKS body is larger than {limit} bytes"),
+        Auth0Error::InvalidBody(_) => "JWKS body is not a JWK set".to_owned(),
+        other => format!("JWKS request failed: {other}"),
     }
-}
-
-/// The error and its causes, `: `-joined, as reqwest's top-level text says little.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    for _ in 0..8 {
-        let Some(cause) = source else { break };
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
@@ -668,8 +620,10 @@ mod tests {
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     use futures::future::join_all;
+    use secrecy::SecretString;
 
     use super::{IdTokenError, IdTokenSettings, IdTokenVerifier};
+    use crate::auth0::{Auth0Client, Auth0Settings};
     use crate::emulator::{
         seed, Audience, Emulator, EmulatorConfig, Endpoint, Fault, IdTokenSpec, KidHeader, Signing,
     };
@@ -687,11 +641,16 @@ mod tests {
     }
 
     fn verifier_with(settings: IdTokenSettings) -> IdTokenVerifier {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("reqwest client");
-        IdTokenVerifier::new(settings, http)
+        let auth0 = Auth0Client::new(Auth0Settings {
+            base_url: settings.issuer_base_url.clone(),
+            audience: format!("{}/api/v2/", settings.issuer_base_url),
+            client_id: "test-client".to_owned(),
+            client_secret: SecretString::from("test-secret"),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+        })
+        .expect("auth0 client");
+        IdTokenVerifier::new(settings, &auth0)
     }
 
     fn verifier(emu: &Emulator) -> IdTokenVerifier {

@@ -1,12 +1,14 @@
 //! Everything about the Auth0 tenant, and the only module that speaks HTTP:
 //! the Management API session (`session.rs`: the client-credentials grant's
-//! token, reused and renewed), users' identities (`users.rs`) and the
-//! `/oauth/token` grants (`token.rs`). Every request takes the one send path of `send.rs` (size cap, metrics, error
+//! token, reused and renewed), users' identities (`users.rs`), the tenant's
+//! signing keys (`jwks.rs`) and the `/oauth/token` grants (`token.rs`). Every
+//! request takes the one send path of `send.rs` (size cap, metrics, error
 //! mapping into [`Auth0Error`]); the Management API's also pass the outbound
 //! limits and retries of `outbound.rs`.
 
 pub(crate) mod body;
 mod error;
+mod jwks;
 mod model;
 mod outbound;
 mod send;
@@ -15,6 +17,7 @@ mod token;
 mod users;
 
 pub use error::{retry_delay, Auth0Error, ErrorBody};
+pub use jwks::JwksSource;
 pub use model::{Identity, UserIdentities, IDP_TOKENS_SCOPE};
 pub use outbound::OutboundLimits;
 
@@ -76,12 +79,6 @@ impl Auth0Client {
             settings,
             session: ManagementSession::new(),
         })
-    }
-
-    /// The HTTP client (its pool and timeouts), so the tenant's JWKS is read
-    /// over the same connections as the Management API.
-    pub fn http_client(&self) -> reqwest::Client {
-        self.http.clone()
     }
 }
 
