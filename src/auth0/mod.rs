@@ -36,9 +36,11 @@ pub struct Auth0Settings {
     pub base_url: String,
     /// Audience of the Management API token; differs from `base_url` with custom domains.
     pub audience: String,
+    /// The broker's Machine-to-Machine application, for the client-credentials grant.
     pub client_id: String,
     /// Kept secret in memory: `Debug` prints `[REDACTED]`.
     pub client_secret: SecretString,
+    /// Bounds opening a connection, so an unreachable tenant fails fast.
     pub connect_timeout: Duration,
     /// Bounds one whole call to an Auth0 endpoint, retries included, so a hanging tenant
     /// cannot hold a caller without a deadline for attempts × timeout.
@@ -47,6 +49,7 @@ pub struct Auth0Settings {
 
 /// Talks to one Auth0 tenant with the broker's Machine-to-Machine credentials.
 pub struct Auth0Client {
+    /// One connection pool (rustls) for every endpoint, the JWKS included.
     http: reqwest::Client,
     settings: Auth0Settings,
     /// Rate limit, in-flight bound and retries for every Management API request.
