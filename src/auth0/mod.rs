@@ -3,8 +3,8 @@
 //! token, reused and renewed), users' identities (`users.rs`), the tenant's
 //! signing keys (`jwks.rs`) and the `/oauth/token` grants (`token.rs`). Every
 //! request takes the one send path of `send.rs` (size cap, metrics, error
-//! mapping into [`Auth0Error`]); the Management API's also pass the outbound
-//! limits and retries of `outbound.rs`.
+//! mapping into [`Auth0Error`]); Management API requests also pass the
+//! outbound limits and retries of `outbound.rs`.
 
 pub(crate) mod body;
 mod error;
@@ -51,6 +51,7 @@ pub struct Auth0Settings {
 pub struct Auth0Client {
     /// One connection pool (rustls) for every endpoint, the JWKS included.
     http: reqwest::Client,
+    /// The tenant's URLs and the broker's credentials.
     settings: Auth0Settings,
     /// Rate limit, in-flight bound and retries for every Management API request.
     outbound: Outbound,
