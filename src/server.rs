@@ -163,8 +163,7 @@ impl Broker {
             max_wait: resilience.outbound.max_wait,
         });
         let auth0 = Auth0Client::with_limits(auth0, resilience.outbound)?;
-        let id_tokens =
-            id_token.map(|settings| IdTokenVerifier::new(settings, auth0.http_client()));
+        let id_tokens = id_token.map(|settings| IdTokenVerifier::new(settings, &auth0));
         Ok(Self {
             store: Arc::new(
                 IdentityStore::new(auth0, cache).with_stale_if_error(resilience.stale_if_error),
