@@ -80,6 +80,12 @@ pub struct BrokerSettings {
 /// Service name whose health status means "ready to hand out tokens".
 pub const READINESS_SERVICE: &str = "tokenbroker.v1.TokenBroker";
 
+/// Default time in-flight RPCs get after SIGTERM: below Kubernetes' default
+/// 30 s termination grace, with room for the UNAVAILABLE answers.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// Default interval of the policy and TLS file checks.
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
 /// After the grace period, how long in-flight RPCs get to send their
 /// UNAVAILABLE answers before the connections are closed.
 const FLUSH_AFTER_GRACE: Duration = Duration::from_secs(2);

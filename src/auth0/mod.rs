@@ -17,6 +17,14 @@ mod token;
 mod users;
 
 pub use error::{retry_delay, Auth0Error, ErrorBody};
+pub use outbound::{
+    DEFAULT_BURST, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_IN_FLIGHT, DEFAULT_RATE_PER_SECOND,
+};
+
+/// Default timeout for opening a connection to Auth0.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Default bound on one whole call to Auth0, retries included.
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub use jwks::JwksSource;
 pub use model::{Identity, UserIdentities, IDP_TOKENS_SCOPE};
 pub use outbound::OutboundLimits;

@@ -112,6 +112,14 @@ pub struct IdentityStore {
 /// Default stale-if-error window: how long past its TTL a user may still be
 /// served when Auth0 is failing.
 pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(600);
+/// Default time a user's identities answer lookups: short enough that a
+/// re-linked account shows within minutes, long enough to spare the quota.
+pub const DEFAULT_USER_TTL: Duration = Duration::from_secs(300);
+/// Default number of users held.
+pub const DEFAULT_USER_CAPACITY: u64 = 100_000;
+/// Default time "no such user" is remembered, so a caller in a retry loop
+/// cannot burn the quota.
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(30);
 
 /// Default byte budget of the user cache (`--user-cache-max-bytes`): 256 MiB,
 /// half the Deployment's memory limit. The default 100 000 users of about

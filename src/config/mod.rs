@@ -175,8 +175,8 @@ impl ServeArgs {
             audience,
             client_id: self.auth0_client_id.trim().to_owned(),
             client_secret,
-            connect_timeout: self.common.auth0_connect_timeout,
-            request_timeout: self.common.auth0_timeout,
+            connect_timeout: *self.common.auth0_connect_timeout,
+            request_timeout: *self.common.auth0_timeout,
         };
         let policy = match (&self.policy, self.allow_any_caller) {
             (Some(path), false) => Some(path.clone()),
