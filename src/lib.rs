@@ -8,6 +8,10 @@
 //! * [`id_token`] — verifies users' Auth0 ID tokens (RS256, the tenant's JWKS, cached) to
 //!   bind a release to the user's own login.
 //! * [`cache`] — moka caches for the Management token and users' identities.
+//! * [`connections`] — per Auth0 connection: where its tokens come from, whether the broker
+//!   refreshes them at the IdP (the connections file, reloadable).
+//! * [`idp`] — refreshes IdP tokens at the IdP with the identity's refresh token: one call per
+//!   user and connection at a time, rotation, its own rate limit and retries.
 //! * [`selection`] — which identity a request means (pure).
 //! * [`service`] — the gRPC service: proto types, deadlines, audit events.
 //! * [`error`] — the broker's error enum and its mapping to gRPC status.
@@ -31,10 +35,12 @@ pub mod budget;
 pub mod cache;
 pub mod caller;
 pub mod config;
+pub mod connections;
 pub mod dev;
 pub mod emulator;
 pub mod error;
 pub mod id_token;
+pub mod idp;
 pub mod keyfile;
 pub mod listener;
 pub mod logsafe;

@@ -1,0 +1,25 @@
+//! Refreshing users' IdP tokens at the IdP itself (issue "Fresh tokens").
+//!
+//! Auth0 keeps the token an IdP gave at sign-in on the user's profile and never
+//! refreshes it: `identities[].expires_in` is the lifetime it had then, so the
+//! profile's token can be long dead. For connections the operator marks
+//! `refresh = "idp"` (see [`crate::connections`]) the broker posts the
+//! identity's `refresh_token` to the IdP's token endpoint and hands out the
+//! fresh token, or says clearly that the user must reconnect
+//! ([`IdpError::InvalidGrant`]).
+
+use secrecy::SecretString;
+
+/// The OAuth client the broker refreshes as at one IdP: the app the Auth0
+/// connection uses, since refresh tokens are bound to the client they were
+/// issued to.
+#[derive(Debug, Clone)]
+pub struct IdpClient {
+    /// The IdP's token endpoint (absolute http(s) URL, checked when the
+    /// connections file is read).
+    pub token_url: String,
+    /// The OAuth app's client id.
+    pub client_id: String,
+    /// The OAuth app's client secret; `Debug` prints `[REDACTED]`.
+    pub client_secret: SecretString,
+}
