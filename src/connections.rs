@@ -29,6 +29,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::idp::IdpClient;
+use crate::policy::line_of;
 
 /// Where the broker reads a connection's tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -283,16 +284,6 @@ fn read_secret(path: &Path) -> Result<SecretString, String> {
         return Err(format!("client_secret_file {} is empty", path.display()));
     }
     Ok(SecretString::from(secret.to_owned()))
-}
-
-/// 1-based line number of a byte offset.
-fn line_of(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
 }
 
 /// The connections in force, swapped atomically on reload so an RPC always

@@ -7,6 +7,29 @@
 //! identity's `refresh_token` to the IdP's token endpoint and hands out the
 //! fresh token, or says clearly that the user must reconnect
 //! ([`IdpError::InvalidGrant`]).
+//!
+//! * `request` — one refresh-token request and how its answer is read (bodies
+//!   capped at 1 MiB with `auth0::body::read_capped`).
+//! * `gate` — the broker's own limits towards one IdP: rate, in flight,
+//!   retries within the caller's deadline and a whole-call budget.
+//! * `refresher` — [`IdpRefresher`]: kept tokens, one refresh per user and
+//!   connection at a time, rotation, remembered `invalid_grant`, `forget_user`.
+//!
+//! Invariant: refresh tokens, access tokens and client secrets are `secrecy`
+//! types from parse to send; no error message or log line holds one, nor any
+//! text the IdP wrote.
+
+mod error;
+mod gate;
+mod refresher;
+mod request;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::{IdpError, IdpSetupError};
+pub use refresher::{IdpRefresher, IdpSettings, Refreshed, TokenKey};
+pub use request::RefreshedToken;
 
 use secrecy::SecretString;
 
