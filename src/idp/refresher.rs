@@ -363,12 +363,7 @@ impl IdpRefresher {
             };
             self.keep(&self.rotations, need.key, Arc::new(rotation), started);
         }
-        let token = Arc::new(Refreshed {
-            access_token: fresh.access_token,
-            issued_at: fresh.issued_at,
-            expires_at: fresh.expires_at,
-            scopes: fresh.scopes,
-        });
+        let token = Arc::new(fresh.token);
         self.keep(&self.tokens, need.key, token.clone(), started);
         tracing::debug!(
             user_id = &*capped(&need.key.user_id),

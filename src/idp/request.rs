@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use super::{IdpClient, IdpError};
+use super::{IdpClient, IdpError, Refreshed};
 use crate::auth0::body::{self, BodyError};
 use crate::auth0::{retry_delay, ErrorBody};
 
@@ -22,15 +22,8 @@ const MAX_CODE_CHARS: usize = 64;
 /// What the IdP gave for a refresh token.
 #[derive(Debug)]
 pub struct RefreshedToken {
-    /// The new access token.
-    pub access_token: SecretString,
-    /// When the request that got it was sent: the latest the IdP can have issued it.
-    pub issued_at: SystemTime,
-    /// When it stops working: when the request was sent plus `expires_in`,
-    /// so the broker never thinks a token lives longer than it does.
-    pub expires_at: SystemTime,
-    /// `scope` split on spaces; empty when the IdP did not say.
-    pub scopes: Vec<String>,
+    /// The new access token, its times and scopes.
+    pub token: Refreshed,
     /// The refresh token to use from now on, when the IdP rotates them.
     pub rotated_refresh_token: Option<SecretString>,
 }
@@ -221,11 +214,14 @@ fn token_from(bytes: &[u8], sent_at: SystemTime) -> Result<RefreshedToken, IdpEr
     let rotated_refresh_token = answer
         .refresh_token
         .filter(|token| !token.expose_secret().is_empty());
-    Ok(RefreshedToken {
+    let token = Refreshed {
         access_token: answer.access_token,
         issued_at: sent_at,
         expires_at,
         scopes,
+    };
+    Ok(RefreshedToken {
+        token,
         rotated_refresh_token,
     })
 }
@@ -251,11 +247,13 @@ mod tests {
     fn a_token_response_gives_expiry_from_the_send_time_and_split_scopes() {
         let sent_at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250);
         let body = br#"{"access_token":"ya29.new","expires_in":3599,"scope":"openid  email","token_type":"Bearer","refresh_token":"1//next"}"#;
-        let token = token_from(body, sent_at).unwrap();
+        let refreshed = token_from(body, sent_at).unwrap();
+        let token = &refreshed.token;
         assert_eq!(token.access_token.expose_secret(), "ya29.new");
+        assert_eq!(token.issued_at, sent_at);
         assert_eq!(token.expires_at, sent_at + Duration::from_secs(3599));
         assert_eq!(token.scopes, ["openid", "email"]);
-        let rotated = token.rotated_refresh_token.unwrap();
+        let rotated = refreshed.rotated_refresh_token.unwrap();
         assert_eq!(rotated.expose_secret(), "1//next");
     }
 
@@ -263,10 +261,13 @@ mod tests {
     fn expires_in_may_be_a_string_and_scope_and_refresh_token_may_be_absent() {
         let sent_at = SystemTime::UNIX_EPOCH;
         let body = br#"{"access_token":"t","expires_in":"60","refresh_token":""}"#;
-        let token = token_from(body, sent_at).unwrap();
-        assert_eq!(token.expires_at, sent_at + Duration::from_secs(60));
-        assert!(token.scopes.is_empty());
-        assert!(token.rotated_refresh_token.is_none());
+        let refreshed = token_from(body, sent_at).unwrap();
+        assert_eq!(
+            refreshed.token.expires_at,
+            sent_at + Duration::from_secs(60)
+        );
+        assert!(refreshed.token.scopes.is_empty());
+        assert!(refreshed.rotated_refresh_token.is_none());
     }
 
     #[test]

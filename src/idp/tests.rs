@@ -8,7 +8,6 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 
 use super::*;
-use crate::auth0::OutboundLimits;
 use crate::emulator::{seed, Emulator, EmulatorConfig, Endpoint, Fault};
 
 const CONNECTION: &str = "google-oauth2";
@@ -376,7 +375,6 @@ async fn a_hanging_idp_is_given_up_on_at_the_call_timeout() {
     let emu = emulator().await;
     let refresher = refresher_with(IdpSettings {
         call_timeout: Duration::from_millis(300),
-        limits: OutboundLimits::default(),
         ..IdpSettings::default()
     });
     emu.inject_faults(
