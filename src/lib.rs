@@ -24,8 +24,9 @@
 //! * [`dev`] — `tokenbroker dev`: emulator, PKI and broker in one command.
 //! * [`telemetry`] — tracing subscriber setup.
 //!
-//! Invariants: only `auth0` and `id_token` do outbound HTTP, both to the one
-//! configured tenant over the same client; only `service` and `error`
+//! Invariants: only `auth0` and `id_token` do outbound HTTP to the one
+//! configured tenant, over the same client, and only `idp` to the IdP token
+//! endpoints of the connections file; only `service` and `error`
 //! touch proto types and `tonic::Status`; tokens and the client secret are
 //! `secrecy` types and never enter a log line or span field.
 

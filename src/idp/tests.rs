@@ -431,3 +431,30 @@ async fn no_public_type_or_error_shows_a_secret() {
         assert_no_secret(&text, &[&issued]);
     }
 }
+
+#[tokio::test]
+async fn a_refresh_under_way_when_the_user_is_forgotten_keeps_nothing() {
+    let emu = emulator().await;
+    emu.inject_faults(
+        Endpoint::IdpToken,
+        vec![Fault::Delay(Duration::from_millis(300))],
+    );
+    let refresher = refresher();
+    let under_way = stale_user_token(&refresher, &emu, A_MINUTE);
+    let forget = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        refresher.forget_user(seed::STALE_GOOGLE_USER);
+    };
+    let (token, ()) = tokio::join!(under_way, forget);
+    assert!(token.is_ok(), "its caller still gets the token: {token:?}");
+    assert_eq!(idp_calls(&emu), 1);
+
+    stale_user_token(&refresher, &emu, A_MINUTE)
+        .await
+        .expect("refreshed again");
+    assert_eq!(
+        idp_calls(&emu),
+        2,
+        "the token that landed after forget_user was not kept"
+    );
+}
