@@ -321,6 +321,9 @@ async fn start_broker(
         })),
         tls: pki.tls.clone(),
         audit: tokenbroker::audit::AuditTrail::off(),
+        fresh: tokenbroker::service::fresh::FreshnessSettings::default()
+            .open()
+            .expect("freshness"),
         id_tokens: None,
     };
     let settings = RunSettings {

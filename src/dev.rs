@@ -12,8 +12,10 @@ use crate::emulator::{seed, Emulator, EmulatorConfig, IdTokenSpec};
 use crate::pki::{write_file, DevPki, PkiError, DEV_CLIENT_ID};
 use crate::policy::PolicyStore;
 use crate::server::{self, Broker, BrokerSettings, Listeners, ServerError};
+use crate::service::fresh::FreshnessSettings;
 use crate::tls::TlsFiles;
 use crate::tls::TlsStore;
+use secrecy::ExposeSecret;
 
 /// Lifetime of the ID token the banner prints: a working day, so the pasted
 /// command keeps working while the developer experiments.
@@ -77,12 +79,17 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Re
     let id_token = args
         .common
         .id_token_settings(&auth0.base_url, &[emulator.id_token_audience()]);
+    let connections_path = write_dev_connections(&pki.dir, &emulator)?;
     let settings = BrokerSettings {
         auth0,
         resilience,
         cache,
         id_token,
         audit: args.common.audit_settings(),
+        freshness: FreshnessSettings {
+            connections: Some(connections_path),
+            ..args.common.freshness_settings()
+        },
     };
     let broker = Broker::new(
         settings,
@@ -106,6 +113,28 @@ fn write_dev_policy(dir: &Path) -> Result<PathBuf, DevError> {
         );
         write_file(&path, &policy, false)?;
     }
+    Ok(path)
+}
+
+/// Writes the connections file that sends `google-oauth2` refreshes to the
+/// emulator's IdP. Rewritten on every start: the emulator's port changes.
+fn write_dev_connections(dir: &Path, emulator: &Emulator) -> Result<PathBuf, DevError> {
+    let secret_path = dir.join("idp-client-secret");
+    write_file(
+        &secret_path,
+        emulator.idp_client_secret().expose_secret(),
+        true,
+    )?;
+    let path = dir.join("connections.toml");
+    let connections = format!(
+        "# Written by `tokenbroker dev` on every start (the emulator's port changes).\n\
+         [[connection]]\nname = \"google-oauth2\"\nrefresh = \"idp\"\n\
+         token_url = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n",
+        emulator.idp_token_url(),
+        emulator.idp_client_id(),
+        absolute(&secret_path)
+    );
+    write_file(&path, &connections, false)?;
     Ok(path)
 }
 
@@ -149,6 +178,10 @@ fn banner(pki: &DevPki, policy: &Path, listen: SocketAddr, emulator: &Emulator) 
     let bound = format!(
         "grpcurl {tls_flags} -d '{{\"id_token\": \"{id_token}\", \"provider\": \"github\"}}' {target} tokenbroker.v1.TokenBroker/GetIdpToken"
     );
+    let refreshed = format!(
+        "grpcurl {tls_flags} -d '{{\"user_id\": \"{}\", \"provider\": \"google-oauth2\"}}' {target} tokenbroker.v1.TokenBroker/GetIdpToken",
+        seed::STALE_GOOGLE_USER
+    );
     let health = format!(
         "grpcurl {tls_flags} -d '{{\"service\": \"tokenbroker.v1.TokenBroker\"}}' {target} grpc.health.v1.Health/Check"
     );
@@ -177,6 +210,13 @@ fn banner(pki: &DevPki, policy: &Path, listen: SocketAddr, emulator: &Emulator) 
         ),
         String::new(),
         format!("  {bound}"),
+        String::new(),
+        format!(
+            "{} signed in hours ago: its profile token is dead, so the broker refreshes it at the (emulated) IdP (source TOKEN_SOURCE_IDP_REFRESH, exact expiresAt):",
+            seed::STALE_GOOGLE_USER
+        ),
+        String::new(),
+        format!("  {refreshed}"),
         String::new(),
         format!("  {health}"),
         String::new(),

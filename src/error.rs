@@ -49,6 +49,32 @@ pub enum BrokerError {
     NoIdentity { wanted: String },
     #[error("{}", no_token_message(wanted, *scope_missing))]
     NoToken { wanted: String, scope_missing: bool },
+    /// The token is known to expire within `min_valid_for` and the broker
+    /// has no way to refresh it: the user must sign in again.
+    #[error("the {provider:?} token of connection {connection:?} expires too soon (within min_valid_for) and the broker cannot refresh it; the user must sign in again through that connection")]
+    TokenExpired {
+        provider: String,
+        connection: String,
+    },
+    /// The IdP refused the refresh (`invalid_grant`): only the user can mend it.
+    #[error("the identity provider refused to refresh the {provider:?} token of connection {connection:?}; the user must connect that account again")]
+    UserMustReconnect {
+        provider: String,
+        connection: String,
+    },
+    /// The IdP's token endpoint is unreachable, failing or rate-limiting.
+    #[error(
+        "the identity provider of connection {connection:?} is unavailable ({reason}); retry later"
+    )]
+    IdpUnavailable {
+        provider: String,
+        connection: String,
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// The connections file's settings for a connection are refused by its IdP.
+    #[error("the identity provider refused the broker's client for connection {connection:?} ({detail}); an operator must fix the connections file")]
+    ConnectionMisconfigured { connection: String, detail: String },
     #[error("the broker's Management API token lacks a scope ({0}); grant read:users and read:user_idp_tokens to the broker's Auth0 application")]
     ManagementScopeMissing(String),
     /// Auth0 is unreachable or failing; retrying later may succeed.
@@ -157,7 +183,11 @@ impl BrokerError {
             Self::UserNotFound | Self::NoIdentity { .. } => Code::NotFound,
             Self::NoToken { .. }
             | Self::ManagementScopeMissing(_)
-            | Self::CredentialsRejected(_) => Code::FailedPrecondition,
+            | Self::CredentialsRejected(_)
+            | Self::TokenExpired { .. }
+            | Self::UserMustReconnect { .. }
+            | Self::ConnectionMisconfigured { .. } => Code::FailedPrecondition,
+            Self::IdpUnavailable { .. } => Code::Unavailable,
             Self::Auth0Unavailable { .. }
             | Self::Auth0RateLimited { .. }
             | Self::CallerShareSpent { .. }
@@ -190,7 +220,11 @@ impl BrokerError {
             Self::NoToken { .. }
             | Self::IdTokensNotConfigured
             | Self::ManagementScopeMissing(_)
-            | Self::CredentialsRejected(_) => "BROKER_MISCONFIGURED",
+            | Self::CredentialsRejected(_)
+            | Self::ConnectionMisconfigured { .. } => "BROKER_MISCONFIGURED",
+            Self::TokenExpired { .. } => "TOKEN_EXPIRED",
+            Self::UserMustReconnect { .. } => "USER_MUST_RECONNECT",
+            Self::IdpUnavailable { .. } => "IDP_UNAVAILABLE",
             Self::Auth0Unavailable { .. } => "AUTH0_UNAVAILABLE",
             Self::Auth0RateLimited { .. } | Self::CallerShareSpent { .. } => "AUTH0_RATE_LIMITED",
             Self::ShuttingDown => "SHUTTING_DOWN",
@@ -217,6 +251,7 @@ impl BrokerError {
             Self::Auth0Unavailable { retry_after, .. }
             | Self::Auth0RateLimited { retry_after, .. } => *retry_after,
             Self::CallerShareSpent { retry_after } => Some(*retry_after),
+            Self::IdpUnavailable { retry_after, .. } => *retry_after,
             Self::IdTokenRefused(error) => error.retry_after(),
             _ => None,
         }
@@ -225,9 +260,31 @@ impl BrokerError {
     /// ErrorInfo metadata: the provider a refusal is about, never a token,
     /// secret or user id.
     fn metadata(&self) -> HashMap<String, String> {
+        let pair = |provider: &str, connection: &str| {
+            HashMap::from([
+                ("provider".to_owned(), capped(provider).into_owned()),
+                ("connection".to_owned(), capped(connection).into_owned()),
+            ])
+        };
         match self {
             Self::ProviderDenied { provider } => {
                 HashMap::from([("provider".to_owned(), capped(provider).into_owned())])
+            }
+            Self::TokenExpired {
+                provider,
+                connection,
+            }
+            | Self::UserMustReconnect {
+                provider,
+                connection,
+            }
+            | Self::IdpUnavailable {
+                provider,
+                connection,
+                ..
+            } => pair(provider, connection),
+            Self::ConnectionMisconfigured { connection, .. } => {
+                HashMap::from([("connection".to_owned(), capped(connection).into_owned())])
             }
             _ => HashMap::new(),
         }
@@ -240,6 +297,7 @@ impl BrokerError {
             Self::CredentialsRejected(_)
                 | Self::ManagementScopeMissing(_)
                 | Self::IdTokensNotConfigured
+                | Self::ConnectionMisconfigured { .. }
                 | Self::Internal(_)
         ) || matches!(
             self,

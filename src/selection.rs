@@ -80,7 +80,7 @@ pub fn select<'a>(
     // users have a handful of identities, so walking them twice is cheaper
     // than allocating.
     let candidates = || user.identities.iter().filter(|i| selector.matches(i));
-    let with_token = || candidates().filter(|i| i.access_token.is_some());
+    let with_token = || candidates().filter(|i| i.has_token());
     let Some(first) = candidates().next() else {
         return Err(BrokerError::NoIdentity {
             wanted: selector.describe(),
@@ -107,17 +107,17 @@ pub fn select<'a>(
             provider: chosen.provider.clone(),
         });
     }
-    if chosen.access_token.is_none() {
+    if !chosen.has_token() {
         return Err(no_token(format!("the {} identity", chosen.provider)));
     }
     Ok(chosen)
 }
 
-/// Every identity that has a token, in Auth0's order.
+/// Every identity that has a token (or a refresh token to get one), in Auth0's order.
 pub fn with_tokens(user: &UserIdentities) -> impl Iterator<Item = &Identity> {
     user.identities
         .iter()
-        .filter(|identity| identity.access_token.is_some())
+        .filter(|identity| identity.has_token())
 }
 
 #[cfg(test)]
@@ -134,6 +134,7 @@ mod tests {
             access_token: token.then(|| SecretString::from("t")),
             access_token_secret: None,
             expires_at: None,
+            refresh_token: None,
         }
     }
 

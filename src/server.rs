@@ -22,11 +22,13 @@ use crate::audit::{AuditSettings, AuditSetupError, AuditTrail};
 use crate::auth0::{Auth0Client, Auth0Error, Auth0Settings, OutboundLimits};
 use crate::budget::{CallerBudgets, ShareSettings};
 use crate::cache::{CacheSettings, IdentityStore};
+use crate::connections::ConnectionsStore;
 use crate::id_token::{IdTokenSettings, IdTokenVerifier};
 use crate::listener::{self, ConnectionLimits};
 use crate::policy::{PolicyError, PolicyStore};
 use crate::proto;
 use crate::reload;
+use crate::service::fresh::{Freshness, FreshnessError, FreshnessSettings};
 use crate::service::{ServiceParts, TokenBrokerService};
 use crate::shutdown::{Drain, DrainControl};
 use crate::tls::{self, TlsError, TlsFiles, TlsStore};
@@ -75,6 +77,8 @@ pub struct BrokerSettings {
     /// `None` when no audience is configured: ID tokens are not verified.
     pub id_token: Option<IdTokenSettings>,
     pub audit: AuditSettings,
+    /// The connections file, `min_valid_for` default, IdP refreshes.
+    pub freshness: FreshnessSettings,
 }
 
 /// Service name whose health status means "ready to hand out tokens".
@@ -117,6 +121,8 @@ pub enum ServerError {
     Metrics(#[from] crate::stats::MetricsError),
     #[error(transparent)]
     Audit(#[from] AuditSetupError),
+    #[error(transparent)]
+    Freshness(#[from] FreshnessError),
     #[error("gRPC server task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -127,7 +133,12 @@ impl ServerError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Self::Tls(_) | Self::Policy(_) | Self::Bind { .. } | Self::Metrics(_) | Self::Audit(_)
+            Self::Tls(_)
+                | Self::Policy(_)
+                | Self::Bind { .. }
+                | Self::Metrics(_)
+                | Self::Audit(_)
+                | Self::Freshness(_)
         )
     }
 }
@@ -140,6 +151,8 @@ pub struct Broker {
     pub budgets: Arc<CallerBudgets>,
     /// Where every RPC's audit line goes.
     pub audit: AuditTrail,
+    /// The connections file and the IdP refresher.
+    pub fresh: Freshness,
     pub tls: Arc<TlsStore>,
     /// `None` when no ID-token audience is configured. Cheap to clone: clones
     /// share the JWKS cache.
@@ -160,15 +173,18 @@ impl Broker {
             cache,
             id_token,
             audit,
+            freshness,
         } = settings;
         let audit = audit.open()?;
+        let fresh = freshness.open()?;
         let budgets = CallerBudgets::new(ShareSettings {
             rate_per_second: resilience.outbound.rate_per_second,
             burst: resilience.outbound.burst,
             share: resilience.caller_share,
             max_wait: resilience.outbound.max_wait,
         });
-        let auth0 = Auth0Client::with_limits(auth0, resilience.outbound)?;
+        let auth0 = Auth0Client::with_limits(auth0, resilience.outbound)?
+            .keeping_refresh_tokens(fresh.refresh_token_filter());
         let id_tokens = id_token.map(|settings| IdTokenVerifier::new(settings, &auth0));
         Ok(Self {
             store: Arc::new(
@@ -179,6 +195,7 @@ impl Broker {
             tls: Arc::new(tls),
             id_tokens,
             audit,
+            fresh,
         })
     }
 }
@@ -250,6 +267,7 @@ pub async fn run(
     let background = vec![
         tokio::spawn(become_ready(broker.store.clone(), health_reporter.clone())),
         watch_policy(&broker.policy, settings.reload_interval),
+        watch_connections(&broker.fresh.connections, settings.reload_interval),
         watch_tls(&broker.tls, settings.reload_interval),
         tokio::spawn(report_cache_size(broker.store.clone())),
         reopen_audit_on_hangup(&broker.audit),
@@ -270,6 +288,7 @@ pub async fn run(
                 policy: broker.policy.clone(),
                 budgets: broker.budgets.clone(),
                 audit: broker.audit.clone(),
+                fresh: broker.fresh.clone(),
                 id_tokens: broker.id_tokens.clone(),
                 drain,
             }))
@@ -387,6 +406,14 @@ fn watch_policy(policy: &Arc<PolicyStore>, interval: Duration) -> JoinHandle<()>
     reload::watch_files(vec![path.to_owned()], interval, move || {
         policy_for_reload.reload()
     })
+}
+
+fn watch_connections(connections: &Arc<ConnectionsStore>, interval: Duration) -> JoinHandle<()> {
+    let Some(path) = connections.path() else {
+        return tokio::spawn(async {});
+    };
+    let store = connections.clone();
+    reload::watch_files(vec![path.to_owned()], interval, move || store.reload())
 }
 
 fn reopen_audit_on_hangup(audit: &AuditTrail) -> JoinHandle<()> {

@@ -258,3 +258,9 @@ pub fn idp_refresh(connection: &str, outcome: &'static str, elapsed: Option<Dura
             .record(elapsed.as_secs_f64());
     }
 }
+
+/// A token known to expire within the caller's `min_valid_for`, with no way
+/// to refresh it, refused (TOKEN_EXPIRED).
+pub fn token_refused_as_expired() {
+    counter!("tokenbroker_tokens_refused_expired_total").increment(1);
+}

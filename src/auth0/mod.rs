@@ -65,7 +65,14 @@ pub struct Auth0Client {
     outbound: Outbound,
     /// The Management token the users endpoint is read with.
     session: ManagementSession,
+    /// Which connections' refresh tokens are kept from the profile.
+    keeps_refresh_token: RefreshTokenFilter,
 }
+
+/// Says whether an identity of this connection keeps its refresh token (the
+/// connections the broker refreshes at the IdP); a function so `auth0`
+/// needs nothing of the connections file.
+pub type RefreshTokenFilter = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl Auth0Client {
     /// Builds the HTTP client with the configured timeouts (rustls, no OpenSSL)
@@ -90,7 +97,15 @@ impl Auth0Client {
             outbound: Outbound::new(limits, settings.request_timeout),
             settings,
             session: ManagementSession::new(),
+            keeps_refresh_token: std::sync::Arc::new(|_: &str| false),
         })
+    }
+
+    /// Keeps identities' refresh tokens for the connections `filter` names
+    /// (by default none is kept).
+    pub fn keeping_refresh_tokens(mut self, filter: RefreshTokenFilter) -> Self {
+        self.keeps_refresh_token = filter;
+        self
     }
 }
 
@@ -119,7 +134,7 @@ mod tests {
         let id = UserId::parse("oauth2|corp/../../clients x@y").unwrap();
         assert_eq!(
             client().user_url(&id),
-            "http://127.0.0.1:9/api/v2/users/oauth2%7Ccorp%2F..%2F..%2Fclients%20x%40y?fields=user_id%2Cidentities&include_fields=true"
+            "http://127.0.0.1:9/api/v2/users/oauth2%7Ccorp%2F..%2F..%2Fclients%20x%40y?fields=user_id%2Cidentities%2Clast_login&include_fields=true"
         );
     }
 
@@ -130,11 +145,42 @@ mod tests {
                               {"provider":"google-oauth2","connection":"google-oauth2","user_id":"1080","expires_in":3599}]}"#,
         )
         .unwrap();
-        let user = into_user_identities(&UserId::parse("u").unwrap(), body, true);
+        let user = into_user_identities(&UserId::parse("u").unwrap(), body, true, &|_| false);
         assert_eq!(user.identities[0].idp_user_id, "1234567");
         assert_eq!(user.identities[1].idp_user_id, "1080");
-        assert!(user.identities[1].expires_at.is_some());
+        assert!(
+            user.identities[1].expires_at.is_none(),
+            "no last_login: the expiry is unknown, never counted from the read"
+        );
         assert!(user.identities[1].access_token.is_none());
+        assert!(
+            user.identities[0].refresh_token.is_none(),
+            "refresh tokens are dropped for connections not refreshed at the IdP"
+        );
+    }
+
+    #[test]
+    fn a_profile_token_expires_at_last_login_plus_expires_in() {
+        let body: UserBody = serde_json::from_str(
+            r#"{"last_login":"2026-12-01T10:00:00.000Z","identities":[
+                 {"provider":"google-oauth2","connection":"google-oauth2","user_id":"1","access_token":"a","expires_in":3599,"refresh_token":"r"},
+                 {"provider":"github","connection":"github","user_id":2,"access_token":"b","refresh_token":"s"}]}"#,
+        )
+        .unwrap();
+        let user = into_user_identities(&UserId::parse("u").unwrap(), body, true, &|connection| {
+            connection == "google-oauth2"
+        });
+        let login = humantime::parse_rfc3339("2026-12-01T10:00:00Z").unwrap();
+        assert_eq!(
+            user.identities[0].expires_at,
+            Some(login + Duration::from_secs(3599))
+        );
+        assert!(
+            user.identities[0].refresh_token.is_some(),
+            "kept for an idp-refreshed connection"
+        );
+        assert!(user.identities[1].refresh_token.is_none());
+        assert!(user.identities[1].expires_at.is_none(), "no expires_in");
     }
 
     #[test]

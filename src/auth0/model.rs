@@ -1,6 +1,6 @@
 //! What the broker keeps from Auth0's answers: a Management token and a user's
 //! identities. Tokens are `secrecy` types so `Debug` and logs show `[REDACTED]`.
-//! `refresh_token` is never read from Auth0's JSON, so it never enters memory.
+//! A refresh token is kept only for connections refreshed at the IdP.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -53,9 +53,20 @@ pub struct Identity {
     pub access_token: Option<SecretString>,
     /// OAuth1 providers (Twitter) need it beside the token.
     pub access_token_secret: Option<SecretString>,
-    /// From the identity's `expires_in`, counted from when the broker read it,
-    /// the best Auth0 tells.
+    /// No later than this: the user's `last_login` plus the identity's
+    /// `expires_in` (an upper bound; Auth0 does not say when the IdP issued
+    /// the token). `None` when either is missing.
     pub expires_at: Option<SystemTime>,
+    /// Only for connections the broker refreshes at the IdP (`refresh = "idp"`).
+    pub refresh_token: Option<SecretString>,
+}
+
+impl Identity {
+    /// Whether the broker can hand out a token for this identity: one Auth0
+    /// stored, or a refresh token to get one.
+    pub fn has_token(&self) -> bool {
+        self.access_token.is_some() || self.refresh_token.is_some()
+    }
 }
 
 /// All identities of one user, as read from Auth0 at `fetched_at`.
@@ -73,12 +84,30 @@ pub struct UserIdentities {
 }
 
 impl UserIdentities {
-    /// The earliest known token expiry, which bounds how long the entry may be cached.
-    pub fn earliest_token_expiry(&self) -> Option<SystemTime> {
+    /// The earliest token expiry still ahead, which bounds how long the entry
+    /// may be cached (when it passes, the user may have signed in again and
+    /// Auth0 hold a new token). Expiries already past are ignored: reading
+    /// the profile again will not revive such a token, and the service
+    /// refreshes or refuses it on every release ([`Identity::expires_at`]).
+    /// Whether a token of the user is known to have expired already: such a
+    /// profile is not served as a stale-if-error copy (Auth0 may hold a
+    /// newer token the broker cannot read now).
+    pub fn has_expired_token(&self) -> bool {
+        let now = SystemTime::now();
         self.identities
             .iter()
             .filter(|identity| identity.access_token.is_some())
             .filter_map(|identity| identity.expires_at)
+            .any(|expiry| expiry <= now)
+    }
+
+    pub fn earliest_token_expiry(&self) -> Option<SystemTime> {
+        let now = SystemTime::now();
+        self.identities
+            .iter()
+            .filter(|identity| identity.access_token.is_some())
+            .filter_map(|identity| identity.expires_at)
+            .filter(|expiry| *expiry > now)
             .min()
     }
 }

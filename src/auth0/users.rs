@@ -1,6 +1,8 @@
 //! `GET /api/v2/users/{id}`: one user's identities, read with a Management
-//! token. The wire types here are the only place Auth0's user JSON is parsed;
-//! `refresh_token` is deliberately absent from them.
+//! token. The wire types here are the only place Auth0's user JSON is parsed.
+//! An identity's `refresh_token` is kept only for the connections the broker
+//! refreshes at the IdP ([`RefreshTokenFilter`]); any other is dropped (and
+//! zeroed) as soon as the body is parsed.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,15 +29,20 @@ const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 /// Only the fields the broker needs; Auth0 returns less data and less PII.
-const USER_FIELDS_QUERY: &str = "fields=user_id%2Cidentities&include_fields=true";
+/// `last_login` bounds when the identities' tokens were issued.
+const USER_FIELDS_QUERY: &str = "fields=user_id%2Cidentities%2Clast_login&include_fields=true";
 
 #[derive(Deserialize)]
 pub(super) struct UserBody {
     #[serde(default)]
     identities: Vec<IdentityBody>,
+    /// When the user last signed in; Auth0 replaces an identity's tokens
+    /// when the user signs in through it, so they were issued no later.
+    #[serde(default)]
+    last_login: Option<String>,
 }
 
-/// An identity as Auth0 sends it. `refresh_token` is deliberately absent.
+/// An identity as Auth0 sends it.
 #[derive(Deserialize)]
 struct IdentityBody {
     provider: String,
@@ -48,6 +55,8 @@ struct IdentityBody {
     access_token_secret: Option<SecretString>,
     #[serde(default)]
     expires_in: Option<u64>,
+    #[serde(default)]
+    refresh_token: Option<SecretString>,
 }
 
 /// `identities[].user_id` is a string for most providers and a number for GitHub.
@@ -93,6 +102,7 @@ impl Auth0Client {
             user_id,
             user,
             token.can_read_idp_tokens(),
+            &*self.keeps_refresh_token,
         ))
     }
 
@@ -109,20 +119,26 @@ pub(super) fn into_user_identities(
     user_id: &UserId,
     user: UserBody,
     readable: bool,
+    keeps_refresh_token: &(dyn Fn(&str) -> bool + Send + Sync),
 ) -> UserIdentities {
     let fetched_at = SystemTime::now();
+    let last_login = user.last_login.as_deref().and_then(parse_auth0_time);
     let identities = user
         .identities
         .into_iter()
-        .map(|identity| Identity {
-            provider: identity.provider,
-            connection: identity.connection,
-            idp_user_id: identity.user_id.into_text(),
-            expires_at: identity
-                .expires_in
-                .map(|seconds| fetched_at + Duration::from_secs(seconds)),
-            access_token: identity.access_token,
-            access_token_secret: identity.access_token_secret,
+        .map(|identity| {
+            let refresh_token = identity
+                .refresh_token
+                .filter(|_| keeps_refresh_token(&identity.connection));
+            Identity {
+                expires_at: honest_expiry(last_login, identity.expires_in),
+                provider: identity.provider,
+                connection: identity.connection,
+                idp_user_id: identity.user_id.into_text(),
+                access_token: identity.access_token,
+                access_token_secret: identity.access_token_secret,
+                refresh_token,
+            }
         })
         .collect();
     let mut identities: Vec<Identity> = identities;
@@ -135,6 +151,19 @@ pub(super) fn into_user_identities(
         fetched_instant: Instant::now(),
         idp_tokens_readable: readable,
     }
+}
+
+/// The latest a profile token can expire: it was issued at or before the
+/// user's last sign-in, and lives `expires_in` from its issue. Unknown when
+/// either is missing: never counted from when the broker read it, which
+/// would call a token from a sign-in hours ago fresh.
+fn honest_expiry(last_login: Option<SystemTime>, expires_in: Option<u64>) -> Option<SystemTime> {
+    Some(last_login? + Duration::from_secs(expires_in?))
+}
+
+/// Auth0's timestamps (`2026-12-01T10:00:00.000Z`); `None` when unreadable.
+fn parse_auth0_time(text: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(text).ok()
 }
 
 /// 401 is the token's fault (the session drops it and reads again), 403 a

@@ -46,13 +46,13 @@ impl CachedUser {
     }
 
     /// How old the entry is, if it may be served stale: a found user none
-    /// of whose tokens is known to have expired.
+    /// of whose tokens is known to have expired (while Auth0 fails, an
+    /// expired token is UNAVAILABLE, not a reason to send the user back).
     pub(super) fn stale_age(&self) -> Option<Duration> {
         match &self.state {
-            UserState::Found(user) => user
-                .earliest_token_expiry()
-                .is_none_or(|expiry| expiry > SystemTime::now())
-                .then(|| user.fetched_instant.elapsed()),
+            UserState::Found(user) => {
+                (!user.has_expired_token()).then(|| user.fetched_instant.elapsed())
+            }
             UserState::NotFound => None,
         }
     }

@@ -30,6 +30,7 @@ fn user(user_id: &str, token_len: usize) -> CachedUser {
         access_token: Some(SecretString::from("t".repeat(token_len))),
         access_token_secret: None,
         expires_at: None,
+        refresh_token: None,
     };
     let user = UserIdentities {
         user_id: user_id.to_owned(),

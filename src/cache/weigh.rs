@@ -70,6 +70,7 @@ fn identities_bytes(user: &UserIdentities) -> u64 {
                 + identity.idp_user_id.len()
                 + secret_len(identity.access_token.as_ref())
                 + secret_len(identity.access_token_secret.as_ref())
+                + secret_len(identity.refresh_token.as_ref())
         })
         .sum();
     let overhead = IDENTITY_OVERHEAD.saturating_mul(user.identities.len() as u64);

@@ -18,6 +18,7 @@ use crate::listener::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_HANDSHAKES,
 };
 use crate::server::{ResilienceSettings, RunSettings};
+use crate::service::fresh::FreshnessSettings;
 use crate::telemetry::LogFormat;
 
 /// Settings shared by `serve` and `dev`.
@@ -83,6 +84,14 @@ pub struct CommonArgs {
     /// How long past its TTL a cached user may be served while Auth0 fails (0 turns it off).
     #[arg(long, env = "TOKENBROKER_STALE_IF_ERROR", default_value_t = crate::cache::DEFAULT_STALE_IF_ERROR.into())]
     pub stale_if_error: humantime::Duration,
+
+    /// Connections file (TOML): per Auth0 connection, where its tokens come from and whether the broker refreshes them at the IdP.
+    #[arg(long, env = "TOKENBROKER_CONNECTIONS")]
+    pub connections: Option<PathBuf>,
+
+    /// How long a released token must stay valid when the request sets no min_valid_for.
+    #[arg(long, env = "TOKENBROKER_MIN_TOKEN_VALIDITY", default_value_t = crate::service::fresh::DEFAULT_MIN_TOKEN_VALIDITY.into())]
+    pub min_token_validity: humantime::Duration,
 
     /// Where the audit trail goes: `stdout`, a file path (reopened on SIGHUP), or `off`.
     #[arg(long, env = "TOKENBROKER_AUDIT_LOG", default_value = "stdout")]
@@ -150,6 +159,15 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
+    /// The connections file, the default `min_valid_for` and the IdP client.
+    pub fn freshness_settings(&self) -> FreshnessSettings {
+        FreshnessSettings {
+            connections: self.connections.clone(),
+            default_min_validity: *self.min_token_validity,
+            ..FreshnessSettings::default()
+        }
+    }
+
     /// Where audit lines go and the key of their token fingerprints.
     pub fn audit_settings(&self) -> AuditSettings {
         AuditSettings {

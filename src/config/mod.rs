@@ -201,6 +201,7 @@ impl ServeArgs {
                 cache: self.common.cache_settings()?,
                 id_token,
                 audit: self.common.audit_settings(),
+                freshness: self.common.freshness_settings(),
             },
         })
     }

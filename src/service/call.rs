@@ -108,6 +108,16 @@ impl CallContext {
         }
     }
 
+    /// What a release of this RPC needs of a token: to live `min_valid_for`,
+    /// with IdP calls given up before the caller's deadline.
+    pub(super) fn need(&self, min_valid_for: Duration) -> super::fresh::Need {
+        super::fresh::Need {
+            min_valid_for,
+            deadline: self.auth0_deadline(),
+            started: std::time::SystemTime::now() - self.started.elapsed(),
+        }
+    }
+
     /// The caller's rule: CALLER_UNKNOWN when the certificate names nobody
     /// (never a fallback name) or the policy does not list it.
     pub(super) fn rule(&self, policy: &PolicyStore) -> Result<CallerRule, BrokerError> {

@@ -10,17 +10,15 @@
 pub mod audit;
 mod call;
 pub mod codec;
+pub mod fresh;
 pub mod malformed;
 
 use std::pin::pin;
 use std::sync::Arc;
-use std::time::SystemTime;
 
-use secrecy::ExposeSecret;
 use tonic::{Request, Response, Status};
 
 use crate::audit::AuditTrail;
-use crate::auth0::{Identity, UserIdentities};
 use crate::budget::{CallerBudgets, CallerShare};
 use crate::cache::{IdentityStore, Lookup};
 use crate::error::BrokerError;
@@ -30,7 +28,7 @@ use crate::policy::{CallerRule, PolicyStore};
 use crate::proto::token_broker_server::{TokenBroker, TokenBrokerServer};
 use crate::proto::{
     GetIdpTokenRequest, GetIdpTokenResponse, IdpToken, InvalidateUserRequest,
-    InvalidateUserResponse, ListIdpTokensRequest, ListIdpTokensResponse, TokenSource,
+    InvalidateUserResponse, ListIdpTokensRequest, ListIdpTokensResponse,
 };
 use crate::selection::{self, Selector};
 use crate::shutdown::Drain;
@@ -38,6 +36,7 @@ use crate::stats;
 use crate::user_id::UserId;
 use audit::{Subject, Wanted};
 use call::CallContext;
+use fresh::Freshness;
 
 /// How the audit names a caller whose certificate yields no caller id.
 pub const UNREADABLE_CALLER: &str = "-";
@@ -55,6 +54,8 @@ pub struct TokenBrokerService {
     budgets: Arc<CallerBudgets>,
     /// Every RPC's audit line; a release waits for its line to be written.
     audit: AuditTrail,
+    /// Makes tokens usable for `min_valid_for`: refreshes at the IdP.
+    fresh: Freshness,
     /// `None` when the operator configured no ID-token audience.
     id_tokens: Option<IdTokenVerifier>,
     /// Ends in-flight RPCs with UNAVAILABLE when the shutdown grace period is over.
@@ -71,6 +72,7 @@ pub struct ServiceParts {
     pub policy: Arc<PolicyStore>,
     pub budgets: Arc<CallerBudgets>,
     pub audit: AuditTrail,
+    pub fresh: Freshness,
     /// `None` when the operator configured no ID-token audience.
     pub id_tokens: Option<IdTokenVerifier>,
     pub drain: Drain,
@@ -87,6 +89,7 @@ impl TokenBrokerService {
             policy: parts.policy,
             budgets: parts.budgets,
             audit: parts.audit,
+            fresh: parts.fresh,
             id_tokens: parts.id_tokens,
             drain: parts.drain,
         })
@@ -139,13 +142,12 @@ impl TokenBroker for TokenBrokerService {
             call.bounded(&self.drain, work).await
         };
         let subject = call.subject(&request.user_id, &binding, Wanted::All);
-        let result = self.finish(&call, &subject, result, Vec::as_slice).await;
-        result.map(|tokens| {
-            Response::new(ListIdpTokensResponse {
-                tokens,
-                unavailable: Vec::new(),
+        let result = self
+            .finish(&call, &subject, result, |response| {
+                response.tokens.as_slice()
             })
-        })
+            .await;
+        result.map(Response::new)
     }
 
     async fn invalidate_user(
@@ -228,9 +230,15 @@ impl TokenBrokerService {
                 .lookup(&user_id, share, call.auth0_deadline())
                 .await?
         };
+        if request.bypass_cache {
+            self.fresh.forget_user(user_id.as_str());
+        }
         let identity =
             selection::select(&user, selector, &|provider| rule.allows_provider(provider))?;
-        Ok(to_proto(identity, &user, from_cache))
+        let need = call.need(self.fresh.min_valid_for(request.min_valid_for.as_ref()));
+        self.fresh
+            .usable_token(identity, &user, from_cache, &need)
+            .await
     }
 
     async fn list_tokens(
@@ -238,7 +246,7 @@ impl TokenBrokerService {
         call: &CallContext,
         request: &ListIdpTokensRequest,
         binding: &mut IdTokenBinding,
-    ) -> Result<Vec<IdpToken>, BrokerError> {
+    ) -> Result<ListIdpTokensResponse, BrokerError> {
         let rule = call.rule(&self.policy)?;
         let user_id = self
             .user_for(&rule, &request.user_id, &request.id_token, binding)
@@ -247,16 +255,23 @@ impl TokenBrokerService {
             .store
             .lookup(&user_id, self.share_of(call), call.auth0_deadline())
             .await?;
-        if !user.idp_tokens_readable && user.identities.iter().all(|i| i.access_token.is_none()) {
+        if !user.idp_tokens_readable && user.identities.iter().all(|i| !i.has_token()) {
             return Err(BrokerError::NoToken {
                 wanted: "any of the user's identities".to_owned(),
                 scope_missing: true,
             });
         }
-        Ok(selection::with_tokens(&user)
-            .filter(|identity| rule.allows_provider(&identity.provider))
-            .map(|identity| to_proto(identity, &user, from_cache))
-            .collect())
+        let need = call.need(self.fresh.min_valid_for(request.min_valid_for.as_ref()));
+        let allowed = selection::with_tokens(&user)
+            .filter(|identity| rule.allows_provider(&identity.provider));
+        let (tokens, unavailable) = self
+            .fresh
+            .usable_tokens(allowed, &user, from_cache, &need)
+            .await;
+        Ok(ListIdpTokensResponse {
+            tokens,
+            unavailable,
+        })
     }
 
     /// The user a token request is for. With an `id_token`: its verified
@@ -310,6 +325,7 @@ impl TokenBrokerService {
         }
         let user_id = UserId::parse(&request.user_id)?;
         self.store.invalidate(&user_id).await;
+        self.fresh.forget_user(user_id.as_str());
         Ok(())
     }
 
@@ -318,29 +334,4 @@ impl TokenBrokerService {
     fn share_of<'a>(&'a self, call: &'a CallContext) -> CallerShare<'a> {
         CallerShare::of(&self.budgets, call.caller_name())
     }
-}
-
-fn to_proto(identity: &Identity, user: &UserIdentities, from_cache: bool) -> IdpToken {
-    let expose = |secret: &Option<secrecy::SecretString>| {
-        secret
-            .as_ref()
-            .map(|value| value.expose_secret().to_owned())
-            .unwrap_or_default()
-    };
-    IdpToken {
-        provider: identity.provider.clone(),
-        connection: identity.connection.clone(),
-        idp_user_id: identity.idp_user_id.clone(),
-        access_token: expose(&identity.access_token),
-        access_token_secret: expose(&identity.access_token_secret),
-        expires_at: identity.expires_at.map(timestamp),
-        fetched_at: Some(timestamp(user.fetched_at)),
-        from_cache,
-        source: TokenSource::Auth0Profile.into(),
-        scopes: Vec::new(),
-    }
-}
-
-fn timestamp(time: SystemTime) -> prost_types::Timestamp {
-    prost_types::Timestamp::from(time)
 }

@@ -14,6 +14,7 @@ use tokenbroker::cache::CacheSettings;
 use tokenbroker::cache::DEFAULT_USER_MAX_BYTES;
 use tokenbroker::emulator::{seed, CallCounts, EmulatorConfig};
 use tokenbroker::proto::IdpToken;
+use tokenbroker::service::fresh::FreshnessSettings;
 use tokio::task::JoinHandle;
 use tonic::{Code, Status};
 
@@ -498,19 +499,33 @@ async fn user_is_read_again_after_the_user_ttl() {
 
 #[tokio::test]
 async fn user_is_never_cached_past_a_known_token_expiry() {
-    let broker = TestBroker::start().await; // user TTL 300 s
+    // User TTL 300 s; tokens need to live no time at all for this test.
+    let broker = TestBroker::start_with(Options {
+        freshness: FreshnessSettings {
+            default_min_validity: Duration::ZERO,
+            ..FreshnessSettings::default()
+        },
+        ..Options::default()
+    })
+    .await;
     let user = "google-oauth2|shortlived0001";
-    broker.emulator.upsert_user(json!({
-        "user_id": user,
-        "identities": [{
-            "provider": "google-oauth2",
-            "connection": "google-oauth2",
-            "user_id": "shortlived0001",
-            "isSocial": true,
-            "access_token": "ya29.short_lived_token",
-            "expires_in": 1,
-        }],
-    }));
+    let signed_in = |token: &str| {
+        json!({
+            "user_id": user,
+            "last_login": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            "identities": [{
+                "provider": "google-oauth2",
+                "connection": "google-oauth2",
+                "user_id": "shortlived0001",
+                "isSocial": true,
+                "access_token": token,
+                "expires_in": 1,
+            }],
+        })
+    };
+    broker
+        .emulator
+        .upsert_user(signed_in("ya29.short_lived_token"));
     warm_up_and_reset(&broker).await;
 
     let first = broker
@@ -524,6 +539,8 @@ async fn user_is_never_cached_past_a_known_token_expiry() {
     );
     assert_eq!(broker.emulator.user_calls_for(user), 1);
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The user signed in again meanwhile: Auth0 holds a new token.
+    broker.emulator.upsert_user(signed_in("ya29.after_sign_in"));
 
     let second = broker
         .get(user, "google-oauth2")
@@ -534,6 +551,7 @@ async fn user_is_never_cached_past_a_known_token_expiry() {
         2,
         "an entry whose token expired is not served from cache"
     );
+    assert_eq!(second.access_token, "ya29.after_sign_in");
     assert!(!second.from_cache);
     broker.stop().await;
 }

@@ -315,11 +315,18 @@ async fn expired_entries_are_served_stale_within_the_window_and_refused_after() 
 
 #[tokio::test]
 async fn stale_if_error_never_serves_a_token_past_its_known_expiry() {
-    let broker =
-        TestBroker::start_with(short_ttl(Duration::from_secs(60), Duration::from_secs(600))).await;
+    let broker = TestBroker::start_with(Options {
+        freshness: tokenbroker::service::fresh::FreshnessSettings {
+            default_min_validity: Duration::ZERO,
+            ..Default::default()
+        },
+        ..short_ttl(Duration::from_secs(60), Duration::from_secs(600))
+    })
+    .await;
     let user_id = "google-oauth2|short-lived";
     broker.emulator.upsert_user(json!({
         "user_id": user_id,
+        "last_login": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
         "identities": [{
             "provider": "google-oauth2", "connection": "google-oauth2", "user_id": "short-lived",
             "isSocial": true, "access_token": "ya29.short_lived", "expires_in": 1

@@ -22,6 +22,7 @@ use tokenbroker::proto::{
 };
 use tokenbroker::server::{self, Broker, Listeners};
 use tokenbroker::server::{BrokerSettings, ResilienceSettings, RunSettings};
+use tokenbroker::service::fresh::FreshnessSettings;
 use tokenbroker::tls::TlsFiles;
 use tokenbroker::tls::TlsStore;
 use tokio::net::TcpListener;
@@ -242,6 +243,8 @@ pub struct Options {
     pub caller_share: f64,
     /// Where audit lines go; off unless a test reads them.
     pub audit: AuditSettings,
+    /// The connections file and `min_valid_for` default.
+    pub freshness: FreshnessSettings,
     /// `--auth0-timeout`: how long one whole call to Auth0 may take; `None`: 10 s.
     pub auth0_request_timeout: Option<Duration>,
     /// Least time between two unknown-`kid` JWKS refreshes; `None`: the default (30 s).
@@ -268,6 +271,7 @@ impl Default for Options {
             id_token_audiences: vec![seed::DEFAULT_ID_TOKEN_AUDIENCE.to_owned()],
             caller_share: 1.0,
             audit: AuditSettings::off(),
+            freshness: FreshnessSettings::default(),
             auth0_request_timeout: None,
             id_token_min_refresh_interval: None,
             run: RunSettings {
@@ -377,6 +381,7 @@ impl TestBroker {
             cache: options.cache,
             id_token,
             audit: options.audit.clone(),
+            freshness: options.freshness.clone(),
         };
         let broker = Broker::new(settings, policy, tls).expect("broker builds");
         let tls = broker.tls.clone();
