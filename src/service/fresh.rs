@@ -62,7 +62,7 @@ impl FreshnessSettings {
     pub fn open(&self) -> Result<Freshness, FreshnessError> {
         Ok(Freshness {
             connections: Arc::new(ConnectionsStore::open(self.connections.as_deref())?),
-            refresher: Arc::new(IdpRefresher::new(self.idp.clone())?),
+            refresher: Arc::new(IdpRefresher::new(self.idp)?),
             default_min_validity: self.default_min_validity,
         })
     }
