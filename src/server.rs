@@ -128,12 +128,15 @@ impl ServerError {
 
 /// The long-lived state the listeners serve.
 pub struct Broker {
+    /// Users' identities, cached in front of Auth0.
     pub store: Arc<IdentityStore>,
+    /// Who may call what; reloaded from its file.
     pub policy: Arc<PolicyStore>,
     /// Each caller's share of the Auth0 budget.
     pub budgets: Arc<CallerBudgets>,
     /// Where every RPC's audit line goes.
     pub audit: AuditTrail,
+    /// Server certificate, key and client CA; reloaded from their files.
     pub tls: Arc<TlsStore>,
     /// `None` when no ID-token audience is configured. Cheap to clone: clones
     /// share the JWKS cache.
@@ -141,8 +144,8 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// The broker's state from validated settings; `serve` and `dev` share it
-    /// so both build exactly the same broker.
+    /// The broker's state from validated settings; `serve`, `dev`, the tests
+    /// and the benchmark all call it, so all build exactly the same broker.
     pub fn new(
         settings: BrokerSettings,
         policy: PolicyStore,
@@ -176,6 +179,18 @@ impl Broker {
             audit,
         })
     }
+
+    /// The identity store, shared with the running server: tests and the
+    /// benchmark warm it up and count its users.
+    pub fn store(&self) -> &Arc<IdentityStore> {
+        &self.store
+    }
+
+    /// The live TLS material, shared with the running server: tests read its
+    /// reload counters, the benchmark serves its baseline with it.
+    pub fn tls(&self) -> &Arc<TlsStore> {
+        &self.tls
+    }
 }
 
 /// The bound sockets.
@@ -200,18 +215,24 @@ pub async fn serve(
         PolicyStore::open(config.policy.as_deref())?,
         TlsStore::open(config.tls)?,
     )?;
-    let listeners = Listeners {
-        mtls: bind(config.listen).await?,
-        health: match config.health_listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        },
-    };
+    let listeners = Listeners::bind(config.listen, config.health_listen).await?;
     crate::open_files::raise_and_report(&config.run.connections, listeners.count());
     run(listeners, broker, config.run, shutdown).await
 }
 
 impl Listeners {
+    /// Binds the mTLS listener on `mtls` and, if asked, the plaintext health
+    /// listener on `health`; `serve`, `dev` and the test kit bind the same way.
+    pub async fn bind(mtls: SocketAddr, health: Option<SocketAddr>) -> Result<Self, ServerError> {
+        Ok(Self {
+            mtls: bind(mtls).await?,
+            health: match health {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
+            },
+        })
+    }
+
     /// How many sockets accept connections, each with its own connection cap.
     pub fn count(&self) -> usize {
         1 + usize::from(self.health.is_some())
@@ -219,7 +240,7 @@ impl Listeners {
 }
 
 /// Binds `addr`, naming it on failure.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind { addr, source })
