@@ -31,6 +31,18 @@ pub struct ColdPath {
     pub seconds: f64,
 }
 
+/// Sends `request` and parses its answer as JSON, as the broker does.
+async fn json_answer(request: reqwest::RequestBuilder) -> serde_json::Value {
+    let body = request
+        .send()
+        .await
+        .expect("emulator answers")
+        .bytes()
+        .await
+        .expect("emulator's body");
+    serde_json::from_slice(&body).expect("emulator's JSON")
+}
+
 /// What the broker asks Auth0 for one user, done directly with reqwest
 /// (HTTP/1.1 keep-alive, like the broker's client), one at a time.
 async fn emulator_direct(emulator: &Emulator, ids: &[String]) -> Latencies {
@@ -42,17 +54,12 @@ async fn emulator_direct(emulator: &Emulator, ids: &[String]) -> Latencies {
         ("audience", emulator.audience().as_str()),
     ])
     .expect("form");
-    let grant = http
-        .post(format!("{}/oauth/token", emulator.base_url()))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form)
-        .send()
-        .await
-        .expect("token request")
-        .bytes()
-        .await
-        .expect("token body");
-    let grant: serde_json::Value = serde_json::from_slice(&grant).expect("token json");
+    let grant = json_answer(
+        http.post(format!("{}/oauth/token", emulator.base_url()))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form),
+    )
+    .await;
     let bearer = format!("Bearer {}", grant["access_token"].as_str().expect("token"));
     let mut nanos = Vec::with_capacity(ids.len());
     for id in ids {
@@ -62,16 +69,7 @@ async fn emulator_direct(emulator: &Emulator, ids: &[String]) -> Latencies {
             percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC)
         );
         let sent = Instant::now();
-        let body = http
-            .get(url)
-            .header("authorization", &bearer)
-            .send()
-            .await
-            .expect("user request")
-            .bytes()
-            .await
-            .expect("user body");
-        let _: serde_json::Value = serde_json::from_slice(&body).expect("user json");
+        json_answer(http.get(url).header("authorization", &bearer)).await;
         nanos.push(sent.elapsed().as_nanos() as u64);
     }
     Latencies::new(nanos)
