@@ -56,8 +56,8 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Re
         audience: emulator.audience(),
         client_id: DEV_CLIENT_ID_AUTH0.to_owned(),
         client_secret: client_secret.into(),
-        connect_timeout: args.common.auth0_connect_timeout,
-        request_timeout: args.common.auth0_timeout,
+        connect_timeout: *args.common.auth0_connect_timeout,
+        request_timeout: *args.common.auth0_timeout,
     };
     let tls = TlsStore::open(TlsFiles {
         cert: pki.server_cert.clone(),

@@ -73,6 +73,10 @@ pub enum BrokerError {
     DeadlineExceeded,
     #[error("the broker is shutting down; retry on another replica")]
     ShuttingDown,
+    /// The audit line of a release could not be written: no token leaves
+    /// without its audit line.
+    #[error("the broker could not write the audit line of this release, so it released nothing; retry later")]
+    AuditUnavailable,
     #[error("{0}")]
     Internal(String),
 }
@@ -157,7 +161,8 @@ impl BrokerError {
             Self::Auth0Unavailable { .. }
             | Self::Auth0RateLimited { .. }
             | Self::CallerShareSpent { .. }
-            | Self::ShuttingDown => Code::Unavailable,
+            | Self::ShuttingDown
+            | Self::AuditUnavailable => Code::Unavailable,
             Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::Internal(_) => Code::Internal,
         }
@@ -189,6 +194,7 @@ impl BrokerError {
             Self::Auth0Unavailable { .. } => "AUTH0_UNAVAILABLE",
             Self::Auth0RateLimited { .. } | Self::CallerShareSpent { .. } => "AUTH0_RATE_LIMITED",
             Self::ShuttingDown => "SHUTTING_DOWN",
+            Self::AuditUnavailable => "AUDIT_UNAVAILABLE",
             Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
             Self::Internal(_) => "INTERNAL",
         }

@@ -4,10 +4,11 @@
 //!
 //! Codemap:
 //! * [`config`] — flags and environment, validated once at start.
-//! * [`auth0`] — the Management API client: client-credentials grant, `/api/v2/users/{id}`.
+//! * [`auth0`] — everything about the tenant: the Management-token session,
+//!   `/api/v2/users/{id}`, the `/oauth/token` grants and the JWKS, on one send path.
 //! * [`id_token`] — verifies users' Auth0 ID tokens (RS256, the tenant's JWKS, cached) to
 //!   bind a release to the user's own login.
-//! * [`cache`] — moka caches for the Management token and users' identities.
+//! * [`cache`] — the moka cache of users' identities in front of [`auth0`].
 //! * [`selection`] — which identity a request means (pure).
 //! * [`service`] — the gRPC service: proto types, deadlines, audit events.
 //! * [`error`] — the broker's error enum and its mapping to gRPC status.
@@ -22,8 +23,8 @@
 //! * `testkit` (feature `testkit`, on for tests and benches) — PKI, emulator
 //!   credentials, a started broker and mTLS clients for tests and the benchmark.
 //!
-//! Invariants: only `auth0` and `id_token` do outbound HTTP, both to the one
-//! configured tenant over the same client; only `service` and `error`
+//! Invariants: only `auth0` does outbound HTTP, to the one configured tenant
+//! over one client and one send path; only `service` and `error`
 //! touch proto types and `tonic::Status`; tokens and the client secret are
 //! `secrecy` types and never enter a log line or span field.
 

@@ -73,6 +73,17 @@ pub struct ConnectionLimits {
     pub request_timeout: Duration,
 }
 
+/// Default longest TLS handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time a connection may stay silent before its HTTP/2 preface.
+pub const DEFAULT_FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default interval of HTTP/2 keepalive pings.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// Default time a keepalive ping may go unanswered.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default longest request.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
@@ -80,11 +91,11 @@ impl Default for ConnectionLimits {
             health_max_concurrent_streams: DEFAULT_HEALTH_MAX_CONCURRENT_STREAMS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
-            handshake_timeout: Duration::from_secs(5),
-            first_request_timeout: Duration::from_secs(5),
-            keepalive_interval: Duration::from_secs(60),
-            keepalive_timeout: Duration::from_secs(20),
-            request_timeout: Duration::from_secs(60),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            first_request_timeout: DEFAULT_FIRST_REQUEST_TIMEOUT,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }

@@ -27,6 +27,15 @@ async fn main() -> ExitCode {
                 Err(error) => fail(&error, 1),
             }
         }
+        Command::AuditHash(args) => {
+            match tokenbroker::audit::fingerprint_of_input(&args.key_file, std::io::stdin()) {
+                Ok(fingerprint) => {
+                    println!("{fingerprint}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => fail(&error, EXIT_CONFIG),
+            }
+        }
         Command::Dev(args) => {
             telemetry::init(args.common.log_format);
             match dev::run(*args, first_signal()).await {

@@ -54,6 +54,18 @@ pub fn watch_files(
     })
 }
 
+/// Calls `action` on every SIGHUP: what logrotate sends after moving a file
+/// the broker writes (the audit log), so the broker opens the path anew.
+pub fn on_hangup(mut action: impl FnMut() + Send + 'static) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut hangup = hangup_signal();
+        loop {
+            next_hangup(&mut hangup).await;
+            action();
+        }
+    })
+}
+
 #[cfg(unix)]
 type Hangup = Option<tokio::signal::unix::Signal>;
 #[cfg(not(unix))]

@@ -80,6 +80,12 @@ pub struct BrokerSettings {
 /// Service name whose health status means "ready to hand out tokens".
 pub const READINESS_SERVICE: &str = "tokenbroker.v1.TokenBroker";
 
+/// Default time in-flight RPCs get after SIGTERM: below Kubernetes' default
+/// 30 s termination grace, with room for the UNAVAILABLE answers.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// Default interval of the policy and TLS file checks.
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
 /// After the grace period, how long in-flight RPCs get to send their
 /// UNAVAILABLE answers before the connections are closed.
 const FLUSH_AFTER_GRACE: Duration = Duration::from_secs(2);
@@ -136,10 +142,7 @@ pub struct Broker {
     policy: Arc<PolicyStore>,
     /// Each caller's share of the Auth0 budget.
     budgets: Arc<CallerBudgets>,
-    /// Where every RPC's audit line goes. Opened here so that a bad audit
-    /// setting fails at start; nothing on this branch reads it yet (the
-    /// service's audit lines do on main), hence the `allow`.
-    #[allow(dead_code)]
+    /// Where every RPC's audit line goes.
     audit: AuditTrail,
     /// Server certificate, key and client CA; reloaded from their files.
     tls: Arc<TlsStore>,
@@ -171,8 +174,7 @@ impl Broker {
             max_wait: resilience.outbound.max_wait,
         });
         let auth0 = Auth0Client::with_limits(auth0, resilience.outbound)?;
-        let id_tokens =
-            id_token.map(|settings| IdTokenVerifier::new(settings, auth0.http_client()));
+        let id_tokens = id_token.map(|settings| IdTokenVerifier::new(settings, &auth0));
         Ok(Self {
             store: Arc::new(
                 IdentityStore::new(auth0, cache).with_stale_if_error(resilience.stale_if_error),
@@ -195,6 +197,12 @@ impl Broker {
     /// reload counters, the benchmark serves its baseline with it.
     pub fn tls(&self) -> &Arc<TlsStore> {
         &self.tls
+    }
+
+    /// The audit trail, shared with the running server: tests reopen its
+    /// file as SIGHUP would.
+    pub fn audit(&self) -> &AuditTrail {
+        &self.audit
     }
 }
 
@@ -273,6 +281,7 @@ pub async fn run(
         watch_policy(&broker.policy, settings.reload_interval),
         watch_tls(&broker.tls, settings.reload_interval),
         tokio::spawn(report_cache_size(broker.store.clone())),
+        reopen_audit_on_hangup(&broker.audit),
     ];
     let (drain_control, drain) = Drain::new();
     let (stop_accepting, accepting) = tokio::sync::watch::channel(false);
@@ -289,6 +298,7 @@ pub async fn run(
                 store: broker.store.clone(),
                 policy: broker.policy.clone(),
                 budgets: broker.budgets.clone(),
+                audit: broker.audit.clone(),
                 id_tokens: broker.id_tokens.clone(),
                 drain,
             }))
@@ -335,6 +345,9 @@ pub async fn run(
     let result = drain_in_flight(&mut mtls, settings.shutdown_grace, &drain_control).await;
     if let Some(health) = plaintext_health {
         health.abort();
+    }
+    if let Err(error) = broker.audit.sink.sync().await {
+        tracing::error!(%error, "the audit log could not be synced to disk at shutdown");
     }
     tracing::info!("stopped");
     result
@@ -403,6 +416,11 @@ fn watch_policy(policy: &Arc<PolicyStore>, interval: Duration) -> JoinHandle<()>
     reload::watch_files(vec![path.to_owned()], interval, move || {
         policy_for_reload.reload()
     })
+}
+
+fn reopen_audit_on_hangup(audit: &AuditTrail) -> JoinHandle<()> {
+    let sink = audit.sink.clone();
+    reload::on_hangup(move || sink.reopen())
 }
 
 fn watch_tls(tls: &Arc<TlsStore>, interval: Duration) -> JoinHandle<()> {

@@ -10,6 +10,11 @@ the way the broker's contract (README "Status codes and reasons") says:
   NOT_FOUND, FAILED_PRECONDITION (the user must sign in again, or an operator
   must fix the broker: retrying cannot help) and DEADLINE_EXCEEDED.
 
+Programs switch on the google.rpc.ErrorInfo reason every error carries
+(domain "tokenbroker"), not on the message: USER_MUST_RECONNECT and
+TOKEN_EXPIRED mean "send the user through the connection's login again" and
+are never retried; BROKER_MISCONFIGURED pages the broker's operator.
+
 The stubs are generated at run time from ../../proto into a temporary
 directory, so nothing generated is checked in:
 
@@ -41,6 +46,16 @@ PROTO_FILE = "tokenbroker/v1/tokenbroker.proto"
 
 # Longest RetryInfo delay this client sits out; a longer one is reported instead.
 MAX_RETRY_DELAY = 30.0
+
+# What to do for the ErrorInfo reasons a program acts on; the rest fall back to the code.
+REASON_ADVICE = {
+    "USER_MUST_RECONNECT": "the user must connect that account again (sign in through the connection); never retried",
+    "TOKEN_EXPIRED": "the stored token has expired and the broker cannot refresh it: the user must sign in again; never retried",
+    "TOKEN_NOT_STORED": "Auth0 holds no token for that identity: the user must sign in through it (or the connection keeps tokens in Token Vault)",
+    "BROKER_MISCONFIGURED": "the broker's operator must fix its Auth0 or connection settings; retrying cannot help",
+    "CALLER_UNKNOWN": "this client's certificate is not in the broker's policy; ask its operator to add the caller id",
+    "PROVIDER_NOT_ALLOWED": "this client may not have that provider's tokens; ask the broker's operator to extend the policy",
+}
 
 # What to tell the user for each code that is not retried.
 ADVICE = {
@@ -91,6 +106,20 @@ def retry_delay(error: grpc.RpcError):
             detail.Unpack(info)
             return info.retry_delay.ToTimedelta().total_seconds()
     return None
+
+
+def error_reason(error: grpc.RpcError) -> str:
+    """The google.rpc.ErrorInfo reason (domain tokenbroker), or "" when absent."""
+    status = rpc_status.from_call(error)
+    if status is None:
+        return ""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            if info.domain == "tokenbroker":
+                return info.reason
+    return ""
 
 
 def backoff(attempt: int) -> float:
@@ -185,8 +214,10 @@ def main() -> int:
 
 def report(error: grpc.RpcError, attempts: int) -> int:
     code = error.code()
-    print(f"error: {code.name} after {attempts} attempt(s): {error.details()}", file=sys.stderr)
-    advice = ADVICE.get(code)
+    reason = error_reason(error)
+    shown = f"{code.name} ({reason})" if reason else code.name
+    print(f"error: {shown} after {attempts} attempt(s): {error.details()}", file=sys.stderr)
+    advice = REASON_ADVICE.get(reason) or ADVICE.get(code)
     if advice:
         print(f"  {advice}", file=sys.stderr)
     return 1

@@ -14,6 +14,32 @@ pub use key::{AuditKey, FINGERPRINT_PREFIX};
 pub use record::{Record, Released, RECORD_TYPE};
 pub use sink::{AuditError, AuditSink, SinkTarget};
 
+/// Longest token `audit-hash` reads from stdin.
+const MAX_HASHED_TOKEN_BYTES: u64 = 64 * 1024;
+
+/// `tokenbroker audit-hash`: the fingerprint of the token on `input` (one
+/// trailing newline or surrounding whitespace ignored), as audit lines write
+/// it in `token_hmac`.
+pub fn fingerprint_of_input(
+    key_file: &std::path::Path,
+    input: impl std::io::Read,
+) -> Result<String, AuditSetupError> {
+    use std::io::Read;
+    let key = AuditKey::from_file(key_file)?;
+    let mut token = String::new();
+    input
+        .take(MAX_HASHED_TOKEN_BYTES)
+        .read_to_string(&mut token)
+        .map_err(|error| AuditSetupError::Input(error.to_string()))?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(AuditSetupError::Input(
+            "no token on standard input".to_owned(),
+        ));
+    }
+    Ok(key.fingerprint(token))
+}
+
 /// What the operator chose: `--audit-log` and `TOKENBROKER_AUDIT_KEY_FILE`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditSettings {
@@ -55,6 +81,8 @@ pub enum AuditSetupError {
     Key(#[from] crate::keyfile::KeyFileError),
     #[error("TOKENBROKER_AUDIT_LOG {0}")]
     Sink(#[from] AuditError),
+    #[error("cannot read the token: {0}")]
+    Input(String),
 }
 
 /// The audit trail in force: where lines go and the key of fingerprints.

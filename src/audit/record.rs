@@ -30,6 +30,8 @@ pub struct Record<'a> {
     pub code: &'static str,
     /// The ErrorInfo reason of a refusal.
     pub reason: Option<&'static str>,
+    /// The refusal's message for humans (it may quote what the caller sent).
+    pub detail: Option<&'a str>,
     pub latency: Duration,
 }
 
@@ -68,6 +70,9 @@ impl Record<'_> {
         string_field(&mut line, "code", self.code);
         if let Some(reason) = self.reason {
             string_field(&mut line, "reason", reason);
+        }
+        if let Some(detail) = self.detail {
+            string_field(&mut line, "detail", &capped(detail));
         }
         line.extend_from_slice(b",\"latency_ms\":");
         line.extend_from_slice(
@@ -139,6 +144,7 @@ mod tests {
             outcome: "released",
             code: "OK",
             reason: None,
+            detail: None,
             latency: Duration::from_millis(3),
         }
     }

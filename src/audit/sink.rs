@@ -151,6 +151,38 @@ impl AuditSink {
             .unwrap_or(Err(AuditError::TimedOut))
     }
 
+    /// Hands `line` to the writer without waiting for it to be written: for
+    /// refusals, which release nothing. Waits (asynchronously) for room in
+    /// the queue, so a flood of refusals slows its senders instead of
+    /// growing memory. A line the writer then fails to write is counted and
+    /// logged by the writer.
+    pub async fn write_detached(&self, line: Vec<u8>) {
+        let Some(queue) = &self.queue else { return };
+        let (written, _unread) = oneshot::channel();
+        let message = Message::Line {
+            bytes: line,
+            written,
+        };
+        if queue.send(message).await.is_err() {
+            stats::audit_lines(1, false);
+        }
+    }
+
+    /// Like [`Self::write_detached`] where nothing can wait: a full queue
+    /// drops the line, counted and logged, never silently.
+    pub fn try_write_detached(&self, line: Vec<u8>) {
+        let Some(queue) = &self.queue else { return };
+        let (written, _unread) = oneshot::channel();
+        let message = Message::Line {
+            bytes: line,
+            written,
+        };
+        if queue.try_send(message).is_err() {
+            stats::audit_lines(1, false);
+            tracing::warn!("audit queue full: the line of a refused request was dropped");
+        }
+    }
+
     /// Asks a file sink to reopen its path before its next write (SIGHUP
     /// after logrotate moved the file away).
     pub fn reopen(&self) {

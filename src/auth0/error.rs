@@ -79,14 +79,27 @@ impl Auth0Error {
         }
     }
 
-    /// Maps a transport failure; the request URL in reqwest's message holds at
-    /// most a user id, never a credential.
+    /// Maps a transport failure, naming its causes (reqwest's own text says
+    /// little) but not the request URL, which could hold a user id.
     pub fn from_transport(error: reqwest::Error) -> Self {
         if error.is_timeout() {
             return Self::Timeout;
         }
-        Self::Unreachable(error.without_url().to_string())
+        Self::Unreachable(error_chain(&error.without_url()))
     }
+}
+
+/// The error and its causes, `: `-joined, as reqwest's top-level text says little.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    for _ in 0..8 {
+        let Some(cause) = source else { break };
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 impl From<BodyError> for Auth0Error {

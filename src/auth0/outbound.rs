@@ -39,14 +39,24 @@ pub struct OutboundLimits {
     pub max_wait: Duration,
 }
 
+/// Default sustained requests per second to Auth0 (a fraction of an
+/// enterprise tenant's 16/s, which every app of the tenant shares).
+pub const DEFAULT_RATE_PER_SECOND: NonZeroU32 = NonZeroU32::new(10).unwrap();
+/// Default requests allowed at once above the sustained rate.
+pub const DEFAULT_BURST: NonZeroU32 = NonZeroU32::new(20).unwrap();
+/// Default requests to Auth0 in flight at once.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 32;
+/// Default attempts per call, the first included.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
 impl Default for OutboundLimits {
     fn default() -> Self {
         Self {
-            rate_per_second: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
-            burst: NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN),
-            max_in_flight: 32,
-            max_attempts: 3,
-            max_wait: Duration::from_secs(10),
+            rate_per_second: DEFAULT_RATE_PER_SECOND,
+            burst: DEFAULT_BURST,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            max_wait: super::DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }

@@ -1,21 +1,28 @@
-//! The audit events (target `audit`): one per RPC, release or refusal, with
-//! the metrics that count them.
+//! The audit line of every RPC (see [`crate::audit`]), the metrics that count
+//! it, and the diagnostics an operator needs about it.
+//!
+//! A release is only answered once its line is written: [`released`] fails
+//! with AUDIT_UNAVAILABLE otherwise, and the handler returns that instead of
+//! the token. Refusals release nothing, so their lines are handed over
+//! without waiting for the write.
 //!
 //! Every caller-supplied value (user id, provider, connection, the caller id
-//! itself) is recorded as a string field, capped by [`capped`]: the text
-//! format writes it Debug-quoted and the JSON format as a JSON string, so no
-//! value can end the line or pose as another field, and none is longer than
-//! 512 bytes. Reasons are recorded the same way.
+//! itself) is capped at 512 bytes and escaped: in the audit line by JSON, in
+//! diagnostics by being a string field (never `%` Display).
 
 use std::borrow::Cow;
 use std::time::Duration;
 
+use crate::audit::{AuditTrail, Record, Released};
 use crate::error::BrokerError;
 use crate::logsafe::capped;
 use crate::proto::IdpToken;
 use crate::stats;
 
-/// Who asked what, as every audit event of an RPC names it.
+/// Where every token released today comes from, as the audit line says it.
+const SOURCE_AUTH0_PROFILE: &str = "AUTH0_PROFILE";
+
+/// Who asked what, as every audit line of an RPC names it.
 pub struct Subject<'a> {
     pub caller: &'a str,
     pub method: &'static str,
@@ -26,7 +33,7 @@ pub struct Subject<'a> {
     pub requested: Wanted<'a>,
 }
 
-/// What an RPC asked for, as its audit event names it.
+/// What an RPC asked for.
 #[derive(Clone, Copy)]
 pub enum Wanted<'a> {
     /// GetIdpToken's choice of identity; both empty means the first with a token.
@@ -40,8 +47,9 @@ pub enum Wanted<'a> {
     Nothing,
 }
 
-impl Wanted<'_> {
-    /// The request's choice in a few words; caller-supplied names capped.
+impl<'a> Wanted<'a> {
+    /// The request's choice in a few words, for diagnostics; caller-supplied
+    /// names capped.
     pub fn describe(self) -> Cow<'static, str> {
         match self {
             Self::One {
@@ -59,71 +67,160 @@ impl Wanted<'_> {
             Self::Nothing => Cow::Borrowed("-"),
         }
     }
-}
 
-/// The providers of released tokens, comma-separated (providers only,
-/// never tokens). Written straight into the event.
-struct Providers<'a>(&'a [IdpToken]);
-
-impl std::fmt::Display for Providers<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, token) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            f.write_str(&token.provider)?;
+    /// The provider and connection asked for; empty when any.
+    fn provider_and_connection(self) -> (&'a str, &'a str) {
+        match self {
+            Self::One {
+                provider,
+                connection,
+            } => (provider, connection),
+            Self::All | Self::Nothing => ("", ""),
         }
-        Ok(())
     }
 }
 
-/// Tokens were released. The text of the fields is only made when the
-/// event is recorded: without a subscriber a release allocates nothing here.
-pub fn released(subject: &Subject<'_>, tokens: &[IdpToken], latency: Duration) {
+impl Subject<'_> {
+    fn record<'a>(
+        &'a self,
+        outcome: &'static str,
+        code: tonic::Code,
+        refusal: Option<(&'static str, &'a str)>,
+        latency: Duration,
+    ) -> Record<'a> {
+        let (provider, connection) = self.requested.provider_and_connection();
+        Record {
+            caller: self.caller,
+            method: self.method,
+            user_id: self.user_id,
+            bound_to_id_token: self.bound_to_id_token,
+            provider,
+            connection,
+            outcome,
+            code: stats::code_name(code),
+            reason: refusal.map(|(reason, _)| reason),
+            detail: refusal.map(|(_, detail)| detail),
+            latency,
+        }
+    }
+}
+
+/// Tokens are about to be released: writes the line and waits until it is
+/// written. `Err(AuditUnavailable)` means the tokens must not be returned.
+pub async fn released(
+    trail: &AuditTrail,
+    subject: &Subject<'_>,
+    tokens: &[IdpToken],
+    latency: Duration,
+) -> Result<(), BrokerError> {
+    if trail.sink.is_on() {
+        let released: Vec<Released<'_>> = tokens.iter().map(released_token).collect();
+        let record = subject.record("released", tonic::Code::Ok, None, latency);
+        if let Err(error) = trail.write(&record, &released).await {
+            tracing::error!(%error, method = subject.method, "audit line not written: the release is refused");
+            return Err(BrokerError::AuditUnavailable);
+        }
+    }
     stats::rpc_finished(subject.method, tonic::Code::Ok, latency);
-    tracing::info!(
-        target: "audit",
+    tracing::debug!(
+        target: "rpc",
         caller = &*capped(subject.caller),
         method = subject.method,
         user_id = &*capped(subject.user_id),
-        bound_to_id_token = subject.bound_to_id_token,
         requested = &*subject.requested.describe(),
-        released = %Providers(tokens),
+        tokens = tokens.len(),
         from_cache = tokens.first().is_some_and(|token| token.from_cache),
-        outcome = "released",
-        code = "OK",
         latency_ms = millis(latency),
+        "released",
     );
+    Ok(())
+}
+
+fn released_token(token: &IdpToken) -> Released<'_> {
+    Released {
+        provider: &token.provider,
+        connection: &token.connection,
+        source: SOURCE_AUTH0_PROFILE,
+        from_cache: token.from_cache,
+        access_token: &token.access_token,
+    }
 }
 
 /// A user's cached tokens were dropped on request.
-pub fn invalidated(subject: &Subject<'_>, latency: Duration) {
+pub async fn invalidated(trail: &AuditTrail, subject: &Subject<'_>, latency: Duration) {
     stats::rpc_finished(subject.method, tonic::Code::Ok, latency);
-    tracing::info!(
-        target: "audit",
-        caller = &*capped(subject.caller),
-        method = subject.method,
-        user_id = &*capped(subject.user_id),
-        outcome = "invalidated",
-        code = "OK",
-        latency_ms = millis(latency),
-    );
+    if trail.sink.is_on() {
+        let record = subject.record("invalidated", tonic::Code::Ok, None, latency);
+        trail.sink.write_detached(record.to_line(&[], None)).await;
+    }
 }
 
-/// The RPC was refused; an error an operator must act on is logged as an error.
-pub fn refused(subject: &Subject<'_>, error: &BrokerError, latency: Duration) {
+/// The RPC was refused. Counted, its line handed to the audit, and logged
+/// as an error when an operator must act.
+pub async fn refused(
+    trail: &AuditTrail,
+    subject: &Subject<'_>,
+    error: &BrokerError,
+    latency: Duration,
+) {
+    count_and_log_refusal(subject, error, latency);
+    if trail.sink.is_on() {
+        let line = refusal_line(subject, error, latency);
+        trail.sink.write_detached(line).await;
+    }
+}
+
+/// [`refused`] where nothing can wait (a poll function): a full audit queue
+/// drops the line, counted and logged.
+pub fn refused_now(
+    trail: &AuditTrail,
+    subject: &Subject<'_>,
+    error: &BrokerError,
+    latency: Duration,
+) {
+    count_and_log_refusal(subject, error, latency);
+    if trail.sink.is_on() {
+        trail
+            .sink
+            .try_write_detached(refusal_line(subject, error, latency));
+    }
+}
+
+fn refusal_line(subject: &Subject<'_>, error: &BrokerError, latency: Duration) -> Vec<u8> {
+    let detail = error.to_string();
+    subject
+        .record(
+            "refused",
+            error.code(),
+            Some((error.reason(), &detail)),
+            latency,
+        )
+        .to_line(&[], None)
+}
+
+fn count_and_log_refusal(subject: &Subject<'_>, error: &BrokerError, latency: Duration) {
     stats::rpc_finished(subject.method, error.code(), latency);
     stats::rpc_refused(subject.method, error.reason());
-    let code = stats::code_name(error.code());
-    let message = error.to_string();
-    let caller = capped(subject.caller);
-    let user_id = capped(subject.user_id);
-    let requested = subject.requested.describe();
-    let message = capped(&message);
     if error.needs_operator() {
-        tracing::error!(target: "audit", caller = &*caller, method = subject.method, user_id = &*user_id, bound_to_id_token = subject.bound_to_id_token, requested = &*requested, outcome = "refused", code, reason = error.reason(), detail = &*message, latency_ms = millis(latency));
+        let detail = error.to_string();
+        tracing::error!(
+            method = subject.method,
+            caller = &*capped(subject.caller),
+            reason = error.reason(),
+            detail = &*capped(&detail),
+            "refused: an operator must act"
+        );
     } else {
-        tracing::info!(target: "audit", caller = &*caller, method = subject.method, user_id = &*user_id, bound_to_id_token = subject.bound_to_id_token, requested = &*requested, outcome = "refused", code, reason = error.reason(), detail = &*message, latency_ms = millis(latency));
+        tracing::debug!(
+            target: "rpc",
+            caller = &*capped(subject.caller),
+            method = subject.method,
+            user_id = &*capped(subject.user_id),
+            requested = &*subject.requested.describe(),
+            reason = error.reason(),
+            latency_ms = millis(latency),
+            "refused",
+        );
     }
 }
 
@@ -136,7 +233,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn audit_names_what_was_asked_for_and_released() {
+    fn audit_names_what_was_asked_for() {
         let one = |provider, connection| Wanted::One {
             provider,
             connection,
@@ -146,19 +243,10 @@ mod tests {
         assert_eq!(one("", "corp").describe(), "connection:corp");
         assert_eq!(one("github", "corp").describe(), "github/corp");
         assert_eq!(Wanted::All.describe(), "all");
-        let token = |provider: &str| IdpToken {
-            provider: provider.to_owned(),
-            ..Default::default()
-        };
-        assert_eq!(Providers(&[]).to_string(), "");
-        assert_eq!(
-            Providers(&[token("github"), token("google-oauth2")]).to_string(),
-            "github,google-oauth2"
-        );
     }
 
     #[test]
-    fn a_huge_provider_is_cut_in_the_audit() {
+    fn a_huge_provider_is_cut_in_the_diagnostics() {
         let provider = "p".repeat(1_000_000);
         let described = Wanted::One {
             provider: &provider,

@@ -22,6 +22,7 @@ use tonic::server::NamedService;
 use super::audit::{self, Subject, Wanted};
 use super::codec::MALFORMED_MARKER;
 use super::UNREADABLE_CALLER;
+use crate::audit::AuditTrail;
 use crate::error::BrokerError;
 use crate::policy::PolicyStore;
 use crate::tls;
@@ -32,12 +33,17 @@ use crate::tls;
 pub struct AuditMalformed<S> {
     inner: S,
     policy: Arc<PolicyStore>,
+    audit: AuditTrail,
 }
 
 impl<S> AuditMalformed<S> {
     /// Wraps `inner`; `policy` decides whether a caller may hear "malformed".
-    pub fn new(inner: S, policy: Arc<PolicyStore>) -> Self {
-        Self { inner, policy }
+    pub fn new(inner: S, policy: Arc<PolicyStore>, audit: AuditTrail) -> Self {
+        Self {
+            inner,
+            policy,
+            audit,
+        }
     }
 }
 
@@ -62,6 +68,7 @@ where
             method: method_of(request.uri().path()),
             peer: request.extensions().get::<tls::Peer>().cloned(),
             policy: self.policy.clone(),
+            audit: self.audit.clone(),
             started: Instant::now(),
         };
         Answer {
@@ -76,6 +83,7 @@ struct Asked {
     method: &'static str,
     peer: Option<tls::Peer>,
     policy: Arc<PolicyStore>,
+    audit: AuditTrail,
     started: Instant,
 }
 
@@ -130,7 +138,7 @@ fn refuse(asked: Asked) -> http::Response<Body> {
         bound_to_id_token: false,
         requested: Wanted::Nothing,
     };
-    audit::refused(&subject, &error, asked.started.elapsed());
+    audit::refused_now(&asked.audit, &subject, &error, asked.started.elapsed());
     error.to_status().into_http()
 }
 

@@ -8,21 +8,21 @@
 //! fields, then Auth0.
 
 pub mod audit;
+mod call;
 pub mod codec;
 pub mod malformed;
 
-use std::future::Future;
-use std::pin::{pin, Pin};
+use std::pin::pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use secrecy::ExposeSecret;
 use tonic::{Request, Response, Status};
 
+use crate::audit::AuditTrail;
 use crate::auth0::{Identity, UserIdentities};
 use crate::budget::{CallerBudgets, CallerShare};
 use crate::cache::{IdentityStore, Lookup};
-use crate::caller::UnreadableCaller;
 use crate::error::BrokerError;
 use crate::id_token::IdTokenVerifier;
 use crate::logsafe::capped;
@@ -30,14 +30,14 @@ use crate::policy::{CallerRule, PolicyStore};
 use crate::proto::token_broker_server::{TokenBroker, TokenBrokerServer};
 use crate::proto::{
     GetIdpTokenRequest, GetIdpTokenResponse, IdpToken, InvalidateUserRequest,
-    InvalidateUserResponse, ListIdpTokensRequest, ListIdpTokensResponse,
+    InvalidateUserResponse, ListIdpTokensRequest, ListIdpTokensResponse, TokenSource,
 };
 use crate::selection::{self, Selector};
 use crate::shutdown::Drain;
 use crate::stats;
-use crate::tls;
 use crate::user_id::UserId;
 use audit::{Subject, Wanted};
+use call::CallContext;
 
 /// How the audit names a caller whose certificate yields no caller id.
 pub const UNREADABLE_CALLER: &str = "-";
@@ -47,23 +47,14 @@ pub const UNREADABLE_CALLER: &str = "-";
 /// cannot make the broker buffer megabytes per stream.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
-/// How much earlier than the caller's deadline the broker gives up, so the
-/// caller gets DEADLINE_EXCEEDED from us rather than its own transport's
-/// CANCELLED: a tenth of the deadline, between 5 and 100 ms, at most half.
-/// The caller's clock started before the request was sent, ours after it
-/// arrived, and the answer still has to travel back.
-fn deadline_headroom(deadline: Duration) -> Duration {
-    (deadline / 10)
-        .clamp(Duration::from_millis(5), Duration::from_millis(100))
-        .min(deadline / 2)
-}
-
 /// Serves tokens from the [`IdentityStore`] to the callers the policy allows.
 pub struct TokenBrokerService {
     store: Arc<IdentityStore>,
     policy: Arc<PolicyStore>,
     /// Each caller's share of the Auth0 budget, spent on cache misses.
     budgets: Arc<CallerBudgets>,
+    /// Every RPC's audit line; a release waits for its line to be written.
+    audit: AuditTrail,
     /// `None` when the operator configured no ID-token audience.
     id_tokens: Option<IdTokenVerifier>,
     /// Ends in-flight RPCs with UNAVAILABLE when the shutdown grace period is over.
@@ -79,6 +70,7 @@ pub struct ServiceParts {
     pub store: Arc<IdentityStore>,
     pub policy: Arc<PolicyStore>,
     pub budgets: Arc<CallerBudgets>,
+    pub audit: AuditTrail,
     /// `None` when the operator configured no ID-token audience.
     pub id_tokens: Option<IdTokenVerifier>,
     pub drain: Drain,
@@ -89,144 +81,24 @@ impl TokenBrokerService {
     /// size cap and the audit of requests that do not decode.
     pub fn server(parts: ServiceParts) -> TokenBrokerGrpc {
         let policy = parts.policy.clone();
+        let audit = parts.audit.clone();
         let server = TokenBrokerServer::new(Self {
             store: parts.store,
             policy: parts.policy,
             budgets: parts.budgets,
+            audit: parts.audit,
             id_tokens: parts.id_tokens,
             drain: parts.drain,
         })
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-        malformed::AuditMalformed::new(server, policy)
-    }
-}
-
-/// What every RPC knows about itself, for deadlines and log lines.
-struct CallContext {
-    method: &'static str,
-    /// The caller id the listener read from the verified certificate when
-    /// the connection was made, or why there is none.
-    caller: Result<Arc<str>, UnreadableCaller>,
-    deadline: Option<Duration>,
-    started: Instant,
-}
-
-impl CallContext {
-    /// Takes the connection's [`tls::Peer`] out of the request: taken, not
-    /// cloned, since nothing else reads it and each clone of the id is an
-    /// atomic increment on a count all of the connection's requests share.
-    fn of<T>(method: &'static str, request: &mut Request<T>) -> Self {
-        let caller = request
-            .extensions_mut()
-            .remove::<tls::Peer>()
-            .map_or(Err(UnreadableCaller::NoCertificate), |peer| peer.caller);
-        let deadline = request
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|value| value.to_str().ok())
-            .and_then(parse_grpc_timeout);
-        Self {
-            method,
-            caller,
-            deadline,
-            started: Instant::now(),
-        }
-    }
-
-    /// When calls to Auth0 made for this RPC must have given up.
-    fn auth0_deadline(&self) -> Option<tokio::time::Instant> {
-        self.deadline.map(|deadline| {
-            tokio::time::Instant::from_std(self.started)
-                + deadline.saturating_sub(deadline_headroom(deadline))
-        })
-    }
-
-    /// Runs `work`, giving up with DEADLINE_EXCEEDED just before the caller
-    /// would, or with UNAVAILABLE when the shutdown grace period ends. Work
-    /// that is ready at once (a cache hit) returns before any timer is armed.
-    /// `work` is pinned by the caller: taken by value, the RPC's future would
-    /// hold it twice (the argument and its pinned copy).
-    async fn bounded<T>(
-        &self,
-        drain: &Drain,
-        mut work: Pin<&mut impl Future<Output = Result<T, BrokerError>>>,
-    ) -> Result<T, BrokerError> {
-        if let std::task::Poll::Ready(result) = futures::poll!(work.as_mut()) {
-            return result;
-        }
-        // Boxed: only work that waits (a cache miss) needs the timers, and
-        // inline they would push every RPC's boxed future past 1 KiB, where
-        // glibc's malloc leaves its per-thread cache and consolidates.
-        Box::pin(self.race(drain, work)).await
-    }
-
-    /// `work` against the caller's deadline and the end of the grace period.
-    async fn race<T>(
-        &self,
-        drain: &Drain,
-        work: Pin<&mut impl Future<Output = Result<T, BrokerError>>>,
-    ) -> Result<T, BrokerError> {
-        let deadline = async {
-            match self.deadline {
-                Some(deadline) => {
-                    tokio::time::sleep(deadline.saturating_sub(deadline_headroom(deadline))).await
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            result = work => result,
-            () = deadline => Err(BrokerError::DeadlineExceeded),
-            () = drain.grace_over() => Err(BrokerError::ShuttingDown),
-        }
-    }
-
-    /// The caller's rule: CALLER_UNKNOWN when the certificate names nobody
-    /// (never a fallback name) or the policy does not list it.
-    fn rule(&self, policy: &PolicyStore) -> Result<CallerRule, BrokerError> {
-        match &self.caller {
-            Ok(caller) => policy.current().rule_for(caller),
-            Err(unreadable) => Err(BrokerError::CallerUnknown(format!(
-                "{unreadable}, so the connection has no caller id; ask the operator of the client CA for a certificate with one valid URI SAN, DNS SAN or CN"
-            ))),
-        }
-    }
-
-    /// The caller as the audit names it.
-    fn caller_name(&self) -> &str {
-        self.caller.as_deref().unwrap_or(UNREADABLE_CALLER)
-    }
-
-    /// The audit's subject for `user_id`, `binding` and `requested`.
-    fn subject<'a>(
-        &'a self,
-        claimed_user_id: &'a str,
-        binding: &'a IdTokenBinding,
-        requested: Wanted<'a>,
-    ) -> Subject<'a> {
-        Subject {
-            caller: self.caller_name(),
-            method: self.method,
-            user_id: binding.sub.as_deref().unwrap_or(claimed_user_id),
-            bound_to_id_token: binding.sub.is_some(),
-            requested,
-        }
-    }
-
-    /// One audit event per decision to release or refuse tokens.
-    fn audit(&self, subject: &Subject<'_>, outcome: Result<&[IdpToken], &BrokerError>) {
-        let latency = self.started.elapsed();
-        match outcome {
-            Ok(tokens) => audit::released(subject, tokens, latency),
-            Err(error) => audit::refused(subject, error, latency),
-        }
+        malformed::AuditMalformed::new(server, policy, audit)
     }
 }
 
 /// The user a verified ID token named, once it is verified; stays empty
 /// when the request sent none or it was refused.
 #[derive(Default)]
-struct IdTokenBinding {
+pub(crate) struct IdTokenBinding {
     sub: Option<String>,
 }
 
@@ -248,13 +120,11 @@ impl TokenBroker for TokenBrokerService {
             provider: &request.provider,
             connection: &request.connection,
         };
-        call.audit(
-            &call.subject(&request.user_id, &binding, wanted),
-            result.as_ref().map(std::slice::from_ref),
-        );
-        result
-            .map(|token| Response::new(GetIdpTokenResponse { token: Some(token) }))
-            .map_err(|error| error.to_status())
+        let subject = call.subject(&request.user_id, &binding, wanted);
+        let result = self
+            .finish(&call, &subject, result, std::slice::from_ref)
+            .await;
+        result.map(|token| Response::new(GetIdpTokenResponse { token: Some(token) }))
     }
 
     async fn list_idp_tokens(
@@ -268,13 +138,14 @@ impl TokenBroker for TokenBrokerService {
             let work = pin!(self.list_tokens(&call, &request, &mut binding));
             call.bounded(&self.drain, work).await
         };
-        call.audit(
-            &call.subject(&request.user_id, &binding, Wanted::All),
-            result.as_deref(),
-        );
-        result
-            .map(|tokens| Response::new(ListIdpTokensResponse { tokens }))
-            .map_err(|error| error.to_status())
+        let subject = call.subject(&request.user_id, &binding, Wanted::All);
+        let result = self.finish(&call, &subject, result, Vec::as_slice).await;
+        result.map(|tokens| {
+            Response::new(ListIdpTokensResponse {
+                tokens,
+                unavailable: Vec::new(),
+            })
+        })
     }
 
     async fn invalidate_user(
@@ -287,8 +158,10 @@ impl TokenBroker for TokenBrokerService {
         let binding = IdTokenBinding::default();
         let subject = call.subject(&request.user_id, &binding, Wanted::Nothing);
         match &result {
-            Ok(()) => audit::invalidated(&subject, call.started.elapsed()),
-            Err(error) => audit::refused(&subject, error, call.started.elapsed()),
+            Ok(()) => audit::invalidated(&self.audit, &subject, call.started.elapsed()).await,
+            Err(error) => {
+                audit::refused(&self.audit, &subject, error, call.started.elapsed()).await
+            }
         }
         result
             .map(|()| Response::new(InvalidateUserResponse {}))
@@ -297,6 +170,31 @@ impl TokenBroker for TokenBrokerService {
 }
 
 impl TokenBrokerService {
+    /// Audits the outcome and makes it the answer. A release is answered
+    /// only once its audit line is written; when it cannot be, the tokens
+    /// are dropped and the caller gets AUDIT_UNAVAILABLE.
+    async fn finish<T>(
+        &self,
+        call: &CallContext,
+        subject: &Subject<'_>,
+        result: Result<T, BrokerError>,
+        tokens_of: impl Fn(&T) -> &[IdpToken],
+    ) -> Result<T, Status> {
+        let result = match result {
+            Ok(value) => {
+                let latency = call.started.elapsed();
+                audit::released(&self.audit, subject, tokens_of(&value), latency)
+                    .await
+                    .map(|()| value)
+            }
+            Err(error) => Err(error),
+        };
+        if let Err(error) = &result {
+            audit::refused(&self.audit, subject, error, call.started.elapsed()).await;
+        }
+        result.map_err(|error| error.to_status())
+    }
+
     /// Policy first (no Auth0 call for a caller that may not have the token),
     /// then the user, then the identity.
     async fn get_token(
@@ -438,65 +336,11 @@ fn to_proto(identity: &Identity, user: &UserIdentities, from_cache: bool) -> Idp
         expires_at: identity.expires_at.map(timestamp),
         fetched_at: Some(timestamp(user.fetched_at)),
         from_cache,
+        source: TokenSource::Auth0Profile.into(),
+        scopes: Vec::new(),
     }
 }
 
 fn timestamp(time: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(time)
-}
-
-/// Parses gRPC's `grpc-timeout` header: up to 8 digits and a unit
-/// (`H`, `M`, `S`, `m`, `u`, `n`).
-pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let amount: u64 = digits.parse().ok()?;
-    match unit {
-        "H" => Some(Duration::from_secs(amount * 3600)),
-        "M" => Some(Duration::from_secs(amount * 60)),
-        "S" => Some(Duration::from_secs(amount)),
-        "m" => Some(Duration::from_millis(amount)),
-        "u" => Some(Duration::from_micros(amount)),
-        "n" => Some(Duration::from_nanos(amount)),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn headroom_is_a_tenth_of_the_deadline_within_bounds() {
-        assert_eq!(
-            deadline_headroom(Duration::from_millis(300)),
-            Duration::from_millis(30)
-        );
-        assert_eq!(
-            deadline_headroom(Duration::from_secs(20)),
-            Duration::from_millis(100)
-        );
-        assert_eq!(
-            deadline_headroom(Duration::from_millis(20)),
-            Duration::from_millis(5)
-        );
-        assert_eq!(
-            deadline_headroom(Duration::from_millis(4)),
-            Duration::from_millis(2)
-        );
-    }
-
-    #[test]
-    fn grpc_timeout_units_are_parsed() {
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("100u"), Some(Duration::from_micros(100)));
-        assert_eq!(parse_grpc_timeout("m"), None);
-        assert_eq!(parse_grpc_timeout("123456789S"), None);
-        assert_eq!(parse_grpc_timeout("12x"), None);
-        assert_eq!(parse_grpc_timeout(""), None);
-    }
 }

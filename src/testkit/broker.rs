@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::audit::AuditTrail;
 use crate::auth0::Auth0Settings;
 use crate::cache::IdentityStore;
 use crate::emulator::{Emulator, EmulatorConfig};
@@ -79,6 +80,8 @@ pub struct StartedBroker {
     /// The running broker's TLS material: to read its reload counters, or to
     /// serve something else with the same certificates.
     pub tls: Arc<TlsStore>,
+    /// The running broker's audit trail: to reopen its file as SIGHUP would.
+    pub audit: AuditTrail,
     /// Ends the serve loop the way SIGTERM does; taken when sent.
     shutdown: Option<oneshot::Sender<()>>,
     /// The server task; taken once it has been waited for.
@@ -109,6 +112,7 @@ impl StartedBroker {
         let health_addr = listeners.health.as_ref().map(local_addr).transpose()?;
         let store = broker.store().clone();
         let tls = broker.tls().clone();
+        let audit = broker.audit().clone();
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(listeners, broker, run, async {
             let _ = stop.await;
@@ -118,6 +122,7 @@ impl StartedBroker {
             health_addr,
             store,
             tls,
+            audit,
             shutdown: Some(shutdown),
             task: Some(task),
         })

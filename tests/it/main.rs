@@ -1,6 +1,7 @@
 //! Integration tests: the real server over real mTLS against the in-process
 //! Auth0 emulator on loopback. One test binary keeps link time down.
 
+mod audit;
 mod binary;
 mod caching;
 mod floods;

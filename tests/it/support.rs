@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenbroker::audit::AuditSettings;
+use tokenbroker::audit::{AuditSettings, AuditTrail};
 use tokenbroker::auth0::{Auth0Settings, OutboundLimits};
 use tokenbroker::cache::CacheSettings;
 use tokenbroker::cache::{DEFAULT_STALE_IF_ERROR, DEFAULT_USER_MAX_BYTES};
@@ -266,6 +266,8 @@ pub struct TestBroker {
     pub policy_path: std::path::PathBuf,
     /// The live TLS material, to check reload counters.
     pub tls: Arc<TlsStore>,
+    /// The broker's audit trail, to reopen its file as SIGHUP would.
+    pub audit: AuditTrail,
     pub client_cert: IssuedCertificate,
     _dir: tempfile::TempDir,
 }
@@ -344,6 +346,7 @@ impl TestBroker {
             addr: server.addr,
             health_addr: server.health_addr,
             tls: server.tls.clone(),
+            audit: server.audit.clone(),
             server,
             emulator,
             ca,

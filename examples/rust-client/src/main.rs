@@ -9,6 +9,11 @@
 //!   NOT_FOUND, FAILED_PRECONDITION (the user must sign in again, or an
 //!   operator must fix the broker: retrying cannot help), DEADLINE_EXCEEDED.
 //!
+//! Programs switch on the `google.rpc.ErrorInfo` reason every error carries
+//! (domain `tokenbroker`), not on the message: `USER_MUST_RECONNECT` and
+//! `TOKEN_EXPIRED` mean "send the user through the connection's login again"
+//! and are never retried; `BROKER_MISCONFIGURED` pages the broker's operator.
+//!
 //! ```sh
 //! cargo run --manifest-path examples/rust-client/Cargo.toml -- \
 //!   --target 127.0.0.1:50051 --ca .tokenbroker-dev/ca.pem \
@@ -168,6 +173,27 @@ fn backoff(attempt: u32) -> Duration {
     step.mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 
+/// The `google.rpc.ErrorInfo` reason of a tokenbroker error, if any.
+fn reason(status: &Status) -> Option<String> {
+    status
+        .get_details_error_info()
+        .filter(|info| info.domain == "tokenbroker")
+        .map(|info| info.reason)
+}
+
+/// What to do for the reasons a program acts on; the rest fall back to the code.
+fn reason_advice(reason: &str) -> Option<&'static str> {
+    Some(match reason {
+        "USER_MUST_RECONNECT" => "the user must connect that account again (sign in through the connection); never retried",
+        "TOKEN_EXPIRED" => "the stored token has expired and the broker cannot refresh it: the user must sign in again; never retried",
+        "TOKEN_NOT_STORED" => "Auth0 holds no token for that identity: the user must sign in through it (or the connection keeps tokens in Token Vault)",
+        "BROKER_MISCONFIGURED" => "the broker's operator must fix its Auth0 or connection settings; retrying cannot help",
+        "CALLER_UNKNOWN" => "this client's certificate is not in the broker's policy; ask its operator to add the caller id",
+        "PROVIDER_NOT_ALLOWED" => "this client may not have that provider's tokens; ask the broker's operator to extend the policy",
+        _ => return None,
+    })
+}
+
 /// What to tell the user for a code that is not retried (or no longer).
 fn advice(code: Code) -> Option<&'static str> {
     Some(match code {
@@ -182,12 +208,20 @@ fn advice(code: Code) -> Option<&'static str> {
 }
 
 fn report(status: &Status, attempts: u32) -> ExitCode {
+    let reason = reason(status);
+    let shown = match &reason {
+        Some(reason) => format!("{:?} ({reason})", status.code()),
+        None => format!("{:?}", status.code()),
+    };
     eprintln!(
-        "error: {:?} after {attempts} attempt(s): {}",
-        status.code(),
+        "error: {shown} after {attempts} attempt(s): {}",
         status.message()
     );
-    if let Some(advice) = advice(status.code()) {
+    let advice = reason
+        .as_deref()
+        .and_then(reason_advice)
+        .or_else(|| advice(status.code()));
+    if let Some(advice) = advice {
         eprintln!("  {advice}");
     }
     ExitCode::from(1)

@@ -217,13 +217,13 @@ async fn logs_and_metrics_never_contain_a_token_or_the_client_secret() {
     for line in stdout.lines().filter(|line| !line.trim().is_empty()) {
         let event: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|error| panic!("stdout line is not JSON ({error}): {line}"));
-        if event["target"] == "audit" && event["outcome"] == "released" {
+        if event["type"] == "tokenbroker.audit.v1" && event["outcome"] == "released" {
             audit_releases.push(event);
         }
     }
     assert!(
-        stdout.contains(r#""target":"audit""#),
-        "token releases are audit events"
+        stdout.contains(r#""type":"tokenbroker.audit.v1""#),
+        "token releases are audit lines (on stdout, the default audit sink)"
     );
     assert!(
         audit_releases.len() >= released,

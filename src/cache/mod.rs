@@ -1,10 +1,7 @@
-//! The moka caches in front of Auth0 and the reads that fill them.
+//! The moka cache of users in front of Auth0 and the reads that fill it.
 //!
-//! * Management token: one entry, kept for its lifetime minus a margin;
-//!   concurrent misses share one `/oauth/token` call; a 401 from the users
-//!   endpoint drops exactly the rejected token and the read is retried once.
 //! * Users: all identities of a user, keyed by user id, bounded by a user
-//!   count and by an estimate of the bytes they hold (see [`UserBudget`]). An entry
+//!   count and by an estimate of the bytes they hold (`weigh.rs`). An entry
 //!   answers lookups for the configured TTL (never past a known token
 //!   expiry), then stays on for the stale-if-error window as the copy to
 //!   serve if Auth0 fails; one entry per user serves both. A 404 is
@@ -14,71 +11,46 @@
 //! A cache hit costs one moka `get` and one atomic load: the per-user
 //! invalidation stamps are only consulted when some invalidation happened
 //! after the entry was read.
+//!
+//! Here: the store and its reads; `expiry.rs` holds an entry's lifetime
+//! rules, `weigh.rs` its weight. Auth0 (`auth0::Auth0Client::read_user`) is
+//! asked for a user and keeps its own Management token.
+
+mod expiry;
+#[cfg(test)]
+mod tests;
+mod weigh;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use moka::future::Cache;
-use moka::ops::compute::Op;
 use moka::sync::Cache as SyncCache;
-use moka::Expiry;
 use tokio::time::Instant as Deadline;
 
-use secrecy::{ExposeSecret, SecretString};
-
-use crate::auth0::{Auth0Client, Auth0Error, Identity, ManagementToken, UserIdentities};
+use crate::auth0::{Auth0Client, Auth0Error, UserIdentities};
 use crate::budget::CallerShare;
 use crate::error::BrokerError;
 use crate::stats::{self, CacheOutcome};
 use crate::user_id::UserId;
+use expiry::{CachedUser, UserExpiry, UserState};
+use weigh::UserBudget;
 
 /// Cache sizing and lifetimes.
 #[derive(Debug, Clone, Copy)]
 pub struct CacheSettings {
+    /// How long a read answers lookups: longer saves Auth0 calls, shorter
+    /// brings a user's new tokens sooner.
     pub user_ttl: Duration,
     /// Users held at most.
     pub user_capacity: u64,
     /// Estimated bytes the users held may take at most: the bound that holds when profiles
     /// are large, beside `user_capacity` (see `cache::IdentityStore`).
     pub user_max_bytes: u64,
+    /// How long "no such user" is remembered, so asking again and again for
+    /// a missing user does not spend the Auth0 budget.
     pub negative_ttl: Duration,
-}
-
-/// A user as the cache holds it: found, or known not to exist.
-#[derive(Clone)]
-enum UserState {
-    Found(Arc<UserIdentities>),
-    NotFound,
-}
-
-/// A cache entry, the logical time its Auth0 read started (so a read that
-/// began before an `InvalidateUser` or `bypass_cache` cannot bring the old
-/// profile back when it lands late), and until when it answers lookups.
-#[derive(Clone)]
-struct CachedUser {
-    state: UserState,
-    read_started: u64,
-    /// After this the entry is only a stale-if-error fallback.
-    fresh_until: Instant,
-}
-
-impl CachedUser {
-    fn is_fresh(&self) -> bool {
-        Instant::now() < self.fresh_until
-    }
-
-    /// How old the entry is, if it may be served stale: a found user none
-    /// of whose tokens is known to have expired.
-    fn stale_age(&self) -> Option<Duration> {
-        match &self.state {
-            UserState::Found(user) => user
-                .earliest_token_expiry()
-                .is_none_or(|expiry| expiry > SystemTime::now())
-                .then(|| user.fetched_instant.elapsed()),
-            UserState::NotFound => None,
-        }
-    }
 }
 
 /// Why a shared read gave no user.
@@ -104,15 +76,16 @@ impl SharedReadError {
 
 /// What a lookup returns: the user and whether this RPC was served from cache.
 pub struct Lookup {
+    /// The identities, shared with the cache entry rather than copied.
     pub user: Arc<UserIdentities>,
     /// True when the identities were read from Auth0 before this lookup began.
     pub from_cache: bool,
 }
 
-/// Caches Management tokens and users' identities in front of one Auth0 tenant.
+/// Caches users' identities in front of one Auth0 tenant.
 pub struct IdentityStore {
+    /// Reads users (its Management token is its own business).
     auth0: Auth0Client,
-    management: Cache<(), Arc<ManagementToken>>,
     /// Fresh entries, and expired ones kept for stale-if-error. moka's
     /// sync cache: a lookup's future then holds no moka future (700 bytes),
     /// which keeps every RPC's boxed future small (see `cached_or_read`).
@@ -139,147 +112,20 @@ pub struct IdentityStore {
 /// Default stale-if-error window: how long past its TTL a user may still be
 /// served when Auth0 is failing.
 pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(600);
+/// Default time a user's identities answer lookups: short enough that a
+/// re-linked account shows within minutes, long enough to spare the quota.
+pub const DEFAULT_USER_TTL: Duration = Duration::from_secs(300);
+/// Default number of users held.
+pub const DEFAULT_USER_CAPACITY: u64 = 100_000;
+/// Default time "no such user" is remembered, so a caller in a retry loop
+/// cannot burn the quota.
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(30);
 
 /// Default byte budget of the user cache (`--user-cache-max-bytes`): 256 MiB,
 /// half the Deployment's memory limit. The default 100 000 users of about
 /// 850 bytes each take a third of it; the budget only binds when profiles are
 /// large (many identities, long tokens).
 pub const DEFAULT_USER_MAX_BYTES: u64 = 256 * 1024 * 1024;
-
-/// Bytes a cached user costs besides its strings and identities: moka's
-/// entry, key and `CachedUser`, the `Arc` and `UserIdentities` (BENCHMARKS.md
-/// measured about 790 bytes per one-identity user beyond the payload).
-const ENTRY_OVERHEAD: u64 = 640;
-/// Bytes an identity costs besides its strings.
-const IDENTITY_OVERHEAD: u64 = std::mem::size_of::<Identity>() as u64;
-
-/// How the user cache keeps both bounds with moka's one weighted capacity:
-/// each user weighs its estimated bytes ([`estimated_bytes`]) but at least
-/// `floor` = `user_max_bytes / user_capacity` (rounded up), and the cache holds
-/// `floor × user_capacity` of weight. So it never holds more than
-/// `user_capacity` users, nor more than `user_max_bytes` (rounded up to a
-/// multiple of the capacity) of estimated bytes, whichever binds first.
-#[derive(Clone, Copy, Debug)]
-struct UserBudget {
-    floor: u32,
-    max_weight: u64,
-}
-
-impl UserBudget {
-    fn new(settings: &CacheSettings) -> Self {
-        let capacity = settings.user_capacity.max(1);
-        let floor = settings
-            .user_max_bytes
-            .div_ceil(capacity)
-            .clamp(1, u64::from(u32::MAX));
-        Self {
-            floor: u32::try_from(floor).unwrap_or(u32::MAX),
-            max_weight: floor.saturating_mul(capacity),
-        }
-    }
-
-    /// moka's weight of one entry.
-    fn weight(&self, user_id: &UserId, entry: &CachedUser) -> u32 {
-        let bytes = u32::try_from(estimated_bytes(user_id, entry)).unwrap_or(u32::MAX);
-        bytes.max(self.floor)
-    }
-}
-
-/// What a cached user costs in memory, roughly: the key, the strings and
-/// tokens of every identity, and fixed overheads.
-fn estimated_bytes(user_id: &UserId, entry: &CachedUser) -> u64 {
-    let identities = match &entry.state {
-        UserState::Found(user) => identities_bytes(user),
-        UserState::NotFound => 0,
-    };
-    ENTRY_OVERHEAD + user_id.as_str().len() as u64 + identities
-}
-
-fn identities_bytes(user: &UserIdentities) -> u64 {
-    let strings: usize = user
-        .identities
-        .iter()
-        .map(|identity| {
-            identity.provider.len()
-                + identity.connection.len()
-                + identity.idp_user_id.len()
-                + secret_len(identity.access_token.as_ref())
-                + secret_len(identity.access_token_secret.as_ref())
-        })
-        .sum();
-    let overhead = IDENTITY_OVERHEAD.saturating_mul(user.identities.len() as u64);
-    (user.user_id.len() + strings) as u64 + overhead
-}
-
-/// A token's length, for the weight; the token itself goes nowhere.
-fn secret_len(secret: Option<&SecretString>) -> usize {
-    secret.map_or(0, |secret| secret.expose_secret().len())
-}
-
-/// Keeps a Management token for its reuse window.
-struct ManagementTokenExpiry;
-
-impl Expiry<(), Arc<ManagementToken>> for ManagementTokenExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &(),
-        token: &Arc<ManagementToken>,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(
-            token
-                .reuse_window()
-                .saturating_sub(token.obtained_at.elapsed()),
-        )
-    }
-}
-
-/// Keeps a found user until its freshness ends plus the stale-if-error
-/// window, but never past a known token expiry; a miss only while fresh.
-struct UserExpiry {
-    stale_if_error: Duration,
-}
-
-impl UserExpiry {
-    fn lifetime(&self, user: &CachedUser) -> Duration {
-        let fresh = user.fresh_until.saturating_duration_since(Instant::now());
-        match &user.state {
-            UserState::NotFound => fresh,
-            UserState::Found(found) => {
-                let kept = fresh.saturating_add(self.stale_if_error);
-                match found.earliest_token_expiry() {
-                    Some(expiry) => kept.min(time_until(expiry)),
-                    None => kept,
-                }
-            }
-        }
-    }
-}
-
-fn time_until(at: SystemTime) -> Duration {
-    at.duration_since(SystemTime::now()).unwrap_or_default()
-}
-
-impl Expiry<UserId, CachedUser> for UserExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &UserId,
-        user: &CachedUser,
-        _at: Instant,
-    ) -> Option<Duration> {
-        Some(self.lifetime(user))
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &UserId,
-        user: &CachedUser,
-        _at: Instant,
-        _left: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(self.lifetime(user))
-    }
-}
 
 /// The `reads` cache only coalesces reads: each is removed when it completes.
 /// This TTL only bounds one left behind by a lookup cancelled at that moment.
@@ -289,17 +135,12 @@ impl IdentityStore {
     /// Builds empty caches sized by `settings`, with the default
     /// stale-if-error window.
     pub fn new(auth0: Auth0Client, settings: CacheSettings) -> Self {
-        let management = Cache::builder()
-            .max_capacity(1)
-            .expire_after(ManagementTokenExpiry)
-            .build();
         let reads = Cache::builder()
             .max_capacity(settings.user_capacity)
             .time_to_live(READ_COALESCING_TTL)
             .build();
         Self {
             auth0,
-            management,
             users: users_cache(&settings, DEFAULT_STALE_IF_ERROR),
             reads,
             clock: AtomicU64::new(1),
@@ -543,112 +384,25 @@ impl IdentityStore {
         self.last_invalidation.fetch_max(now, Ordering::SeqCst);
     }
 
-    /// Obtains a Management token now; used to tell readiness and to fail
-    /// fast on bad credentials.
+    /// Has Auth0 obtain its Management token now ([`Auth0Client::warm_up`]);
+    /// used to tell readiness and to fail fast on bad credentials.
     pub async fn warm_up(&self) -> Result<(), BrokerError> {
-        self.management_token(None)
-            .await
-            .map(|_| ())
-            .map_err(BrokerError::from)
+        self.auth0.warm_up(None).await.map_err(BrokerError::from)
     }
 
-    /// Reads the user with a shared Management token; one retry with a new
-    /// token when Auth0 rejects the cached one.
+    /// Reads the user from Auth0 as a cache entry: found, or known not to exist.
     async fn read_user(
         &self,
         user_id: &UserId,
         deadline: Option<Deadline>,
     ) -> Result<CachedUser, Auth0Error> {
         let read_started = self.tick();
-        let token = self.management_token(deadline).await?;
-        let result = match self.auth0.fetch_user(&token, user_id, deadline).await {
-            Err(Auth0Error::ManagementTokenRejected) => {
-                tracing::warn!("Auth0 rejected the cached Management token; fetching a new one");
-                self.drop_management_token(token.generation).await;
-                let fresh = self.management_token(deadline).await?;
-                self.auth0.fetch_user(&fresh, user_id, deadline).await
-            }
-            other => other,
-        };
-        let state = match result {
+        let state = match self.auth0.read_user(user_id, deadline).await {
             Ok(user) => UserState::Found(Arc::new(user)),
             Err(Auth0Error::UserNotFound) => UserState::NotFound,
             Err(error) => return Err(error),
         };
-        Ok(CachedUser {
-            fresh_until: Instant::now() + self.fresh_lifetime(&state),
-            state,
-            read_started,
-        })
-    }
-
-    /// How long a read answers lookups: the TTL, never past a known token
-    /// expiry; a miss for the negative TTL.
-    fn fresh_lifetime(&self, state: &UserState) -> Duration {
-        match state {
-            UserState::NotFound => self.settings.negative_ttl,
-            UserState::Found(user) => match user.earliest_token_expiry() {
-                Some(expiry) => self.settings.user_ttl.min(time_until(expiry)),
-                None => self.settings.user_ttl,
-            },
-        }
-    }
-
-    async fn management_token(
-        &self,
-        deadline: Option<Deadline>,
-    ) -> Result<Arc<ManagementToken>, Auth0Error> {
-        self.management
-            .try_get_with((), self.fetch_management_token(deadline))
-            .await
-            .map_err(|shared| (*shared).clone())
-    }
-
-    async fn fetch_management_token(
-        &self,
-        deadline: Option<Deadline>,
-    ) -> Result<Arc<ManagementToken>, Auth0Error> {
-        match self.auth0.fetch_management_token(deadline).await {
-            Ok(token) => {
-                stats::management_token_refreshed(token.lifetime);
-                tracing::info!(
-                    expires_in_secs = token.lifetime.as_secs(),
-                    reuse_secs = token.reuse_window().as_secs(),
-                    can_read_idp_tokens = token.can_read_idp_tokens(),
-                    "obtained a Management API token"
-                );
-                if !token.can_read_idp_tokens() {
-                    tracing::error!(
-                        scope = %token.scope,
-                        "the Management API token lacks read:user_idp_tokens: Auth0 will omit every IdP token; grant the scope to the broker's application"
-                    );
-                }
-                Ok(Arc::new(token))
-            }
-            Err(error) => {
-                if matches!(error, Auth0Error::CredentialsRejected { .. }) {
-                    tracing::error!(tenant = self.auth0.base_url(), %error, "cannot obtain a Management API token");
-                } else {
-                    tracing::warn!(tenant = self.auth0.base_url(), %error, "cannot obtain a Management API token");
-                }
-                Err(error)
-            }
-        }
-    }
-
-    /// Removes the token only if it is still the one that was rejected, so
-    /// concurrent 401s do not throw away a token another request just fetched.
-    async fn drop_management_token(&self, rejected_generation: u64) {
-        self.management
-            .entry(())
-            .and_compute_with(|current| {
-                let op = match current {
-                    Some(entry) if entry.value().generation == rejected_generation => Op::Remove,
-                    _ => Op::Nop,
-                };
-                std::future::ready(op)
-            })
-            .await;
+        Ok(CachedUser::new(state, read_started, &self.settings))
     }
 }
 
@@ -677,110 +431,4 @@ fn stamps_cache(settings: &CacheSettings, stale_if_error: Duration) -> SyncCache
                 .max(settings.negative_ttl),
         )
         .build()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings(user_capacity: u64, user_max_bytes: u64) -> CacheSettings {
-        CacheSettings {
-            user_ttl: Duration::from_secs(300),
-            user_capacity,
-            user_max_bytes,
-            negative_ttl: Duration::from_secs(30),
-        }
-    }
-
-    /// A found user with one GitHub identity holding a token of `token_len` bytes.
-    fn user(user_id: &str, token_len: usize) -> CachedUser {
-        let identity = Identity {
-            provider: "github".to_owned(),
-            connection: "github".to_owned(),
-            idp_user_id: "1234567".to_owned(),
-            access_token: Some(SecretString::from("t".repeat(token_len))),
-            access_token_secret: None,
-            expires_at: None,
-        };
-        let user = UserIdentities {
-            user_id: user_id.to_owned(),
-            identities: vec![identity],
-            fetched_at: SystemTime::now(),
-            fetched_instant: Instant::now(),
-            idp_tokens_readable: true,
-        };
-        CachedUser {
-            state: UserState::Found(Arc::new(user)),
-            read_started: 1,
-            fresh_until: Instant::now() + Duration::from_secs(300),
-        }
-    }
-
-    fn fill(cache: &SyncCache<UserId, CachedUser>, users: usize, token_len: usize) {
-        for index in 0..users {
-            let id = format!("github|{index}");
-            let key = UserId::parse(&id).expect("user id");
-            cache.insert(key, user(&id, token_len));
-        }
-        cache.run_pending_tasks();
-    }
-
-    #[test]
-    fn the_byte_budget_evicts_users_beyond_it() {
-        let budget = 64 * 1024;
-        let cache = users_cache(&settings(1000, budget), DEFAULT_STALE_IF_ERROR);
-        fill(&cache, 100, 10_000);
-        assert!(
-            cache.weighted_size() <= budget,
-            "{} bytes held",
-            cache.weighted_size()
-        );
-        assert!(
-            (1..=6).contains(&cache.entry_count()),
-            "{} users of ~11 KB in 64 KiB",
-            cache.entry_count()
-        );
-    }
-
-    #[test]
-    fn the_user_count_still_bounds_small_users() {
-        let cache = users_cache(
-            &settings(10, DEFAULT_USER_MAX_BYTES),
-            DEFAULT_STALE_IF_ERROR,
-        );
-        fill(&cache, 100, 40);
-        assert!(cache.entry_count() <= 10, "{}", cache.entry_count());
-    }
-
-    #[test]
-    fn the_estimate_counts_ids_strings_tokens_and_overheads() {
-        let id = UserId::parse("github|1").expect("user id");
-        let small = estimated_bytes(&id, &user("github|1", 40));
-        let large = estimated_bytes(&id, &user("github|1", 10_040));
-        assert_eq!(large - small, 10_000);
-        let strings = (2 * "github|1".len() + "github".len() * 2 + "1234567".len() + 40) as u64;
-        assert_eq!(small, ENTRY_OVERHEAD + IDENTITY_OVERHEAD + strings);
-        let missing = CachedUser {
-            state: UserState::NotFound,
-            read_started: 1,
-            fresh_until: Instant::now(),
-        };
-        assert_eq!(estimated_bytes(&id, &missing), ENTRY_OVERHEAD + 8);
-    }
-
-    #[test]
-    fn every_user_weighs_at_least_its_share_of_the_budget() {
-        let budget = UserBudget::new(&settings(100_000, DEFAULT_USER_MAX_BYTES));
-        assert_eq!(budget.floor, 2685);
-        assert_eq!(budget.max_weight, 268_500_000);
-        let id = UserId::parse("github|1").expect("user id");
-        assert_eq!(budget.weight(&id, &user("github|1", 40)), 2685);
-        assert_eq!(budget.weight(&id, &user("github|1", 10_000)), {
-            let bytes = estimated_bytes(&id, &user("github|1", 10_000));
-            u32::try_from(bytes).expect("fits")
-        });
-        let huge = UserBudget::new(&settings(1, u64::MAX));
-        assert_eq!(huge.floor, u32::MAX);
-        assert_eq!(huge.max_weight, u64::from(u32::MAX));
-    }
 }

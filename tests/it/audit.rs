@@ -1,0 +1,250 @@
+//! The audit trail: one JSON line per RPC on its own sink, a fingerprint of
+//! every released token that an investigator can recompute, nothing secret
+//! in it, and no release without its line.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokenbroker::audit::{AuditSettings, SinkTarget};
+use tokenbroker::emulator::seed;
+use tokio::io::AsyncWriteExt;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::support::{bounded, get_on, get_request, Options, TestBroker};
+
+/// base64 of 32 bytes: the key format `openssl rand -base64 32` writes.
+const AUDIT_KEY_BASE64: &str = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=";
+
+/// A broker writing its audit to `dir/audit.log` under the test key.
+async fn audited_broker(dir: &Path) -> (TestBroker, PathBuf) {
+    let key_file = dir.join("audit.key");
+    std::fs::write(&key_file, format!("{AUDIT_KEY_BASE64}\n")).expect("write key");
+    let log = dir.join("audit.log");
+    let broker = TestBroker::start_with(Options {
+        audit: AuditSettings {
+            target: SinkTarget::File(log.clone()),
+            key_file: Some(key_file),
+        },
+        ..Options::default()
+    })
+    .await;
+    (broker, log)
+}
+
+fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
+/// HMAC-SHA256 with the `hmac` crate (not the broker's ring), hex.
+fn independent_fingerprint(token: &str) -> String {
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(AUDIT_KEY_BASE64)
+        .expect("key");
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("any key length");
+    mac.update(token.as_bytes());
+    format!("hmac-sha256:{}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// What `tokenbroker audit-hash --key-file` prints for `token`.
+async fn audit_hash_command(key_file: &Path, token: &str) -> String {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
+        .args(["audit-hash", "--key-file"])
+        .arg(key_file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn audit-hash");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(format!("{token}\n").as_bytes())
+        .await
+        .expect("write token");
+    drop(stdin);
+    let output = bounded("audit-hash", child.wait_with_output())
+        .await
+        .expect("audit-hash runs");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn every_rpc_writes_one_audit_line_with_its_fields() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (broker, log) = audited_broker(dir.path()).await;
+    broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("released");
+    broker.list(seed::LINKED_USER).await.expect("listed");
+    broker
+        .invalidate(seed::GITHUB_USER)
+        .await
+        .expect("invalidated");
+    let refused = broker.get(seed::GITHUB_USER, "twitter").await;
+    assert_eq!(refused.expect_err("no twitter").code(), Code::NotFound);
+    broker.stop().await;
+
+    let lines = audit_lines(&log);
+    assert_eq!(lines.len(), 4, "one line per RPC: {lines:#?}");
+    for line in &lines {
+        assert_eq!(line["type"], "tokenbroker.audit.v1");
+        assert_eq!(line["caller"], crate::support::CLIENT_SPIFFE_ID);
+        assert!(
+            line["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{line}"
+        );
+        assert!(line["latency_ms"].is_u64(), "{line}");
+    }
+    let get = &lines[0];
+    assert_eq!(get["method"], "GetIdpToken");
+    assert_eq!(get["user_id"], seed::GITHUB_USER);
+    assert_eq!(get["provider"], "github");
+    assert_eq!(get["outcome"], "released");
+    assert_eq!(get["code"], "OK");
+    assert_eq!(get["released"][0]["provider"], "github");
+    assert_eq!(get["released"][0]["source"], "AUTH0_PROFILE");
+    assert_eq!(get["released"][0]["from_cache"], false);
+    assert_eq!(
+        get["released"][0]["token_hmac"],
+        independent_fingerprint(seed::GITHUB_ACCESS_TOKEN)
+    );
+    let list = &lines[1];
+    assert_eq!(list["method"], "ListIdpTokens");
+    let released = list["released"].as_array().expect("released tokens");
+    assert!(released.len() >= 2, "{list}");
+    assert!(
+        released.iter().all(|token| token["token_hmac"]
+            .as_str()
+            .is_some_and(|hmac| hmac.starts_with("hmac-sha256:"))),
+        "every token of a ListIdpTokens has its fingerprint: {list}"
+    );
+    assert_eq!(lines[2]["method"], "InvalidateUser");
+    assert_eq!(lines[2]["outcome"], "invalidated");
+    let refusal = &lines[3];
+    assert_eq!(refusal["outcome"], "refused");
+    assert_eq!(refusal["code"], "NOT_FOUND");
+    assert_eq!(refusal["reason"], "IDENTITY_NOT_LINKED");
+    assert!(refusal.get("released").is_none());
+}
+
+#[tokio::test]
+async fn token_hmac_is_what_audit_hash_prints_and_nothing_secret_is_in_the_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (broker, log) = audited_broker(dir.path()).await;
+    for (user, provider) in [
+        (seed::GITHUB_USER, "github"),
+        (seed::GOOGLE_USER, "google-oauth2"),
+        (seed::TWITTER_USER, "twitter"),
+    ] {
+        broker.get(user, provider).await.expect("released");
+    }
+    broker.list(seed::LINKED_USER).await.expect("listed");
+    broker.stop().await;
+
+    let text = std::fs::read_to_string(&log).expect("audit file");
+    for secret in seed::planted_secrets() {
+        assert!(
+            !text.contains(secret),
+            "a token or secret in the audit: {secret}"
+        );
+    }
+    assert!(
+        !text.contains(AUDIT_KEY_BASE64),
+        "the audit key in the audit"
+    );
+    let from_command =
+        audit_hash_command(&dir.path().join("audit.key"), seed::GOOGLE_ACCESS_TOKEN).await;
+    assert_eq!(
+        from_command,
+        independent_fingerprint(seed::GOOGLE_ACCESS_TOKEN)
+    );
+    assert!(
+        text.contains(&from_command),
+        "an investigator finds the release of a leaked token by its fingerprint"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_sink_that_cannot_write_refuses_releases_and_no_token_leaves() {
+    let broker = TestBroker::start_with(Options {
+        audit: AuditSettings {
+            target: SinkTarget::File(PathBuf::from("/dev/full")),
+            key_file: None,
+        },
+        ..Options::default()
+    })
+    .await;
+    let status = broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect_err("no token without its audit line");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "AUDIT_UNAVAILABLE");
+    assert!(!status.message().contains(seed::GITHUB_ACCESS_TOKEN));
+    let listed = broker.list(seed::LINKED_USER).await;
+    assert_eq!(listed.expect_err("refused").code(), Code::Unavailable);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_file_is_reopened_and_no_line_is_lost_under_load() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (broker, log) = audited_broker(dir.path()).await;
+    let client = broker.client().await;
+    let load = (0..4).map(|_| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let mut released = 0u32;
+            for _ in 0..100 {
+                if get_on(&mut client, get_request(seed::GITHUB_USER, "github"))
+                    .await
+                    .is_ok()
+                {
+                    released += 1;
+                }
+            }
+            released
+        })
+    });
+    let load: Vec<_> = load.collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // logrotate's `create` mode: move the file, then tell the broker.
+    let rotated = dir.path().join("audit.log.1");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    broker.audit.sink.reopen();
+    let mut released = 0;
+    for task in load {
+        released += bounded("load", task).await.expect("task");
+    }
+    broker.stop().await;
+    let before = audit_lines(&rotated);
+    let after = audit_lines(&log);
+    assert!(
+        !after.is_empty(),
+        "lines after the rotation go to the new file"
+    );
+    let released_lines = before
+        .iter()
+        .chain(&after)
+        .filter(|line| line["outcome"] == "released")
+        .count();
+    assert_eq!(
+        released_lines, released as usize,
+        "every release has its line"
+    );
+    assert_eq!(released, 400);
+}
