@@ -9,6 +9,10 @@
 //! * [`id_token`] — verifies users' Auth0 ID tokens (RS256, the tenant's JWKS, cached) to
 //!   bind a release to the user's own login.
 //! * [`cache`] — the moka cache of users' identities in front of [`auth0`].
+//! * [`connections`] — per Auth0 connection: where its tokens come from, whether the broker
+//!   refreshes them at the IdP (the connections file, reloadable).
+//! * [`idp`] — refreshes IdP tokens at the IdP with the identity's refresh token: one call per
+//!   user and connection at a time, rotation, its own rate limit and retries.
 //! * [`selection`] — which identity a request means (pure).
 //! * [`service`] — the gRPC service: proto types, deadlines, audit events.
 //! * [`error`] — the broker's error enum and its mapping to gRPC status.
@@ -23,8 +27,9 @@
 //! * `testkit` (feature `testkit`, on for tests and benches) — PKI, emulator
 //!   credentials, a started broker and mTLS clients for tests and the benchmark.
 //!
-//! Invariants: only `auth0` does outbound HTTP, to the one configured tenant
-//! over one client and one send path; only `service` and `error`
+//! Invariants: only `auth0` does outbound HTTP to the one configured tenant
+//! over one client and one send path, and only `idp` to the IdP token
+//! endpoints of the connections file; only `service` and `error`
 //! touch proto types and `tonic::Status`; tokens and the client secret are
 //! `secrecy` types and never enter a log line or span field.
 
@@ -34,10 +39,12 @@ pub mod budget;
 pub mod cache;
 pub mod caller;
 pub mod config;
+pub mod connections;
 pub mod dev;
 pub mod emulator;
 pub mod error;
 pub mod id_token;
+pub mod idp;
 pub mod keyfile;
 pub mod listener;
 pub mod logsafe;

@@ -213,8 +213,8 @@ fn parse_providers(values: &[String]) -> Result<Providers, String> {
     Ok(Providers::Only(Arc::new(values.iter().cloned().collect())))
 }
 
-/// 1-based line number of a byte offset.
-fn line_of(text: &str, offset: usize) -> usize {
+/// 1-based line number of a byte offset; also names lines of the connections file.
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
     text.as_bytes()[..end]
         .iter()

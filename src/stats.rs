@@ -239,3 +239,22 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         Unauthenticated => "UNAUTHENTICATED",
     }
 }
+
+/// One reload of the connections file (`--connections`): `success` or `failure`.
+pub fn connections_reload(success: bool) {
+    counter!("tokenbroker_connections_reloads_total", "outcome" => outcome(success)).increment(1);
+}
+
+/// One token asked of the IdP refresher, by connection and outcome (a fixed
+/// vocabulary: `ok`, `invalid_grant`, `invalid_grant_remembered`,
+/// `client_rejected`, `unavailable`), with the time the IdP took when it was
+/// asked. `connection` is a name from the operator's connections file, never
+/// caller input: only connections listed there with `refresh = "idp"` are
+/// refreshed, so the label's values stay few.
+pub fn idp_refresh(connection: &str, outcome: &'static str, elapsed: Option<Duration>) {
+    counter!("tokenbroker_idp_refreshes_total", "connection" => connection.to_owned(), "outcome" => outcome).increment(1);
+    if let Some(elapsed) = elapsed {
+        histogram!("tokenbroker_idp_refresh_duration_seconds", "connection" => connection.to_owned())
+            .record(elapsed.as_secs_f64());
+    }
+}

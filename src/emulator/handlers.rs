@@ -1,6 +1,6 @@
 //! HTTP side of the emulator: the axum router, its handlers (`/oauth/token`,
-//! `/api/v2/users/{id}`, `/.well-known/jwks.json`, everything else) and the Auth0-shaped
-//! responses they send.
+//! `/api/v2/users/{id}`, `/.well-known/jwks.json`, the IdP's `/idp/google/token`,
+//! everything else) and the Auth0- and Google-shaped responses they send.
 //!
 //! Nothing here logs a token, a client secret or an `Authorization` header: the request log
 //! line carries only the method, the raw path and the status.
@@ -17,9 +17,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::idp::IdpGrant;
 use super::state::{Grant, Shared, TokenCheck};
 use super::{Endpoint, Fault};
 
@@ -40,6 +42,7 @@ pub(crate) fn router(state: Arc<Shared>) -> Router {
         .route("/oauth/token", post(token).fallback(other))
         .route("/api/v2/users/{id}", get(user).fallback(other))
         .route("/.well-known/jwks.json", get(jwks).fallback(other))
+        .route("/idp/google/token", post(idp_token).fallback(other))
         .fallback(other)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -85,7 +88,7 @@ async fn token(State(state): AppState, headers: HeaderMap, body: Bytes) -> Respo
     if let Some(response) = take_fault(&state, Endpoint::Token).await {
         return response;
     }
-    let request = match parse_token_request(&headers, &body) {
+    let request: TokenRequest = match parse_token_request(&headers, &body) {
         Ok(request) => request,
         Err(reject) => return reject.into_response(),
     };
@@ -96,7 +99,7 @@ async fn token(State(state): AppState, headers: HeaderMap, body: Bytes) -> Respo
 }
 
 /// Reads a form or JSON body, as Auth0 accepts both.
-fn parse_token_request(headers: &HeaderMap, body: &[u8]) -> Result<TokenRequest, Reject> {
+fn parse_token_request<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, Reject> {
     let parsed = match media_type(headers).as_deref() {
         Some("application/json") => serde_json::from_slice(body).ok(),
         Some("application/x-www-form-urlencoded") => serde_urlencoded::from_bytes(body).ok(),
@@ -345,6 +348,80 @@ async fn jwks(State(state): AppState) -> Response {
 }
 
 // ---------------------------------------------------------------------------------------------
+// POST /idp/google/token (the emulated IdP, not Auth0)
+// ---------------------------------------------------------------------------------------------
+
+/// Body of a refresh-token request; deliberately not `Debug` (it holds two secrets).
+#[derive(Deserialize, Default)]
+struct RefreshRequest {
+    grant_type: Option<String>,
+    refresh_token: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+}
+
+/// The refresh-token grant, answered the way Google's token endpoint does.
+async fn idp_token(State(state): AppState, headers: HeaderMap, body: Bytes) -> Response {
+    state.count(Some(Endpoint::IdpToken));
+    if let Some(response) = take_fault(&state, Endpoint::IdpToken).await {
+        return response;
+    }
+    let grant = parse_token_request(&headers, &body)
+        .and_then(|request: RefreshRequest| refresh_grant(&state, &request));
+    match grant {
+        Ok(grant) => refresh_response(grant),
+        Err(reject) => reject.into_response(),
+    }
+}
+
+/// Checks the client, then the grant type, then the refresh token, in Google's order.
+fn refresh_grant(state: &Shared, request: &RefreshRequest) -> Result<IdpGrant, Reject> {
+    let client_id = request.client_id.as_deref().unwrap_or_default();
+    let client_secret = request.client_secret.as_deref().unwrap_or_default();
+    if !state.idp_client_matches(client_id, client_secret) {
+        return Err(oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "Unauthorized",
+        ));
+    }
+    let grant_type = request.grant_type.as_deref().unwrap_or_default();
+    if grant_type != "refresh_token" {
+        let message = format!("Invalid grant_type: {grant_type}");
+        return Err(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            &message,
+        ));
+    }
+    let Some(refresh_token) = request.refresh_token.as_deref() else {
+        let message = "Missing required parameter: refresh_token";
+        return Err(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            message,
+        ));
+    };
+    state.refresh_idp_token(refresh_token).ok_or_else(|| {
+        let message = "Token has been expired or revoked.";
+        oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", message)
+    })
+}
+
+fn refresh_response(grant: IdpGrant) -> Response {
+    let mut body = json!({
+        "access_token": grant.access_token,
+        "expires_in": grant.expires_in,
+        "scope": grant.scope,
+        "token_type": "Bearer",
+    });
+    if let Some(refresh_token) = grant.refresh_token {
+        body["refresh_token"] = Value::from(refresh_token);
+    }
+    (StatusCode::OK, Json(body)).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
 // Faults and error bodies
 // ---------------------------------------------------------------------------------------------
 
@@ -396,7 +473,9 @@ fn status_fault(endpoint: Endpoint, code: u16) -> Response {
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let reason = reason(status);
     match endpoint {
-        Endpoint::Token => oauth_error(status, oauth_error_code(status), reason).into_response(),
+        Endpoint::Token | Endpoint::IdpToken => {
+            oauth_error(status, oauth_error_code(status), reason).into_response()
+        }
         Endpoint::Users | Endpoint::Jwks => management_error(status, reason, None).into_response(),
     }
 }

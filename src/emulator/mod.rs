@@ -7,6 +7,10 @@
 //! * `GET /api/v2/users/{id}` — one user profile, with Auth0's scope rules (IdP tokens are
 //!   silently omitted without `read:user_idp_tokens`) and `fields`/`include_fields`;
 //! * `GET /.well-known/jwks.json` — the public keys that verify the ID tokens it issues;
+//! * `POST /idp/google/token` — not Auth0 but a Google-like IdP token endpoint
+//!   ([`Emulator::idp_token_url`]): the refresh-token grant for the OAuth client
+//!   [`Emulator::idp_client`], honouring the seeded users' refresh tokens, with knobs to
+//!   revoke them, rotate them and set the lifetime of the tokens it issues;
 //! * anything else — a counted 404, so tests can prove a user id such as `../clients` never
 //!   reaches another endpoint.
 //!
@@ -23,6 +27,7 @@
 
 mod handlers;
 mod id_tokens;
+mod idp;
 pub mod seed;
 mod signing;
 mod state;
@@ -35,6 +40,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::SecretString;
+
+use crate::idp::IdpClient;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -68,12 +75,18 @@ pub struct EmulatorConfig {
     /// `aud` of issued ID tokens: the client id of the app users log in to, which the broker
     /// must be configured to accept.
     pub id_token_audience: String,
+    /// Client id the emulated IdP's token endpoint accepts: the OAuth app the broker
+    /// refreshes as.
+    pub idp_client_id: String,
+    /// Client secret the emulated IdP's token endpoint accepts.
+    pub idp_client_secret: SecretString,
 }
 
 impl EmulatorConfig {
     /// A tenant accepting these client credentials, with default audience, a 24 h token
-    /// lifetime, the scope `read:users read:user_idp_tokens`, and ID tokens for
-    /// [`seed::DEFAULT_ID_TOKEN_AUDIENCE`].
+    /// lifetime, the scope `read:users read:user_idp_tokens`, ID tokens for
+    /// [`seed::DEFAULT_ID_TOKEN_AUDIENCE`], and an IdP accepting [`seed::IDP_CLIENT_ID`]
+    /// with [`seed::IDP_CLIENT_SECRET`].
     pub fn new(client_id: impl Into<String>, client_secret: impl Into<String>) -> Self {
         EmulatorConfig {
             client_id: client_id.into(),
@@ -82,6 +95,8 @@ impl EmulatorConfig {
             token_lifetime: DEFAULT_TOKEN_LIFETIME,
             scope: DEFAULT_SCOPE.to_owned(),
             id_token_audience: seed::DEFAULT_ID_TOKEN_AUDIENCE.to_owned(),
+            idp_client_id: seed::IDP_CLIENT_ID.to_owned(),
+            idp_client_secret: SecretString::from(seed::IDP_CLIENT_SECRET),
         }
     }
 }
@@ -95,13 +110,15 @@ pub enum Endpoint {
     Users,
     /// `GET /.well-known/jwks.json`.
     Jwks,
+    /// `POST /idp/google/token`, the emulated IdP's token endpoint.
+    IdpToken,
 }
 
 /// A misbehaviour to inject, so tests can exercise the broker's error handling.
 #[derive(Clone, Debug)]
 pub enum Fault {
     /// Answer with this status and an Auth0-style error body (OAuth style
-    /// `{error, error_description}` on `/oauth/token`, Management style
+    /// `{error, error_description}` on `/oauth/token` and the IdP's token endpoint, Management style
     /// `{statusCode, error, message}` on `/api/v2/users`). An invalid code gives 500.
     Status(u16),
     /// Answer 429 with `x-ratelimit-limit`, `x-ratelimit-remaining: 0`, `x-ratelimit-reset`
@@ -136,6 +153,9 @@ pub struct CallCounts {
     pub users: u64,
     /// Calls to `/.well-known/jwks.json`, faulted ones included: proves JWKS caching.
     pub jwks: u64,
+    /// Calls to the IdP's token endpoint, whatever their answer: proves refreshes are shared
+    /// and remembered.
+    pub idp_token: u64,
     /// Calls to any other path or method (all answered 404).
     pub other: u64,
 }
@@ -164,16 +184,9 @@ impl Emulator {
         let base_url = format!("http://{addr}");
         let audience = config
             .audience
+            .clone()
             .unwrap_or_else(|| format!("{base_url}/api/v2/"));
-        let state = Arc::new(Shared::new(
-            config.client_id,
-            config.client_secret,
-            audience,
-            config.id_token_audience,
-            config.token_lifetime,
-            config.scope,
-            seed::users(),
-        ));
+        let state = Arc::new(Shared::new(config, audience, seed::users()));
         let (stop, stopped) = oneshot::channel::<()>();
         let app = handlers::router(state.clone());
         let task = tokio::spawn(async move {
@@ -206,6 +219,57 @@ impl Emulator {
     /// The audience `/oauth/token` accepts.
     pub fn audience(&self) -> String {
         self.state.audience().to_owned()
+    }
+
+    /// The emulated IdP's token endpoint, e.g. `http://127.0.0.1:40123/idp/google/token`:
+    /// the `token_url` of a `refresh = "idp"` connection.
+    pub fn idp_token_url(&self) -> String {
+        format!("{}/idp/google/token", self.base_url())
+    }
+
+    /// The client id the IdP's token endpoint accepts.
+    pub fn idp_client_id(&self) -> String {
+        self.state.idp_client_id().to_owned()
+    }
+
+    /// The client secret the IdP's token endpoint accepts.
+    pub fn idp_client_secret(&self) -> SecretString {
+        self.state.idp_client_secret().clone()
+    }
+
+    /// The OAuth client to refresh as at the emulated IdP: its token URL, client id and
+    /// secret.
+    pub fn idp_client(&self) -> IdpClient {
+        IdpClient {
+            token_url: self.idp_token_url(),
+            client_id: self.idp_client_id(),
+            client_secret: self.idp_client_secret(),
+        }
+    }
+
+    /// Makes the IdP honour `refresh_token` (besides the seeded ones), so tests can give
+    /// users refresh tokens of their own.
+    pub fn add_idp_refresh_token(&self, refresh_token: &str) {
+        self.state.honour_idp_refresh_token(refresh_token);
+    }
+
+    /// Revokes `refresh_token` at the IdP: refreshing with it answers `invalid_grant`, as
+    /// when the user removes the app's access.
+    pub fn revoke_idp_refresh_token(&self, refresh_token: &str) {
+        self.state.revoke_idp_refresh_token(refresh_token);
+    }
+
+    /// Turns refresh-token rotation on or off (off at start): while on, every refresh
+    /// answers a new `refresh_token` and the one presented answers `invalid_grant` from
+    /// then on, as a rotating IdP does.
+    pub fn set_idp_rotation(&self, on: bool) {
+        self.state.set_idp_rotation(on);
+    }
+
+    /// Sets `expires_in` (seconds) of the access tokens the IdP issues from now on
+    /// ([`seed::GOOGLE_EXPIRES_IN`] at start).
+    pub fn set_idp_expires_in(&self, seconds: u64) {
+        self.state.set_idp_expires_in(seconds);
     }
 
     /// The `aud` of the ID tokens it issues.

@@ -6,6 +6,15 @@
 //! identity with `expires_in` and `refresh_token`, an OAuth1 Twitter identity with a token
 //! secret, a database user without any IdP token, a user with several linked identities, and a
 //! user id that needs percent-encoding (`/`, space, `@`).
+//!
+//! For IdP refreshes (issue "Fresh tokens"), each profile has a `last_login` relative to the
+//! moment it is seeded, so the age of a planted token is known: the users above logged in
+//! [`FRESH_LOGIN_AGO`]; four more Google users cover the refresh cases: a fresh token, a stale
+//! one with a working refresh token, a stale one whose refresh token the IdP has revoked, and
+//! one without `expires_in`. The emulated IdP honours every seeded refresh token but the
+//! revoked one, for the OAuth client [`IDP_CLIENT_ID`] / [`IDP_CLIENT_SECRET`].
+
+use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
 
@@ -26,7 +35,7 @@ pub const GOOGLE_USER: &str = "google-oauth2|108000000000000000001";
 pub const GOOGLE_ACCESS_TOKEN: &str = "ya29.emulated_google_access_token_0001";
 /// Google refresh token planted on [`GOOGLE_USER`]; the broker must never return it.
 pub const GOOGLE_REFRESH_TOKEN: &str = "1//emulated_google_refresh_token_0001";
-/// `expires_in` (seconds) of the Google identities.
+/// `expires_in` (seconds) of the Google identities, and of the tokens the emulated IdP issues.
 pub const GOOGLE_EXPIRES_IN: u64 = 3599;
 
 /// A Twitter (OAuth1) user: its identity has both a token and a token secret.
@@ -59,7 +68,53 @@ pub const ODD_ID_USER: &str = "oauth2|corp-sso|team/ops lead@example.com";
 /// Access token of the `corp-sso` identity of [`ODD_ID_USER`].
 pub const ODD_ID_ACCESS_TOKEN: &str = "corp_emulated_odd_id_access_token_0002";
 
-/// Every access token, access token secret and refresh token planted on the seeded users.
+/// How long before seeding the users with a fresh token logged in: every user above and
+/// [`FRESH_GOOGLE_USER`]. Their Google tokens have `GOOGLE_EXPIRES_IN - 300` s left.
+pub const FRESH_LOGIN_AGO: Duration = Duration::from_secs(5 * 60);
+/// How long before seeding the users with a stale token logged in: their Google tokens
+/// expired two hours before.
+pub const STALE_LOGIN_AGO: Duration = Duration::from_secs(3 * 60 * 60);
+
+/// Client id of the OAuth app the emulated Google IdP knows: the one the broker refreshes as.
+pub const IDP_CLIENT_ID: &str = "tokenbroker-dev.apps.googleusercontent.com";
+/// Client secret of [`IDP_CLIENT_ID`] at the emulated IdP.
+pub const IDP_CLIENT_SECRET: &str = "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001";
+/// Scope of the tokens the emulated IdP issues on refresh.
+pub const IDP_SCOPE: &str = "openid email https://www.googleapis.com/auth/drive.readonly";
+
+/// A Google user who logged in [`FRESH_LOGIN_AGO`]: the planted token still works.
+pub const FRESH_GOOGLE_USER: &str = "google-oauth2|108000000000000000011";
+/// Google access token planted on [`FRESH_GOOGLE_USER`].
+pub const FRESH_GOOGLE_ACCESS_TOKEN: &str = "ya29.emulated_fresh_google_access_token_0011";
+/// Refresh token of [`FRESH_GOOGLE_USER`]; the IdP honours it.
+pub const FRESH_GOOGLE_REFRESH_TOKEN: &str = "1//emulated_fresh_google_refresh_token_0011";
+
+/// A Google user who logged in [`STALE_LOGIN_AGO`]: the planted token is dead, its refresh
+/// token works.
+pub const STALE_GOOGLE_USER: &str = "google-oauth2|108000000000000000012";
+/// Expired Google access token planted on [`STALE_GOOGLE_USER`].
+pub const STALE_GOOGLE_ACCESS_TOKEN: &str = "ya29.emulated_stale_google_access_token_0012";
+/// Refresh token of [`STALE_GOOGLE_USER`]; the IdP honours it.
+pub const STALE_GOOGLE_REFRESH_TOKEN: &str = "1//emulated_stale_google_refresh_token_0012";
+
+/// A Google user who logged in [`STALE_LOGIN_AGO`] and whose refresh token the IdP has
+/// revoked: the user must reconnect.
+pub const REVOKED_GOOGLE_USER: &str = "google-oauth2|108000000000000000013";
+/// Expired Google access token planted on [`REVOKED_GOOGLE_USER`].
+pub const REVOKED_GOOGLE_ACCESS_TOKEN: &str = "ya29.emulated_revoked_google_access_token_0013";
+/// Refresh token of [`REVOKED_GOOGLE_USER`]; the IdP answers `invalid_grant`.
+pub const REVOKED_GOOGLE_REFRESH_TOKEN: &str = "1//emulated_revoked_google_refresh_token_0013";
+
+/// A Google user whose identity has no `expires_in`, so the token's age cannot be told from
+/// the profile; logged in [`STALE_LOGIN_AGO`], refresh token honoured.
+pub const NO_EXPIRY_GOOGLE_USER: &str = "google-oauth2|108000000000000000014";
+/// Google access token planted on [`NO_EXPIRY_GOOGLE_USER`].
+pub const NO_EXPIRY_GOOGLE_ACCESS_TOKEN: &str = "ya29.emulated_no_expiry_google_access_token_0014";
+/// Refresh token of [`NO_EXPIRY_GOOGLE_USER`]; the IdP honours it.
+pub const NO_EXPIRY_GOOGLE_REFRESH_TOKEN: &str = "1//emulated_no_expiry_google_refresh_token_0014";
+
+/// Every access token, access token secret and refresh token planted on the seeded users,
+/// and the emulated IdP's client secret.
 ///
 /// Tests search logs and error messages for these strings to prove nothing leaks.
 pub fn planted_secrets() -> Vec<&'static str> {
@@ -74,7 +129,32 @@ pub fn planted_secrets() -> Vec<&'static str> {
         LINKED_GOOGLE_REFRESH_TOKEN,
         LINKED_CORP_ACCESS_TOKEN,
         ODD_ID_ACCESS_TOKEN,
+        FRESH_GOOGLE_ACCESS_TOKEN,
+        FRESH_GOOGLE_REFRESH_TOKEN,
+        STALE_GOOGLE_ACCESS_TOKEN,
+        STALE_GOOGLE_REFRESH_TOKEN,
+        REVOKED_GOOGLE_ACCESS_TOKEN,
+        REVOKED_GOOGLE_REFRESH_TOKEN,
+        NO_EXPIRY_GOOGLE_ACCESS_TOKEN,
+        NO_EXPIRY_GOOGLE_REFRESH_TOKEN,
+        IDP_CLIENT_SECRET,
     ]
+}
+
+/// The refresh tokens the emulated IdP honours at start.
+pub fn idp_refresh_tokens() -> Vec<&'static str> {
+    vec![
+        GOOGLE_REFRESH_TOKEN,
+        LINKED_GOOGLE_REFRESH_TOKEN,
+        FRESH_GOOGLE_REFRESH_TOKEN,
+        STALE_GOOGLE_REFRESH_TOKEN,
+        NO_EXPIRY_GOOGLE_REFRESH_TOKEN,
+    ]
+}
+
+/// The refresh tokens the emulated IdP has revoked at start.
+pub fn revoked_idp_refresh_tokens() -> Vec<&'static str> {
+    vec![REVOKED_GOOGLE_REFRESH_TOKEN]
 }
 
 /// The ids of all seeded users, in the order [`users`] returns them.
@@ -86,22 +166,66 @@ pub fn user_ids() -> Vec<&'static str> {
         DATABASE_USER,
         LINKED_USER,
         ODD_ID_USER,
+        FRESH_GOOGLE_USER,
+        STALE_GOOGLE_USER,
+        REVOKED_GOOGLE_USER,
+        NO_EXPIRY_GOOGLE_USER,
     ]
 }
 
-/// The seeded user profiles, shaped like Auth0's `GET /api/v2/users/{id}` answer.
+/// The seeded user profiles, shaped like Auth0's `GET /api/v2/users/{id}` answer, as seeded
+/// now.
 pub fn users() -> Vec<Value> {
-    vec![
+    users_at(SystemTime::now())
+}
+
+/// The seeded user profiles as seeded at `now`, in the order of [`user_ids`]: `last_login`
+/// is [`FRESH_LOGIN_AGO`] or [`STALE_LOGIN_AGO`] before it.
+pub fn users_at(now: SystemTime) -> Vec<Value> {
+    let fresh = vec![
         github_user(),
         google_user(),
         twitter_user(),
         database_user(),
         linked_user(),
         odd_id_user(),
-    ]
+        google_refresh_user(
+            FRESH_GOOGLE_USER,
+            FRESH_GOOGLE_ACCESS_TOKEN,
+            FRESH_GOOGLE_REFRESH_TOKEN,
+        ),
+    ];
+    let stale = vec![
+        google_refresh_user(
+            STALE_GOOGLE_USER,
+            STALE_GOOGLE_ACCESS_TOKEN,
+            STALE_GOOGLE_REFRESH_TOKEN,
+        ),
+        google_refresh_user(
+            REVOKED_GOOGLE_USER,
+            REVOKED_GOOGLE_ACCESS_TOKEN,
+            REVOKED_GOOGLE_REFRESH_TOKEN,
+        ),
+        no_expiry_user(),
+    ];
+    let fresh = logged_in(fresh, now, FRESH_LOGIN_AGO);
+    let stale = logged_in(stale, now, STALE_LOGIN_AGO);
+    fresh.into_iter().chain(stale).collect()
 }
 
-/// Fields every seeded profile shares, so they look like real Auth0 profiles.
+/// `users` with `last_login` set to `ago` before `now`, written as Auth0 writes times
+/// (`2026-12-01T10:00:00.000Z`).
+fn logged_in(mut users: Vec<Value>, now: SystemTime, ago: Duration) -> Vec<Value> {
+    let at = now.checked_sub(ago).unwrap_or(SystemTime::UNIX_EPOCH);
+    let last_login = humantime::format_rfc3339_millis(at).to_string();
+    for user in &mut users {
+        user["last_login"] = Value::from(last_login.as_str());
+    }
+    users
+}
+
+/// Fields every seeded profile shares, so they look like real Auth0 profiles; `last_login`
+/// is set by [`users_at`].
 fn profile(user_id: &str, email: &str, name: &str, identities: Vec<Value>) -> Value {
     json!({
         "user_id": user_id,
@@ -112,7 +236,6 @@ fn profile(user_id: &str, email: &str, name: &str, identities: Vec<Value>) -> Va
         "picture": "https://s.gravatar.com/avatar/emulated.png",
         "created_at": "2024-01-15T10:00:00.000Z",
         "updated_at": "2025-06-01T08:30:00.000Z",
-        "last_login": "2025-06-01T08:30:00.000Z",
         "logins_count": 42,
         "identities": identities,
         "app_metadata": {},
@@ -229,4 +352,24 @@ fn odd_id_user() -> Value {
         "Ops Lead",
         vec![identity],
     )
+}
+
+/// A user with one Google identity; `user_id` is `google-oauth2|<Google id>`, like Auth0's.
+fn google_refresh_user(user_id: &str, token: &str, refresh_token: &str) -> Value {
+    let google_id = user_id.trim_start_matches("google-oauth2|");
+    let identity = google_identity(google_id, token, refresh_token);
+    let email = format!("{google_id}@example.com");
+    profile(user_id, &email, "Google User", vec![identity])
+}
+
+fn no_expiry_user() -> Value {
+    let mut user = google_refresh_user(
+        NO_EXPIRY_GOOGLE_USER,
+        NO_EXPIRY_GOOGLE_ACCESS_TOKEN,
+        NO_EXPIRY_GOOGLE_REFRESH_TOKEN,
+    );
+    if let Some(identity) = user["identities"][0].as_object_mut() {
+        identity.remove("expires_in");
+    }
+    user
 }

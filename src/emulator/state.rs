@@ -1,5 +1,6 @@
 //! Shared, mutable state of one emulator: issued Management tokens, users, queued faults,
-//! call counters and which ID-token signing keys are current and published. Everything sits
+//! call counters, which ID-token signing keys are current and published, and the emulated
+//! IdP's refresh tokens. Everything sits
 //! behind one `std::sync::Mutex` that is never held across an `.await`, and nothing is
 //! global, so many emulators can run in one process.
 
@@ -13,10 +14,11 @@ use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
+use super::idp::{IdpGrant, IdpState};
 use super::signing::{self, KEY_COUNT};
-use super::{CallCounts, Endpoint, Fault};
+use super::{CallCounts, EmulatorConfig, Endpoint, Fault};
 
-/// Length of the random part of an issued Management token.
+/// Length of the random part of an issued token.
 const TOKEN_RANDOM_LEN: usize = 48;
 
 /// What the emulator remembers about one Management token it issued.
@@ -59,6 +61,8 @@ struct Inner {
     signing_key: usize,
     /// Indices of the fixture keys the JWKS publishes, oldest first.
     published_keys: Vec<usize>,
+    /// The emulated IdP's refresh tokens and knobs.
+    idp: IdpState,
 }
 
 /// State shared by the HTTP handlers and the [`super::Emulator`] handle.
@@ -67,6 +71,9 @@ pub(crate) struct Shared {
     client_secret: SecretString,
     audience: String,
     id_token_audience: String,
+    /// The OAuth client the emulated IdP's token endpoint accepts.
+    idp_client_id: String,
+    idp_client_secret: SecretString,
     inner: Mutex<Inner>,
     /// Bytes of huge fault bodies handed to connections; outside the mutex, as the body
     /// streams add to it chunk by chunk.
@@ -74,20 +81,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Builds the state for a tenant with the given credentials, audiences and users. It signs
-    /// ID tokens with the first fixture key and publishes only that one.
-    pub(crate) fn new(
-        client_id: String,
-        client_secret: SecretString,
-        audience: String,
-        id_token_audience: String,
-        token_lifetime: Duration,
-        scope: String,
-        users: Vec<Value>,
-    ) -> Self {
+    /// Builds the state for the tenant `config` describes, with the Management API
+    /// `audience` and these users. It signs ID tokens with the first fixture key and
+    /// publishes only that one; its IdP honours the seeded refresh tokens.
+    pub(crate) fn new(config: EmulatorConfig, audience: String, users: Vec<Value>) -> Self {
         let inner = Inner {
-            token_lifetime,
-            scope,
+            token_lifetime: config.token_lifetime,
+            scope: config.scope,
             latency: Duration::ZERO,
             tokens: HashMap::new(),
             users: HashMap::new(),
@@ -97,12 +97,15 @@ impl Shared {
             seen_paths: Vec::new(),
             signing_key: 0,
             published_keys: vec![0],
+            idp: IdpState::seeded(),
         };
         let shared = Shared {
-            client_id,
-            client_secret,
+            client_id: config.client_id,
+            client_secret: config.client_secret,
             audience,
-            id_token_audience,
+            id_token_audience: config.id_token_audience,
+            idp_client_id: config.idp_client_id,
+            idp_client_secret: config.idp_client_secret,
             inner: Mutex::new(inner),
             huge_body_sent: AtomicU64::new(0),
         };
@@ -128,15 +131,56 @@ impl Shared {
 
     /// True when both the client id and the secret match the configured ones.
     pub(crate) fn client_matches(&self, client_id: &str, client_secret: &str) -> bool {
-        let id_ok = constant_time_eq(client_id.as_bytes(), self.client_id.as_bytes());
-        let secret = self.client_secret.expose_secret().as_bytes();
-        let secret_ok = constant_time_eq(client_secret.as_bytes(), secret);
-        id_ok & secret_ok
+        credentials_match(
+            (client_id, client_secret),
+            (&self.client_id, &self.client_secret),
+        )
+    }
+
+    /// True when both match the OAuth client the emulated IdP accepts.
+    pub(crate) fn idp_client_matches(&self, client_id: &str, client_secret: &str) -> bool {
+        credentials_match(
+            (client_id, client_secret),
+            (&self.idp_client_id, &self.idp_client_secret),
+        )
+    }
+
+    /// The IdP's client id.
+    pub(crate) fn idp_client_id(&self) -> &str {
+        &self.idp_client_id
+    }
+
+    /// The IdP's client secret.
+    pub(crate) fn idp_client_secret(&self) -> &SecretString {
+        &self.idp_client_secret
+    }
+
+    /// A refresh grant for `refresh_token`, or `None` (`invalid_grant`).
+    pub(crate) fn refresh_idp_token(&self, refresh_token: &str) -> Option<IdpGrant> {
+        self.lock().idp.refresh(refresh_token)
+    }
+
+    /// Makes the IdP honour `refresh_token`.
+    pub(crate) fn honour_idp_refresh_token(&self, refresh_token: &str) {
+        self.lock().idp.honour(refresh_token);
+    }
+
+    /// Makes the IdP refuse `refresh_token` from now on.
+    pub(crate) fn revoke_idp_refresh_token(&self, refresh_token: &str) {
+        self.lock().idp.revoke(refresh_token);
+    }
+
+    pub(crate) fn set_idp_rotation(&self, on: bool) {
+        self.lock().idp.set_rotation(on);
+    }
+
+    pub(crate) fn set_idp_expires_in(&self, seconds: u64) {
+        self.lock().idp.set_expires_in(seconds);
     }
 
     /// Issues and remembers a new Management token with the current lifetime and scope.
     pub(crate) fn issue_token(&self) -> Grant {
-        let access_token = random_token();
+        let access_token = random_token("emu_mgmt_");
         let mut inner = self.lock();
         let lifetime = inner.token_lifetime;
         let scope = inner.scope.clone();
@@ -240,6 +284,7 @@ impl Shared {
             Some(Endpoint::Token) => &mut inner.counts.token,
             Some(Endpoint::Users) => &mut inner.counts.users,
             Some(Endpoint::Jwks) => &mut inner.counts.jwks,
+            Some(Endpoint::IdpToken) => &mut inner.counts.idp_token,
             None => &mut inner.counts.other,
         };
         *counter += 1;
@@ -336,14 +381,23 @@ impl Shared {
     }
 }
 
-/// A fresh opaque Management token.
-fn random_token() -> String {
+/// A fresh opaque token: `prefix` and random letters and digits.
+pub(crate) fn random_token(prefix: &str) -> String {
     let random: String = rand::rng()
         .sample_iter(&Alphanumeric)
         .take(TOKEN_RANDOM_LEN)
         .map(char::from)
         .collect();
-    format!("emu_mgmt_{random}")
+    format!("{prefix}{random}")
+}
+
+/// Whether `given` (id, secret) matches `expected`, comparing both in full whatever
+/// differs first.
+fn credentials_match(given: (&str, &str), expected: (&str, &SecretString)) -> bool {
+    let id_ok = constant_time_eq(given.0.as_bytes(), expected.0.as_bytes());
+    let secret = expected.1.expose_secret().as_bytes();
+    let secret_ok = constant_time_eq(given.1.as_bytes(), secret);
+    id_ok & secret_ok
 }
 
 /// Compares two byte strings without stopping at the first difference.

@@ -249,7 +249,8 @@ async fn unknown_user_is_404_and_path_tricks_hit_fallback() {
             token: 1,
             users: 1,
             jwks: 0,
-            other: 4
+            other: 4,
+            idp_token: 0,
         }
     );
     assert_eq!(emu.seen_paths().len(), 6);
@@ -323,7 +324,8 @@ async fn raw_dot_dot_path_reaches_only_the_fallback() {
             token: 0,
             users: 0,
             jwks: 0,
-            other: 1
+            other: 1,
+            idp_token: 0,
         }
     );
     assert_eq!(
@@ -520,4 +522,267 @@ async fn huge_body_fault_streams_its_length_with_or_without_content_length() {
     assert_eq!(emu.huge_body_bytes_sent(), 2 * bytes);
     emu.reset_counters();
     assert_eq!(emu.huge_body_bytes_sent(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The emulated IdP's token endpoint and the users seeded for refreshes
+// ---------------------------------------------------------------------------------------------
+
+/// A refresh-token request as the broker's OAuth client.
+async fn refresh(emu: &Emulator, refresh_token: &str) -> reqwest::Response {
+    refresh_as(
+        emu,
+        seed::IDP_CLIENT_ID,
+        seed::IDP_CLIENT_SECRET,
+        refresh_token,
+    )
+    .await
+}
+
+async fn refresh_as(
+    emu: &Emulator,
+    client_id: &str,
+    client_secret: &str,
+    refresh_token: &str,
+) -> reqwest::Response {
+    let body = serde_urlencoded::to_string([
+        ("grant_type", "refresh_token"),
+        ("refresh_token", refresh_token),
+        ("client_id", client_id),
+        ("client_secret", client_secret),
+    ])
+    .expect("form encodes");
+    post_idp(emu, body).await
+}
+
+async fn post_idp(emu: &Emulator, body: String) -> reqwest::Response {
+    client()
+        .post(emu.idp_token_url())
+        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .expect("refresh request")
+}
+
+/// Status and JSON body of a refresh.
+async fn refresh_answer(emu: &Emulator, refresh_token: &str) -> (StatusCode, Value) {
+    let response = refresh(emu, refresh_token).await;
+    let status = response.status();
+    (status, response.json().await.expect("json"))
+}
+
+fn invalid_grant() -> Value {
+    json!({"error": "invalid_grant", "error_description": "Token has been expired or revoked."})
+}
+
+#[tokio::test]
+async fn idp_refresh_issues_a_new_google_token_on_every_call() {
+    let emu = emulator().await;
+    assert_eq!(
+        emu.idp_token_url(),
+        format!("{}/idp/google/token", emu.base_url())
+    );
+    let (status, first) = refresh_answer(&emu, seed::STALE_GOOGLE_REFRESH_TOKEN).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(first["expires_in"], 3599);
+    assert_eq!(first["scope"], seed::IDP_SCOPE);
+    assert_eq!(first["token_type"], "Bearer");
+    assert!(first.get("refresh_token").is_none(), "no rotation at start");
+    let (_, second) = refresh_answer(&emu, seed::STALE_GOOGLE_REFRESH_TOKEN).await;
+    assert!(second["access_token"]
+        .as_str()
+        .is_some_and(|token| token.starts_with("ya29.") && token.len() > 20));
+    assert_ne!(first["access_token"], second["access_token"]);
+
+    emu.set_idp_expires_in(60);
+    let (_, third) = refresh_answer(&emu, seed::GOOGLE_REFRESH_TOKEN).await;
+    assert_eq!(third["expires_in"], 60);
+    assert_eq!(
+        emu.calls(),
+        CallCounts {
+            idp_token: 3,
+            ..CallCounts::default()
+        }
+    );
+}
+
+#[tokio::test]
+async fn idp_rotation_answers_a_successor_and_retires_the_token_presented() {
+    let emu = emulator().await;
+    emu.set_idp_rotation(true);
+    let (status, first) = refresh_answer(&emu, seed::STALE_GOOGLE_REFRESH_TOKEN).await;
+    assert_eq!(status, StatusCode::OK);
+    let successor = first["refresh_token"].as_str().expect("rotated").to_owned();
+    assert_ne!(successor, seed::STALE_GOOGLE_REFRESH_TOKEN);
+
+    let (status, body) = refresh_answer(&emu, seed::STALE_GOOGLE_REFRESH_TOKEN).await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::BAD_REQUEST, invalid_grant()),
+        "the rotated-away token"
+    );
+    let (status, second) = refresh_answer(&emu, &successor).await;
+    assert_eq!(status, StatusCode::OK);
+    let last = second["refresh_token"].as_str().expect("rotated again");
+
+    emu.set_idp_rotation(false);
+    let (status, third) = refresh_answer(&emu, last).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(third.get("refresh_token").is_none());
+}
+
+#[tokio::test]
+async fn idp_refuses_revoked_and_unknown_refresh_tokens_with_invalid_grant() {
+    let emu = emulator().await;
+    for token in [seed::REVOKED_GOOGLE_REFRESH_TOKEN, "1//never-issued"] {
+        let answer = refresh_answer(&emu, token).await;
+        assert_eq!(
+            answer,
+            (StatusCode::BAD_REQUEST, invalid_grant()),
+            "{token}"
+        );
+    }
+    emu.revoke_idp_refresh_token(seed::FRESH_GOOGLE_REFRESH_TOKEN);
+    let answer = refresh_answer(&emu, seed::FRESH_GOOGLE_REFRESH_TOKEN).await;
+    assert_eq!(answer, (StatusCode::BAD_REQUEST, invalid_grant()));
+    emu.add_idp_refresh_token("1//added-by-a-test");
+    let (status, _) = refresh_answer(&emu, "1//added-by-a-test").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn idp_refuses_another_client_a_grant_type_and_a_missing_token() {
+    let emu = emulator().await;
+    let token = seed::STALE_GOOGLE_REFRESH_TOKEN;
+    for (id, secret) in [
+        (seed::IDP_CLIENT_ID, "wrong"),
+        ("other.apps.googleusercontent.com", seed::IDP_CLIENT_SECRET),
+    ] {
+        let response = refresh_as(&emu, id, secret, token).await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["error"], "invalid_client");
+    }
+    let secret = seed::IDP_CLIENT_SECRET;
+    let password = serde_urlencoded::to_string([
+        ("grant_type", "password"),
+        ("client_id", seed::IDP_CLIENT_ID),
+        ("client_secret", secret),
+    ])
+    .expect("form encodes");
+    let missing = password.replace("password", "refresh_token");
+    for (body, error) in [
+        (password, "unsupported_grant_type"),
+        (missing, "invalid_request"),
+    ] {
+        let response = post_idp(&emu, body).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["error"], error);
+    }
+    assert_eq!(emu.idp_client_id(), seed::IDP_CLIENT_ID);
+    assert_eq!(
+        emu.calls(),
+        CallCounts {
+            idp_token: 4,
+            ..CallCounts::default()
+        }
+    );
+}
+
+#[tokio::test]
+async fn idp_faults_are_served_in_order_then_normal() {
+    let emu = emulator().await;
+    emu.inject_faults(
+        Endpoint::IdpToken,
+        vec![
+            Fault::Status(503),
+            Fault::RateLimited {
+                retry_after: Some(3),
+                reset_in_secs: 3,
+            },
+            Fault::HugeBody {
+                bytes: 200_000,
+                announced: false,
+            },
+            Fault::Delay(Duration::from_millis(200)),
+        ],
+    );
+    let token = seed::STALE_GOOGLE_REFRESH_TOKEN;
+    let response = refresh(&emu, token).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "server_error", "OAuth-style error body");
+    let response = refresh(&emu, token).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["retry-after"], "3");
+    let response = refresh(&emu, token).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.bytes().await.expect("body").len(), 200_000);
+    let started = std::time::Instant::now();
+    let (status, body) = refresh_answer(&emu, token).await;
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["scope"], seed::IDP_SCOPE);
+    assert_eq!(emu.calls().idp_token, 4);
+    assert_eq!(emu.calls().token, 0, "IdP calls are not Auth0 calls");
+}
+
+#[test]
+fn seeded_logins_are_minutes_or_hours_before_seeding() {
+    let now = std::time::UNIX_EPOCH + Duration::from_millis(1_796_119_200_123);
+    let users = seed::users_at(now);
+    let last_login = |id: &str| {
+        let user = users.iter().find(|user| user["user_id"] == id).expect(id);
+        let text = user["last_login"].as_str().expect("last_login");
+        humantime::parse_rfc3339(text).expect("RFC 3339")
+    };
+    let fresh = now - seed::FRESH_LOGIN_AGO;
+    let stale = now - seed::STALE_LOGIN_AGO;
+    for id in [
+        seed::GITHUB_USER,
+        seed::GOOGLE_USER,
+        seed::LINKED_USER,
+        seed::FRESH_GOOGLE_USER,
+    ] {
+        assert_eq!(last_login(id), fresh, "{id}");
+    }
+    for id in [
+        seed::STALE_GOOGLE_USER,
+        seed::REVOKED_GOOGLE_USER,
+        seed::NO_EXPIRY_GOOGLE_USER,
+    ] {
+        assert_eq!(last_login(id), stale, "{id}");
+    }
+    let fresh_user = users
+        .iter()
+        .find(|u| u["user_id"] == seed::FRESH_GOOGLE_USER);
+    let text = fresh_user.expect("seeded")["last_login"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(text, "2026-12-01T09:55:00.123Z", "Auth0's format");
+    let no_expiry = users
+        .iter()
+        .find(|u| u["user_id"] == seed::NO_EXPIRY_GOOGLE_USER);
+    let identity = &no_expiry.expect("seeded")["identities"][0];
+    assert!(identity.get("expires_in").is_none());
+    assert_eq!(
+        identity["refresh_token"],
+        seed::NO_EXPIRY_GOOGLE_REFRESH_TOKEN
+    );
+    let ids: Vec<&str> = users.iter().filter_map(|u| u["user_id"].as_str()).collect();
+    assert_eq!(ids, seed::user_ids());
+}
+
+#[test]
+fn every_seeded_refresh_token_and_the_idp_secret_are_planted_secrets() {
+    let planted = seed::planted_secrets();
+    let seeded = seed::idp_refresh_tokens()
+        .into_iter()
+        .chain(seed::revoked_idp_refresh_tokens())
+        .chain([seed::IDP_CLIENT_SECRET]);
+    for secret in seeded {
+        assert!(planted.contains(&secret), "{secret}");
+    }
 }

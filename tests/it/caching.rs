@@ -146,7 +146,8 @@ async fn cold_misses_for_one_user_share_one_auth0_call() {
             token: 1,
             users: 1,
             other: 0,
-            jwks: 0
+            jwks: 0,
+            idp_token: 0,
         },
         "50 concurrent cold RPCs for one user made one /oauth/token and one /api/v2/users call"
     );
@@ -281,7 +282,8 @@ async fn expired_management_token_is_refetched_once_and_the_rpc_succeeds() {
             token: 1,
             users: 2,
             other: 0,
-            jwks: 0
+            jwks: 0,
+            idp_token: 0,
         },
         "one rejected read, one new token, one retried read"
     );
@@ -337,7 +339,8 @@ async fn management_token_is_replaced_after_its_reuse_window_without_a_401() {
             token: 1,
             users: 1,
             other: 0,
-            jwks: 0
+            jwks: 0,
+            idp_token: 0,
         }
     );
     broker.stop().await;
