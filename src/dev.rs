@@ -68,13 +68,7 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Re
     })
     .map_err(ServerError::from)?;
     let policy_path = write_dev_policy(&pki.dir)?;
-    let listeners = Listeners {
-        mtls: server::bind(args.listen).await?,
-        health: match args.common.health_listen {
-            Some(addr) => Some(server::bind(addr).await?),
-            None => None,
-        },
-    };
+    let listeners = Listeners::bind(args.listen, args.common.health_listen).await?;
     crate::open_files::raise_and_report(&run_settings.connections, listeners.count());
     let id_token = args
         .common

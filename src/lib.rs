@@ -24,6 +24,8 @@
 //! * [`pki`] — dev and test certificates (rcgen).
 //! * [`dev`] — `tokenbroker dev`: emulator, PKI and broker in one command.
 //! * [`telemetry`] — tracing subscriber setup.
+//! * `testkit` (feature `testkit`, on for tests and benches) — PKI, emulator
+//!   credentials, a started broker and mTLS clients for tests and the benchmark.
 //!
 //! Invariants: only `auth0` does outbound HTTP to the one configured tenant
 //! over one client and one send path, and only `idp` to the IdP token
@@ -56,6 +58,8 @@ pub mod service;
 pub mod shutdown;
 pub mod stats;
 pub mod telemetry;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod tls;
 pub mod user_id;
 

@@ -143,25 +143,30 @@ impl ServerError {
     }
 }
 
-/// The long-lived state the listeners serve.
+/// The long-lived state the listeners serve. Its fields are private so that
+/// [`Broker::new`] is the only way to make one: `serve`, `dev`, the tests and
+/// the benchmark all get the same broker from the same [`BrokerSettings`].
 pub struct Broker {
-    pub store: Arc<IdentityStore>,
-    pub policy: Arc<PolicyStore>,
+    /// Users' identities, cached in front of Auth0.
+    store: Arc<IdentityStore>,
+    /// Who may call what; reloaded from its file.
+    policy: Arc<PolicyStore>,
     /// Each caller's share of the Auth0 budget.
-    pub budgets: Arc<CallerBudgets>,
+    budgets: Arc<CallerBudgets>,
     /// Where every RPC's audit line goes.
-    pub audit: AuditTrail,
+    audit: AuditTrail,
     /// The connections file and the IdP refresher.
-    pub fresh: Freshness,
-    pub tls: Arc<TlsStore>,
+    fresh: Freshness,
+    /// Server certificate, key and client CA; reloaded from their files.
+    tls: Arc<TlsStore>,
     /// `None` when no ID-token audience is configured. Cheap to clone: clones
     /// share the JWKS cache.
-    pub id_tokens: Option<IdTokenVerifier>,
+    id_tokens: Option<IdTokenVerifier>,
 }
 
 impl Broker {
-    /// The broker's state from validated settings; `serve` and `dev` share it
-    /// so both build exactly the same broker.
+    /// The broker's state from validated settings; `serve`, `dev`, the tests
+    /// and the benchmark all call it, so all build exactly the same broker.
     pub fn new(
         settings: BrokerSettings,
         policy: PolicyStore,
@@ -198,6 +203,24 @@ impl Broker {
             fresh,
         })
     }
+
+    /// The identity store, shared with the running server: tests and the
+    /// benchmark warm it up and count its users.
+    pub fn store(&self) -> &Arc<IdentityStore> {
+        &self.store
+    }
+
+    /// The live TLS material, shared with the running server: tests read its
+    /// reload counters, the benchmark serves its baseline with it.
+    pub fn tls(&self) -> &Arc<TlsStore> {
+        &self.tls
+    }
+
+    /// The audit trail, shared with the running server: tests reopen its
+    /// file as SIGHUP would.
+    pub fn audit(&self) -> &AuditTrail {
+        &self.audit
+    }
 }
 
 /// The bound sockets.
@@ -222,18 +245,24 @@ pub async fn serve(
         PolicyStore::open(config.policy.as_deref())?,
         TlsStore::open(config.tls)?,
     )?;
-    let listeners = Listeners {
-        mtls: bind(config.listen).await?,
-        health: match config.health_listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        },
-    };
+    let listeners = Listeners::bind(config.listen, config.health_listen).await?;
     crate::open_files::raise_and_report(&config.run.connections, listeners.count());
     run(listeners, broker, config.run, shutdown).await
 }
 
 impl Listeners {
+    /// Binds the mTLS listener on `mtls` and, if asked, the plaintext health
+    /// listener on `health`; `serve`, `dev` and the test kit bind the same way.
+    pub async fn bind(mtls: SocketAddr, health: Option<SocketAddr>) -> Result<Self, ServerError> {
+        Ok(Self {
+            mtls: bind(mtls).await?,
+            health: match health {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
+            },
+        })
+    }
+
     /// How many sockets accept connections, each with its own connection cap.
     pub fn count(&self) -> usize {
         1 + usize::from(self.health.is_some())
@@ -241,7 +270,7 @@ impl Listeners {
 }
 
 /// Binds `addr`, naming it on failure.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind { addr, source })

@@ -7,28 +7,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokenbroker::audit::{AuditSettings, AuditTrail};
-use tokenbroker::auth0::Auth0Settings;
-use tokenbroker::auth0::OutboundLimits;
+use tokenbroker::auth0::{Auth0Settings, OutboundLimits};
 use tokenbroker::cache::CacheSettings;
 use tokenbroker::cache::{DEFAULT_STALE_IF_ERROR, DEFAULT_USER_MAX_BYTES};
 use tokenbroker::emulator::{seed, Emulator, EmulatorConfig, Endpoint, Fault};
 use tokenbroker::id_token::IdTokenSettings;
 use tokenbroker::listener::ConnectionLimits;
-use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, LeafSpec};
+use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate};
 use tokenbroker::policy::{Policy, PolicyStore};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::{
     GetIdpTokenRequest, GetIdpTokenResponse, IdpToken, InvalidateUserRequest, ListIdpTokensRequest,
 };
-use tokenbroker::server::{self, Broker, Listeners};
+use tokenbroker::server::{self, Broker};
 use tokenbroker::server::{BrokerSettings, ResilienceSettings, RunSettings};
 use tokenbroker::service::fresh::FreshnessSettings;
+pub use tokenbroker::testkit::{mtls_channel, mtls_client};
+use tokenbroker::testkit::{Credentials, HealthListener, StartedBroker, TestPki};
 use tokenbroker::tls::TlsFiles;
 use tokenbroker::tls::TlsStore;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 use tonic::Status;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -36,6 +35,12 @@ use tonic_health::pb::HealthCheckRequest;
 /// Client id and secret the test broker uses against its emulator.
 pub const CLIENT_ID: &str = "tokenbroker-test";
 pub const CLIENT_SECRET: &str = "test-client-secret-5d1f0c";
+
+/// [`CLIENT_ID`] and [`CLIENT_SECRET`], as the test kit takes them.
+const CREDENTIALS: Credentials<'static> = Credentials {
+    client_id: CLIENT_ID,
+    client_secret: CLIENT_SECRET,
+};
 
 /// The SPIFFE id of the harness's default client certificate.
 pub const CLIENT_SPIFFE_ID: &str = "spiffe://test.example/ns/it/sa/client";
@@ -81,38 +86,6 @@ pub fn bypass_request(user_id: &str, provider: &str) -> GetIdpTokenRequest {
         bypass_cache: true,
         ..get_request(user_id, provider)
     }
-}
-
-/// An mTLS channel to a broker at `addr`, trusting `ca_pem` for the server and
-/// presenting `cert` (or no certificate).
-pub async fn mtls_channel(
-    addr: SocketAddr,
-    ca_pem: &str,
-    cert: Option<&IssuedCertificate>,
-) -> Result<Channel, tonic::transport::Error> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca_pem))
-        .domain_name("localhost");
-    if let Some(cert) = cert {
-        tls = tls.identity(Identity::from_pem(&cert.cert_pem, &cert.key_pem));
-    }
-    Channel::from_shared(format!("https://{addr}"))
-        .expect("uri")
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-}
-
-/// A `TokenBroker` client over [`mtls_channel`].
-pub async fn mtls_client(
-    addr: SocketAddr,
-    ca_pem: &str,
-    cert: Option<&IssuedCertificate>,
-) -> Result<TokenBrokerClient<Channel>, tonic::transport::Error> {
-    Ok(TokenBrokerClient::new(
-        mtls_channel(addr, ca_pem, cert).await?,
-    ))
 }
 
 /// `GetIdpToken` on an existing client, bounded by [`RPC_BOUND`].
@@ -261,7 +234,7 @@ impl Default for Options {
                 negative_ttl: Duration::from_secs(30),
             },
             broker_secret: CLIENT_SECRET.to_owned(),
-            emulator: EmulatorConfig::new(CLIENT_ID, CLIENT_SECRET),
+            emulator: CREDENTIALS.emulator_config(),
             policy_toml: None,
             auth0_base_url: None,
             token_faults: Vec::new(),
@@ -285,6 +258,8 @@ impl Default for Options {
 
 /// A running broker, its emulator and the PKI around them.
 pub struct TestBroker {
+    /// The server task; first, so it is aborted before the rest is dropped.
+    server: StartedBroker,
     pub emulator: Emulator,
     pub addr: SocketAddr,
     /// The plaintext health port, when asked for.
@@ -298,8 +273,6 @@ pub struct TestBroker {
     /// The broker's audit trail, to reopen its file as SIGHUP would.
     pub audit: AuditTrail,
     pub client_cert: IssuedCertificate,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), server::ServerError>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -315,22 +288,9 @@ impl TestBroker {
         if !options.token_faults.is_empty() {
             emulator.inject_faults(Endpoint::Token, options.token_faults);
         }
-        let dir = tempfile::tempdir().expect("temp dir");
-        let ca = CertificateAuthority::generate("test client and server CA").expect("CA");
-        let server_cert = ca.issue(&LeafSpec::loopback_server()).expect("server cert");
-        let client_cert = ca
-            .issue(&LeafSpec::spiffe_client(CLIENT_SPIFFE_ID))
-            .expect("client cert");
-        let files = TlsFiles {
-            cert: dir.path().join("server.pem"),
-            key: dir.path().join("server.key"),
-            client_ca: dir.path().join("ca.pem"),
-        };
-        write_file(&files.cert, &server_cert.cert_pem, false).expect("write");
-        write_file(&files.key, &server_cert.key_pem, true).expect("write");
-        write_file(&files.client_ca, &ca.cert_pem, false).expect("write");
-        let tls = TlsStore::open(files.clone()).expect("tls config");
-        let policy_path = dir.path().join("policy.toml");
+        let pki = TestPki::generate("test client and server CA").expect("test PKI");
+        let client_cert = pki.issue_client(CLIENT_SPIFFE_ID).expect("client cert");
+        let policy_path = pki.path("policy.toml");
         let policy = match &options.policy_toml {
             Some(toml) => {
                 write_file(&policy_path, toml, false).expect("write policy");
@@ -338,18 +298,20 @@ impl TestBroker {
             }
             None => PolicyStore::fixed(Policy::allow_any()),
         };
+        let credentials = Credentials {
+            client_secret: &options.broker_secret,
+            ..CREDENTIALS
+        };
+        let base_url = options
+            .auth0_base_url
+            .clone()
+            .unwrap_or_else(|| emulator.base_url());
+        let defaults = credentials.auth0_settings(base_url, emulator.audience());
         let auth0 = Auth0Settings {
-            base_url: options
-                .auth0_base_url
-                .clone()
-                .unwrap_or_else(|| emulator.base_url()),
-            audience: emulator.audience(),
-            client_id: CLIENT_ID.to_owned(),
-            client_secret: options.broker_secret.into(),
-            connect_timeout: Duration::from_secs(2),
             request_timeout: options
                 .auth0_request_timeout
-                .unwrap_or(Duration::from_secs(10)),
+                .unwrap_or(defaults.request_timeout),
+            ..defaults
         };
         let id_token = (!options.id_token_audiences.is_empty()).then(|| {
             let defaults =
@@ -361,15 +323,6 @@ impl TestBroker {
                 ..defaults
             }
         });
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let health = if options.health_listener {
-            Some(TcpListener::bind("127.0.0.1:0").await.expect("bind health"))
-        } else {
-            None
-        };
-        let health_addr = health.as_ref().map(|l| l.local_addr().expect("addr"));
-        let (shutdown, stop) = oneshot::channel::<()>();
         let resilience = ResilienceSettings {
             outbound: options.outbound,
             stale_if_error: options.stale_if_error,
@@ -383,28 +336,28 @@ impl TestBroker {
             audit: options.audit.clone(),
             freshness: options.freshness.clone(),
         };
+        let tls = pki.tls_store().expect("tls config");
         let broker = Broker::new(settings, policy, tls).expect("broker builds");
-        let tls = broker.tls.clone();
-        let audit = broker.audit.clone();
-        let listeners = Listeners {
-            mtls: listener,
-            health,
+        let health = if options.health_listener {
+            HealthListener::Loopback
+        } else {
+            HealthListener::Off
         };
-        let task = tokio::spawn(server::run(listeners, broker, options.run, async {
-            let _ = stop.await;
-        }));
+        let server = StartedBroker::start(broker, options.run, health)
+            .await
+            .expect("broker starts on loopback");
+        let TestPki { ca, files, dir, .. } = pki;
         Self {
+            addr: server.addr,
+            health_addr: server.health_addr,
+            tls: server.tls.clone(),
+            audit: server.audit.clone(),
+            server,
             emulator,
-            addr,
-            health_addr,
             ca,
             files,
             policy_path,
-            tls,
-            audit,
             client_cert,
-            shutdown: Some(shutdown),
-            task: Some(task),
             _dir: dir,
         }
     }
@@ -473,9 +426,7 @@ impl TestBroker {
     /// connections (a fresh emulator on another port takes its place in the
     /// struct, unused by the broker).
     pub async fn stop_auth0(&mut self) {
-        let spare = Emulator::start(EmulatorConfig::new(CLIENT_ID, CLIENT_SECRET))
-            .await
-            .expect("spare emulator");
+        let spare = CREDENTIALS.start_emulator().await.expect("spare emulator");
         std::mem::replace(&mut self.emulator, spare)
             .shutdown()
             .await;
@@ -483,32 +434,16 @@ impl TestBroker {
 
     /// Asks the broker to shut down (like SIGTERM) without waiting.
     pub fn begin_shutdown(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
+        self.server.begin_shutdown();
     }
 
     /// Waits for the server task to end, bounded by [`RPC_BOUND`]; `None` if it did not.
     pub async fn wait_stopped(&mut self) -> Option<Result<(), server::ServerError>> {
-        let task = self.task.take()?;
-        tokio::time::timeout(RPC_BOUND, task).await.ok()?.ok()
+        self.server.wait_stopped(RPC_BOUND).await
     }
 
     /// Stops the broker and waits for it to exit.
-    pub async fn stop(mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(RPC_BOUND, task).await;
-        }
-    }
-}
-
-impl Drop for TestBroker {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+    pub async fn stop(self) {
+        let _ = self.server.stop(RPC_BOUND).await;
     }
 }

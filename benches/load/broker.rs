@@ -1,0 +1,127 @@
+//! The broker under test, built as every broker is (`Broker::new`, run by the
+//! test kit's `StartedBroker`), with the settings BENCHMARKS.md states: policy
+//! allow-any, user TTL 1 h, Auth0 limits raised so the client-side limiter
+//! never shapes the figures, no audit and no ID tokens.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use tokenbroker::audit::AuditSettings;
+use tokenbroker::auth0::OutboundLimits;
+use tokenbroker::cache::{CacheSettings, DEFAULT_USER_MAX_BYTES};
+use tokenbroker::listener::ConnectionLimits;
+use tokenbroker::pki::IssuedCertificate;
+use tokenbroker::policy::{Policy, PolicyStore};
+use tokenbroker::server::{Broker, BrokerSettings, ResilienceSettings, RunSettings};
+use tokenbroker::testkit::{mtls_channel, Credentials, HealthListener, StartedBroker, TestPki};
+use tonic::transport::Channel;
+
+/// What the broker presents to the emulator, and the emulator accepts.
+pub const CREDENTIALS: Credentials<'static> = Credentials {
+    client_id: "tokenbroker-bench",
+    client_secret: "bench-client-secret-0c9a7e",
+};
+
+/// The caller id of the load's client certificate.
+const CALLER: &str = "spiffe://bench.example/ns/load/sa/client";
+
+/// How long a stopping broker or baseline gets before it is aborted.
+pub const STOP_BOUND: Duration = Duration::from_secs(5);
+
+/// The test kit's PKI and the one client certificate every channel presents.
+pub struct Pki {
+    /// CA, server certificate and the files the broker reads.
+    pub kit: TestPki,
+    /// The load generator's certificate.
+    pub client: IssuedCertificate,
+}
+
+/// A fresh bench PKI.
+pub fn pki() -> Pki {
+    let kit = TestPki::generate("bench CA").expect("bench PKI");
+    let client = kit.issue_client(CALLER).expect("client cert");
+    Pki { kit, client }
+}
+
+/// Limits raised so the client-side limiter never shapes the figures.
+fn open_limits() -> OutboundLimits {
+    OutboundLimits {
+        rate_per_second: NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN),
+        burst: NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN),
+        max_in_flight: 64,
+        ..OutboundLimits::default()
+    }
+}
+
+/// Where the broker finds Auth0 and how much it may cache.
+pub struct Upstream {
+    /// The emulator's URL.
+    pub base_url: String,
+    /// The Management API audience the emulator accepts.
+    pub audience: String,
+    /// Users the cache may hold.
+    pub capacity: u64,
+    /// The stale-if-error window (`--stale-if-error-secs`).
+    pub stale_if_error: Duration,
+}
+
+/// The broker as production runs it (service, health, reflection, policy,
+/// audit), in process on port 0, with a Management token already obtained so
+/// no measured request pays for it.
+pub async fn start_broker(pki: &Pki, upstream: Upstream) -> StartedBroker {
+    let settings = BrokerSettings {
+        auth0: CREDENTIALS.auth0_settings(upstream.base_url, upstream.audience),
+        resilience: ResilienceSettings {
+            outbound: open_limits(),
+            stale_if_error: upstream.stale_if_error,
+            caller_share: 1.0,
+        },
+        cache: CacheSettings {
+            // Longer than any run, so no entry expires under load.
+            user_ttl: Duration::from_secs(3600),
+            user_capacity: upstream.capacity,
+            user_max_bytes: DEFAULT_USER_MAX_BYTES,
+            negative_ttl: Duration::from_secs(30),
+        },
+        id_token: None,
+        audit: AuditSettings::off(),
+        freshness: tokenbroker::service::fresh::FreshnessSettings::default(),
+    };
+    let tls = pki.kit.tls_store().expect("tls config");
+    let policy = PolicyStore::fixed(Policy::allow_any());
+    let broker = Broker::new(settings, policy, tls).expect("broker builds");
+    let run = RunSettings {
+        shutdown_grace: Duration::from_secs(1),
+        reload_interval: Duration::from_secs(5),
+        connections: ConnectionLimits::default(),
+    };
+    let started = StartedBroker::start(broker, run, HealthListener::Off)
+        .await
+        .expect("broker starts on loopback");
+    started
+        .store
+        .warm_up()
+        .await
+        .expect("broker obtains a Management token");
+    started
+}
+
+/// Stops `broker`, saying so if it had failed.
+pub async fn stop_broker(broker: StartedBroker) {
+    if let Some(Err(error)) = broker.stop(STOP_BOUND).await {
+        eprintln!("broker stopped with an error: {error}");
+    }
+}
+
+/// `count` mTLS channels to `addr`, each presenting the load's certificate.
+pub async fn connect_many(addr: SocketAddr, pki: &Pki, count: usize) -> Vec<Channel> {
+    let mut channels = Vec::with_capacity(count);
+    for _ in 0..count {
+        let channel = mtls_channel(addr, &pki.kit.ca.cert_pem, Some(&pki.client))
+            .await
+            .expect("mTLS connection");
+        channels.push(channel);
+    }
+    channels
+}
