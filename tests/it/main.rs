@@ -5,6 +5,7 @@ mod audit;
 mod binary;
 mod caching;
 mod floods;
+mod fresh_tokens;
 mod hardening;
 mod hostile_auth0;
 mod id_tokens;
