@@ -80,6 +80,21 @@ async fn exercise_everything(
         let _ = list_on(client, user).await;
         let _ = invalidate_on(client, user).await;
     }
+    // A refresh at the IdP, and a refresh the IdP refuses.
+    let refreshed = get_on(
+        client,
+        get_request(seed::STALE_GOOGLE_USER, "google-oauth2"),
+    )
+    .await
+    .expect("a stale Google token is refreshed at the IdP");
+    assert_ne!(refreshed.access_token, seed::STALE_GOOGLE_ACCESS_TOKEN);
+    released += 1;
+    let _ = get_on(
+        client,
+        get_request(seed::REVOKED_GOOGLE_USER, "google-oauth2"),
+    )
+    .await
+    .expect_err("a revoked refresh token means the user must reconnect");
     let _ = get_on(client, get_request("auth0|no-such-user-0001", "github")).await;
     let _ = get_on(client, get_request(seed::GITHUB_USER, "twitter")).await;
     let _ = get_on(client, get_request("bad\u{7}id", "")).await;
@@ -196,6 +211,10 @@ async fn logs_and_metrics_never_contain_a_token_or_the_client_secret() {
     assert!(
         !all.contains(CLIENT_SECRET),
         "the client secret leaked into the logs"
+    );
+    assert!(
+        !all.contains(super::AUDIT_KEY_BASE64),
+        "the audit key leaked into the logs"
     );
     assert!(
         !all.contains("emu_mgmt_"),
