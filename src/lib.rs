@@ -9,6 +9,8 @@
 //! * [`id_token`] — verifies users' Auth0 ID tokens (RS256, the tenant's JWKS, cached) to
 //!   bind a release to the user's own login.
 //! * [`cache`] — the moka cache of users' identities in front of [`auth0`].
+//! * [`fleet`] — with `--redis-url`: the shared tier under moka, the fleet-wide single
+//!   flight, one Auth0 budget and invalidation across replicas (Redis or Valkey).
 //! * [`selection`] — which identity a request means (pure).
 //! * [`service`] — the gRPC service: proto types, deadlines, audit events.
 //! * [`error`] — the broker's error enum and its mapping to gRPC status.
@@ -35,6 +37,7 @@ pub mod config;
 pub mod dev;
 pub mod emulator;
 pub mod error;
+pub mod fleet;
 pub mod id_token;
 pub mod keyfile;
 pub mod listener;
