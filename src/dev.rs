@@ -83,6 +83,7 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Re
         cache,
         id_token,
         audit: args.common.audit_settings(),
+        fleet: args.common.fleet_settings()?,
     };
     let broker = Broker::new(
         settings,

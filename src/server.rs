@@ -22,6 +22,7 @@ use crate::audit::{AuditSettings, AuditSetupError, AuditTrail};
 use crate::auth0::{Auth0Client, Auth0Error, Auth0Settings, OutboundLimits};
 use crate::budget::{CallerBudgets, ShareSettings};
 use crate::cache::{CacheSettings, IdentityStore};
+use crate::fleet::{Fleet, FleetError, FleetSettings};
 use crate::id_token::{IdTokenSettings, IdTokenVerifier};
 use crate::listener::{self, ConnectionLimits};
 use crate::policy::{PolicyError, PolicyStore};
@@ -75,6 +76,9 @@ pub struct BrokerSettings {
     /// `None` when no audience is configured: ID tokens are not verified.
     pub id_token: Option<IdTokenSettings>,
     pub audit: AuditSettings,
+    /// `None` unless `--redis-url` is set: a broker alone, with no Redis
+    /// code on any path.
+    pub fleet: Option<FleetSettings>,
 }
 
 /// Service name whose health status means "ready to hand out tokens".
@@ -117,6 +121,8 @@ pub enum ServerError {
     Metrics(#[from] crate::stats::MetricsError),
     #[error(transparent)]
     Audit(#[from] AuditSetupError),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
     #[error("gRPC server task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -127,7 +133,12 @@ impl ServerError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Self::Tls(_) | Self::Policy(_) | Self::Bind { .. } | Self::Metrics(_) | Self::Audit(_)
+            Self::Tls(_)
+                | Self::Policy(_)
+                | Self::Bind { .. }
+                | Self::Metrics(_)
+                | Self::Audit(_)
+                | Self::Fleet(_)
         )
     }
 }
@@ -160,6 +171,7 @@ impl Broker {
             cache,
             id_token,
             audit,
+            fleet,
         } = settings;
         let audit = audit.open()?;
         let budgets = CallerBudgets::new(ShareSettings {
@@ -168,12 +180,21 @@ impl Broker {
             share: resilience.caller_share,
             max_wait: resilience.outbound.max_wait,
         });
-        let auth0 = Auth0Client::with_limits(auth0, resilience.outbound)?;
+        let fleet = fleet.as_ref().map(Fleet::open).transpose()?.map(Arc::new);
+        let mut auth0 = Auth0Client::with_limits(auth0, resilience.outbound)?;
+        if let Some(fleet) = &fleet {
+            let limits = resilience.outbound;
+            auth0 = auth0.with_shared_budget(fleet.budget(limits.rate_per_second, limits.burst));
+        }
         let id_tokens = id_token.map(|settings| IdTokenVerifier::new(settings, &auth0));
+        let store = Arc::new(
+            IdentityStore::new(auth0, cache)
+                .with_stale_if_error(resilience.stale_if_error)
+                .with_fleet(fleet),
+        );
+        store.join_fleet();
         Ok(Self {
-            store: Arc::new(
-                IdentityStore::new(auth0, cache).with_stale_if_error(resilience.stale_if_error),
-            ),
+            store,
             policy: Arc::new(policy),
             budgets: Arc::new(budgets),
             tls: Arc::new(tls),

@@ -246,6 +246,8 @@ pub struct Options {
     pub auth0_request_timeout: Option<Duration>,
     /// Least time between two unknown-`kid` JWKS refreshes; `None`: the default (30 s).
     pub id_token_min_refresh_interval: Option<Duration>,
+    /// Redis and the cache key of a fleet (`tests/it/fleet.rs`); `None`: a broker alone.
+    pub fleet: Option<tokenbroker::fleet::FleetSettings>,
 }
 
 impl Default for Options {
@@ -270,6 +272,7 @@ impl Default for Options {
             audit: AuditSettings::off(),
             auth0_request_timeout: None,
             id_token_min_refresh_interval: None,
+            fleet: None,
             run: RunSettings {
                 shutdown_grace: Duration::from_secs(20),
                 reload_interval: Duration::from_millis(100),
@@ -377,6 +380,7 @@ impl TestBroker {
             cache: options.cache,
             id_token,
             audit: options.audit.clone(),
+            fleet: options.fleet.clone(),
         };
         let broker = Broker::new(settings, policy, tls).expect("broker builds");
         let tls = broker.tls.clone();
