@@ -19,16 +19,16 @@ use crate::user_id::UserId;
 struct EntryOut<'a> {
     /// Checked on read, beside the key binding of the seal.
     user_id: &'a str,
-    /// Wall-clock end of freshness (Unix ms), so a replica reading it
+    /// Wall-clock end of freshness (Unix ns), so a replica reading it
     /// answers from it no longer than the one that read Auth0 would.
-    fresh_until_ms: u64,
+    fresh_until_ns: u64,
     /// `None`: Auth0 has no such user (a shared negative entry).
     user: Option<UserOut<'a>>,
 }
 
 #[derive(Serialize)]
 struct UserOut<'a> {
-    fetched_at_ms: u64,
+    fetched_at_ns: u64,
     idp_tokens_readable: bool,
     identities: Vec<IdentityOut<'a>>,
 }
@@ -40,20 +40,20 @@ struct IdentityOut<'a> {
     idp_user_id: &'a str,
     access_token: Option<&'a str>,
     access_token_secret: Option<&'a str>,
-    expires_at_ms: Option<u64>,
+    expires_at_ns: Option<u64>,
 }
 
 /// A value as read: tokens go straight into `secrecy` types.
 #[derive(Deserialize)]
 struct EntryIn {
     user_id: String,
-    fresh_until_ms: u64,
+    fresh_until_ns: u64,
     user: Option<UserIn>,
 }
 
 #[derive(Deserialize)]
 struct UserIn {
-    fetched_at_ms: u64,
+    fetched_at_ns: u64,
     idp_tokens_readable: bool,
     identities: Vec<IdentityIn>,
 }
@@ -65,7 +65,7 @@ struct IdentityIn {
     idp_user_id: String,
     access_token: Option<SecretString>,
     access_token_secret: Option<SecretString>,
-    expires_at_ms: Option<u64>,
+    expires_at_ns: Option<u64>,
 }
 
 /// The plaintext of a shared value: `user` (`None`: no such user), fresh
@@ -77,9 +77,9 @@ pub(super) fn encode(
 ) -> Option<Zeroizing<Vec<u8>>> {
     let entry = EntryOut {
         user_id: user_id.as_str(),
-        fresh_until_ms: unix_ms(SystemTime::now() + fresh_for),
+        fresh_until_ns: unix_ns(SystemTime::now() + fresh_for),
         user: user.map(|user| UserOut {
-            fetched_at_ms: unix_ms(user.fetched_at),
+            fetched_at_ns: unix_ns(user.fetched_at),
             idp_tokens_readable: user.idp_tokens_readable,
             identities: user.identities.iter().map(identity_out).collect(),
         }),
@@ -100,7 +100,7 @@ fn identity_out(identity: &Identity) -> IdentityOut<'_> {
             .access_token_secret
             .as_ref()
             .map(ExposeSecret::expose_secret),
-        expires_at_ms: identity.expires_at.map(unix_ms),
+        expires_at_ns: identity.expires_at.map(unix_ns),
     }
 }
 
@@ -111,14 +111,14 @@ pub(super) fn decode(plaintext: &[u8], user_id: &UserId) -> Option<SharedEntry> 
         return None;
     }
     let now = SystemTime::now();
-    let fresh_for = from_unix_ms(entry.fresh_until_ms)
+    let fresh_for = from_unix_ns(entry.fresh_until_ns)
         .duration_since(now)
         .ok()
         .filter(|left| !left.is_zero())?;
     let user = entry.user.map(|user| UserIdentities {
         user_id: entry.user_id,
-        fetched_at: from_unix_ms(user.fetched_at_ms),
-        fetched_instant: instant_of(from_unix_ms(user.fetched_at_ms), now),
+        fetched_at: from_unix_ns(user.fetched_at_ns),
+        fetched_instant: instant_of(from_unix_ns(user.fetched_at_ns), now),
         idp_tokens_readable: user.idp_tokens_readable,
         identities: user.identities.into_iter().map(identity_in).collect(),
     });
@@ -132,7 +132,7 @@ fn identity_in(identity: IdentityIn) -> Identity {
         idp_user_id: identity.idp_user_id,
         access_token: identity.access_token,
         access_token_secret: identity.access_token_secret,
-        expires_at: identity.expires_at_ms.map(from_unix_ms),
+        expires_at: identity.expires_at_ns.map(from_unix_ns),
     }
 }
 
@@ -144,14 +144,14 @@ fn instant_of(at: SystemTime, now: SystemTime) -> Instant {
     instant_now.checked_sub(age).unwrap_or(instant_now)
 }
 
-fn unix_ms(at: SystemTime) -> u64 {
+fn unix_ns(at: SystemTime) -> u64 {
     let since_epoch = at.duration_since(UNIX_EPOCH).unwrap_or_default();
-    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+    u64::try_from(since_epoch.as_nanos()).unwrap_or(u64::MAX)
 }
 
-fn from_unix_ms(ms: u64) -> SystemTime {
+fn from_unix_ns(ns: u64) -> SystemTime {
     UNIX_EPOCH
-        .checked_add(Duration::from_millis(ms))
+        .checked_add(Duration::from_nanos(ns))
         .unwrap_or(UNIX_EPOCH)
 }
 
@@ -197,7 +197,7 @@ mod tests {
                 .expose_secret(),
             "tw_secret"
         );
-        assert_eq!(unix_ms(read.fetched_at), unix_ms(written.fetched_at));
+        assert_eq!(unix_ns(read.fetched_at), unix_ns(written.fetched_at));
         assert!(read.fetched_instant.elapsed() >= Duration::from_secs(4));
         assert!(read.idp_tokens_readable);
         assert!(entry.fresh_for <= Duration::from_secs(60));

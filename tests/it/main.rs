@@ -4,6 +4,7 @@
 mod audit;
 mod binary;
 mod caching;
+mod fleet;
 mod floods;
 mod hardening;
 mod hostile_auth0;
