@@ -3,7 +3,6 @@
 //! emulator. Counting assertions start from a fleet already in shared mode
 //! (see [`Fleet::until_shared`]) and reset counters.
 
-use std::num::NonZeroU32;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -12,15 +11,18 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
-use tokenbroker::auth0::OutboundLimits;
 use tokenbroker::emulator::{seed, EmulatorConfig};
 use tokenbroker::fleet::{FleetSettings, DEFAULT_LOCK_TTL};
+use tokenbroker::proto::token_broker_client::TokenBrokerClient;
+use tokenbroker::proto::IdpToken;
 use tokenbroker::server::READINESS_SERVICE;
 use tokio::process::{Child, Command};
+use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::ServingStatus;
 
+use crate::rate::{assert_within_limit, rate_limited, sample_while};
 use crate::support::{
     bounded, bypass_request, eventually, get_on, get_request, health_status, Options, TestBroker,
     CLIENT_ID, CLIENT_SECRET,
@@ -204,6 +206,28 @@ impl Fleet {
         self.brokers.push(TestBroker::start_with(options).await);
     }
 
+    /// Creates GitHub user `index` with token `old`, has every broker hold
+    /// it, then changes the token in Auth0 to `new`. Returns the user id.
+    async fn held_then_changed(&self, index: usize, old: &str, new: &str) -> String {
+        let (user_id, user) = github_user(index, old);
+        self.emulator().upsert_user(user);
+        for broker in &self.brokers {
+            let held = broker.get(&user_id, "github").await.expect("read");
+            assert_eq!(held.access_token, old);
+        }
+        self.emulator().upsert_user(github_user(index, new).1);
+        user_id
+    }
+
+    /// A client of each broker, in order.
+    async fn clients(&self) -> Vec<TokenBrokerClient<Channel>> {
+        let mut clients = Vec::new();
+        for broker in &self.brokers {
+            clients.push(broker.client().await);
+        }
+        clients
+    }
+
     /// The Auth0 tenant every broker reads.
     fn emulator(&self) -> &tokenbroker::emulator::Emulator {
         &self.brokers[0].emulator
@@ -232,6 +256,16 @@ impl Fleet {
     }
 }
 
+/// A `GetIdpToken` for `user_id`'s GitHub token on `client`, as a task.
+fn read_on(
+    client: &TokenBrokerClient<Channel>,
+    user_id: &str,
+) -> tokio::task::JoinHandle<Result<IdpToken, tonic::Status>> {
+    let mut client = client.clone();
+    let request = get_request(user_id, "github");
+    tokio::spawn(async move { get_on(&mut client, request).await })
+}
+
 fn synthetic_user(index: usize) -> (String, Value) {
     github_user(index, &format!("gho_fleet_{index}"))
 }
@@ -246,15 +280,6 @@ fn github_user(index: usize, token: &str) -> (String, Value) {
         }]
     });
     (user_id, user)
-}
-
-fn limits(rate: u32, burst: u32, max_wait: Duration) -> OutboundLimits {
-    OutboundLimits {
-        rate_per_second: NonZeroU32::new(rate).expect("rate"),
-        burst: NonZeroU32::new(burst).expect("burst"),
-        max_wait,
-        ..OutboundLimits::default()
-    }
 }
 
 #[tokio::test]
@@ -290,15 +315,8 @@ async fn concurrent_cold_reads_of_one_user_on_three_brokers_make_one_auth0_read(
     let (user_id, user) = synthetic_user(1);
     fleet.emulator().upsert_user(user);
     fleet.emulator().set_latency(Duration::from_millis(300));
-    let mut clients = Vec::new();
-    for broker in &fleet.brokers {
-        clients.push(broker.client().await);
-    }
-    let reads = (0..30).map(|index| {
-        let mut client = clients[index % 3].clone();
-        let user_id = user_id.clone();
-        tokio::spawn(async move { get_on(&mut client, get_request(&user_id, "github")).await })
-    });
+    let clients = fleet.clients().await;
+    let reads = (0..30).map(|index| read_on(&clients[index % clients.len()], &user_id));
     for read in futures::future::join_all(reads).await {
         let token = read.expect("task").expect("answered");
         assert_eq!(token.access_token, "gho_fleet_1");
@@ -315,12 +333,7 @@ async fn the_fleet_together_never_exceeds_the_auth0_rate_limit() {
     const USERS: usize = 60;
     const RATE: u32 = 10;
     const BURST: u32 = 10;
-    let fleet = Fleet::start(3, || Options {
-        outbound: limits(RATE, BURST, Duration::from_secs(30)),
-        auth0_request_timeout: Some(Duration::from_secs(30)),
-        ..Options::default()
-    })
-    .await;
+    let fleet = Fleet::start(3, || rate_limited(RATE, BURST)).await;
     let users: Vec<String> = (0..USERS)
         .map(|index| {
             let (user_id, user) = synthetic_user(10_000 + index);
@@ -330,40 +343,21 @@ async fn the_fleet_together_never_exceeds_the_auth0_rate_limit() {
         .collect();
     // The start used budget: let the fleet's bucket refill before measuring.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let mut clients = Vec::new();
-    for broker in &fleet.brokers {
-        clients.push(broker.client().await);
-    }
-    let started = Instant::now();
-    let reads = users.iter().enumerate().map(|(index, user_id)| {
-        let mut client = clients[index % 3].clone();
-        let user_id = user_id.clone();
-        tokio::spawn(async move { get_on(&mut client, get_request(&user_id, "github")).await })
-    });
-    let all = futures::future::join_all(reads);
-    tokio::pin!(all);
-    let mut samples = Vec::new();
-    let results = loop {
-        tokio::select! {
-            results = &mut all => break results,
-            () = tokio::time::sleep(Duration::from_millis(100)) => {
-                samples.push((started.elapsed(), fleet.emulator().calls().users));
-            }
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "bounded");
-    };
-    samples.push((started.elapsed(), fleet.emulator().calls().users));
+    let clients = fleet.clients().await;
+    let reads = users
+        .iter()
+        .enumerate()
+        .map(|(index, user_id)| read_on(&clients[index % clients.len()], user_id));
+    let (results, samples) = sample_while(
+        || fleet.emulator().calls().users,
+        futures::future::join_all(reads),
+    )
+    .await;
     for result in results {
         result.expect("task").expect("every read is answered");
     }
     assert_eq!(fleet.emulator().calls().users, USERS as u64);
-    for (elapsed, calls) in samples {
-        let allowed = f64::from(BURST) + f64::from(RATE) * elapsed.as_secs_f64() + 1.0;
-        assert!(
-            (calls as f64) <= allowed,
-            "{calls} Auth0 reads by the fleet after {elapsed:?}; one budget allows {allowed}"
-        );
-    }
+    assert_within_limit(&samples, RATE, BURST);
 }
 
 #[tokio::test]
@@ -372,14 +366,9 @@ async fn invalidate_user_on_one_broker_stops_another_serving_the_old_token_withi
     let [a, b] = &fleet.brokers[..] else {
         unreachable!()
     };
-    let (user_id, old) = github_user(2, "gho_old_token");
-    fleet.emulator().upsert_user(old);
-    a.get(&user_id, "github").await.expect("A reads");
-    let held = b.get(&user_id, "github").await.expect("B holds it");
-    assert_eq!(held.access_token, "gho_old_token");
-    fleet
-        .emulator()
-        .upsert_user(github_user(2, "gho_new_token").1);
+    let user_id = fleet
+        .held_then_changed(2, "gho_old_token", "gho_new_token")
+        .await;
 
     a.invalidate(&user_id).await.expect("InvalidateUser on A");
     let invalidated = Instant::now();
@@ -406,13 +395,9 @@ async fn bypass_cache_on_one_broker_brings_the_new_token_to_the_others() {
     let [a, b] = &fleet.brokers[..] else {
         unreachable!()
     };
-    let (user_id, old) = github_user(3, "gho_before_bypass");
-    fleet.emulator().upsert_user(old);
-    a.get(&user_id, "github").await.expect("A reads");
-    b.get(&user_id, "github").await.expect("B holds it");
-    fleet
-        .emulator()
-        .upsert_user(github_user(3, "gho_after_bypass").1);
+    let user_id = fleet
+        .held_then_changed(3, "gho_before_bypass", "gho_after_bypass")
+        .await;
     fleet.emulator().reset_counters();
 
     let fresh = a
@@ -576,14 +561,11 @@ async fn readers_wait_for_a_dead_holders_lock_then_one_reads_auth0() {
     fleet.emulator().reset_counters();
 
     let started = Instant::now();
-    let mut reads = Vec::new();
-    for broker in &fleet.brokers[1..] {
-        let mut client = broker.client().await;
-        let user_id = user_id.clone();
-        reads.push(tokio::spawn(async move {
-            get_on(&mut client, get_request(&user_id, "github")).await
-        }));
-    }
+    let clients = fleet.clients().await;
+    let reads: Vec<_> = clients[1..]
+        .iter()
+        .map(|client| read_on(client, &user_id))
+        .collect();
     for read in reads {
         let token = bounded("a read behind the lock", read)
             .await

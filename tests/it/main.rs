@@ -11,6 +11,7 @@ mod hostile_auth0;
 mod id_tokens;
 mod lifecycle;
 mod policy;
+mod rate;
 mod resilience;
 mod security;
 mod status_codes;
