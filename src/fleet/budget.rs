@@ -42,11 +42,28 @@ impl FleetBudget {
         match self.core.link.run::<u64>("budget", &script).await {
             None => SharedAdmission::Unavailable,
             Some(0) => SharedAdmission::Go,
+            Some(wait_us) if wait_us > self.longest_honest_wait_us() => {
+                // Only a key written by something else asks this: whoever
+                // can write Redis must not stop the fleet's Auth0 reads.
+                metrics::error("budget_implausible");
+                SharedAdmission::Unavailable
+            }
             Some(wait_us) => {
                 metrics::budget_wait();
                 SharedAdmission::Wait(Duration::from_micros(wait_us))
             }
         }
+    }
+
+    /// The GCRA never asks for more than one interval while the key holds
+    /// what this budget wrote; replicas configured with other limits (a
+    /// rollout changing them) may ask for up to their burst. Past this the
+    /// key is not the budget's.
+    fn longest_honest_wait_us(&self) -> u64 {
+        let slack = Duration::from_secs(1).as_micros() as u64;
+        self.interval_us
+            .saturating_mul(u64::from(self.burst).saturating_add(2))
+            .saturating_add(slack)
     }
 }
 

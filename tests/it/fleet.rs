@@ -647,3 +647,33 @@ fn new_key(before: &[String], after: Vec<String>) -> String {
     assert_eq!(new.len(), 1, "one new user key: {new:?}");
     new.remove(0)
 }
+
+#[tokio::test]
+async fn a_budget_key_written_by_something_else_cannot_stop_auth0_reads() {
+    let fleet = Fleet::start(2, Options::default).await;
+    let an_hour_ahead_us = (std::time::SystemTime::now() + Duration::from_secs(3600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_micros();
+    fleet
+        .redis
+        .set(
+            "tokenbroker:auth0-budget",
+            an_hour_ahead_us.to_string().as_bytes(),
+            None,
+        )
+        .await;
+    let (user_id, user) = synthetic_user(7);
+    fleet.emulator().upsert_user(user);
+    let started = Instant::now();
+    let token = fleet.brokers[1]
+        .get(&user_id, "github")
+        .await
+        .expect("read with the broker's own limiter");
+    assert_eq!(token.access_token, "gho_fleet_7");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
