@@ -9,7 +9,7 @@
 //! request, and its log is one line, not one per call.
 
 use std::fmt::Display;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,8 @@ pub(super) struct Link {
     state: AtomicU8,
     /// When the current outage started, for the log line that ends it.
     outage_since: Mutex<Option<Instant>>,
+    /// Outages since start (each warned once).
+    outages: AtomicU64,
 }
 
 impl Link {
@@ -63,6 +65,7 @@ impl Link {
             timeout,
             state: AtomicU8::new(CONNECTING),
             outage_since: Mutex::new(None),
+            outages: AtomicU64::new(0),
         })
     }
 
@@ -122,6 +125,7 @@ impl Link {
         if before == DOWN {
             return;
         }
+        self.outages.fetch_add(1, Ordering::Relaxed);
         metrics::outage();
         metrics::shared_mode(false);
         if let Ok(mut since) = self.outage_since.lock() {
@@ -154,5 +158,45 @@ impl Link {
             ),
             None => tracing::info!("connected to Redis: shared mode"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link to a port nothing listens on (never connected here).
+    fn link() -> Link {
+        let client = Client::open("redis://127.0.0.1:9/").unwrap();
+        Link::open(client, Duration::from_millis(100)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_outage_is_one_outage_however_many_calls_fail() {
+        let link = link();
+        assert!(!link.is_up(), "not shared before the watcher connects");
+        link.failed("claim", &"refused");
+        link.failed("claim", &"refused");
+        link.failed("budget", &"refused");
+        assert_eq!(link.outages.load(Ordering::Relaxed), 1);
+        link.recovered();
+        assert!(link.is_up());
+        link.failed("claim", &"timed out");
+        assert!(!link.is_up());
+        assert_eq!(link.outages.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn no_call_goes_to_redis_outside_shared_mode() {
+        let link = link();
+        let script = redis::Script::new("return 1");
+        let started = Instant::now();
+        let answer: Option<i64> = link.run("test", &script.prepare_invoke()).await;
+        assert!(answer.is_none());
+        assert!(
+            started.elapsed() < Duration::from_millis(50),
+            "not even a timeout"
+        );
+        assert!(!link.probe().await, "nothing listens there");
     }
 }

@@ -99,7 +99,10 @@ pub enum FleetError {
 /// What a shared value gives a replica: the user (`None`: Auth0 has no such
 /// user), fresh for `fresh_for` from now.
 pub struct SharedEntry {
+    /// The identities as the replica that read Auth0 got them.
     pub user: Option<UserIdentities>,
+    /// What is left of the entry's freshness, so no replica serves it
+    /// longer than the one that read it would.
     pub fresh_for: Duration,
 }
 
