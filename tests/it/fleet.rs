@@ -362,31 +362,39 @@ async fn the_fleet_together_never_exceeds_the_auth0_rate_limit() {
 
 #[tokio::test]
 async fn invalidate_user_on_one_broker_stops_another_serving_the_old_token_within_a_second() {
+    const ROUNDS: usize = 20;
     let fleet = Fleet::start(2, Options::default).await;
     let [a, b] = &fleet.brokers[..] else {
         unreachable!()
     };
     let user_id = fleet
-        .held_then_changed(2, "gho_old_token", "gho_new_token")
+        .held_then_changed(2, "gho_round_0", "gho_round_1")
         .await;
-
-    a.invalidate(&user_id).await.expect("InvalidateUser on A");
-    let invalidated = Instant::now();
     let mut client = b.client().await;
-    let mut seen = String::new();
-    let updated = eventually(Duration::from_secs(1), async || {
-        seen = get_on(&mut client, get_request(&user_id, "github"))
-            .await
-            .expect("B answers")
-            .access_token;
-        seen == "gho_new_token"
-    })
-    .await;
-    assert!(
-        updated,
-        "B still served {seen} {:?} after the invalidation",
-        invalidated.elapsed()
-    );
+    let mut slowest = Duration::ZERO;
+    // Every round, not only the median, within the second: the worst of 20 bounds the p95.
+    for round in 1..=ROUNDS {
+        let token = format!("gho_round_{round}");
+        fleet.emulator().upsert_user(github_user(2, &token).1);
+        a.invalidate(&user_id).await.expect("InvalidateUser on A");
+        let invalidated = Instant::now();
+        let mut seen = String::new();
+        let updated = eventually(Duration::from_secs(1), async || {
+            seen = get_on(&mut client, get_request(&user_id, "github"))
+                .await
+                .expect("B answers")
+                .access_token;
+            seen == token
+        })
+        .await;
+        assert!(
+            updated,
+            "round {round}: B still served {seen} {:?} after the invalidation",
+            invalidated.elapsed()
+        );
+        slowest = slowest.max(invalidated.elapsed());
+    }
+    assert!(slowest < Duration::from_secs(1), "{slowest:?}");
 }
 
 #[tokio::test]
