@@ -13,6 +13,8 @@
 //!   refreshes them at the IdP (the connections file, reloadable).
 //! * [`idp`] — refreshes IdP tokens at the IdP with the identity's refresh token: one call per
 //!   user and connection at a time, rotation, its own rate limit and retries.
+//! * [`fleet`] — with `--redis-url`: the shared tier under moka, the fleet-wide single
+//!   flight, one Auth0 budget and invalidation across replicas (Redis or Valkey).
 //! * [`selection`] — which identity a request means (pure).
 //! * [`service`] — the gRPC service: proto types, deadlines, audit events.
 //! * [`error`] — the broker's error enum and its mapping to gRPC status.
@@ -43,6 +45,7 @@ pub mod connections;
 pub mod dev;
 pub mod emulator;
 pub mod error;
+pub mod fleet;
 pub mod id_token;
 pub mod idp;
 pub mod keyfile;

@@ -112,6 +112,7 @@ fn describe() {
         "tokenbroker_caller_share_rejections_total",
         "Auth0 reads refused because the caller had spent its share of the Auth0 budget"
     );
+    crate::fleet::describe_metrics();
 }
 
 /// One refused RPC, by its ErrorInfo reason (a fixed vocabulary).

@@ -154,6 +154,7 @@ pub async fn start_broker(pki: &Pki, upstream: Upstream, production: &Production
             connections: production.connections.clone(),
             ..Default::default()
         },
+        fleet: None,
     };
     let tls = pki.kit.tls_store().expect("tls config");
     let policy = PolicyStore::fixed(production.policy.current().as_ref().clone());

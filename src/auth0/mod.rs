@@ -27,7 +27,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::fr
 pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub use jwks::JwksSource;
 pub use model::{Identity, UserIdentities, IDP_TOKENS_SCOPE};
-pub use outbound::OutboundLimits;
+pub use outbound::{OutboundLimits, SharedAdmission, SharedBudget};
 
 use model::ManagementToken;
 use outbound::Outbound;
@@ -106,6 +106,16 @@ impl Auth0Client {
     pub fn keeping_refresh_tokens(mut self, filter: RefreshTokenFilter) -> Self {
         self.keeps_refresh_token = filter;
         self
+    }
+
+    /// The same client, with every Management API request also taking a
+    /// slot of `budget` (a fleet's one Auth0 budget); its own rate limit
+    /// then only decides while `budget` is unavailable.
+    pub fn with_shared_budget(self, budget: std::sync::Arc<dyn SharedBudget>) -> Self {
+        Self {
+            outbound: self.outbound.with_shared_budget(budget),
+            ..self
+        }
     }
 }
 

@@ -56,7 +56,7 @@ async fn token_for(
     refresh_token: &str,
     min_valid_for: Duration,
 ) -> Result<Arc<Refreshed>, IdpError> {
-    let client = idp_client(&emu);
+    let client = idp_client(emu);
     let refresh_token = secret(refresh_token);
     refresher
         .token(&key(user_id), &refresh_token, &client, min_valid_for, None)

@@ -264,6 +264,8 @@ pub struct Options {
     pub auth0_request_timeout: Option<Duration>,
     /// Least time between two unknown-`kid` JWKS refreshes; `None`: the default (30 s).
     pub id_token_min_refresh_interval: Option<Duration>,
+    /// Redis and the cache key of a fleet (`tests/it/fleet.rs`); `None`: a broker alone.
+    pub fleet: Option<tokenbroker::fleet::FleetSettings>,
 }
 
 impl Default for Options {
@@ -290,6 +292,7 @@ impl Default for Options {
             connections: None,
             auth0_request_timeout: None,
             id_token_min_refresh_interval: None,
+            fleet: None,
             run: RunSettings {
                 shutdown_grace: Duration::from_secs(20),
                 reload_interval: Duration::from_millis(100),
@@ -391,6 +394,7 @@ impl TestBroker {
             id_token,
             audit: options.audit.clone(),
             freshness,
+            fleet: options.fleet.clone(),
         };
         let tls = pki.tls_store().expect("tls config");
         let broker = Broker::new(settings, policy, tls).expect("broker builds");
