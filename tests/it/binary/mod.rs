@@ -5,6 +5,7 @@
 //! listens on or talks to 127.0.0.1. This file has what they share: spawning
 //! the binary, stopping it, and `serve` with a fresh PKI ([`ServedBinary`]).
 
+mod audit;
 mod dev;
 mod logs;
 mod signals;
@@ -132,7 +133,21 @@ impl ServedBinary {
         credentials: Credentials<'_>,
         caller_ids: &[&str],
         policy: &str,
+        logging: (&str, &str),
+    ) -> Self {
+        Self::start_auditing(emulator, credentials, caller_ids, policy, logging, "stdout")
+    }
+
+    /// [`ServedBinary::start_logging`] with its audit lines sent to
+    /// `audit_log` (`TOKENBROKER_AUDIT_LOG`: `stdout` or a file name in the
+    /// binary's directory).
+    fn start_auditing(
+        emulator: &Emulator,
+        credentials: Credentials<'_>,
+        caller_ids: &[&str],
+        policy: &str,
         (rust_log, log_format): (&str, &str),
+        audit_log: &str,
     ) -> Self {
         let pki = TestPki::generate("binary test CA").expect("test PKI");
         let client_certs = caller_ids
@@ -154,6 +169,10 @@ impl ServedBinary {
             },
             emulator,
         );
+        let audit_target = match audit_log {
+            "stdout" => "stdout".to_owned(),
+            file => pki.path(file).display().to_string(),
+        };
         let audit_key = pki.path("audit.key");
         write_file(&audit_key, AUDIT_KEY_BASE64, true).expect("write");
         let stdout_path = pki.path("stdout.log");
@@ -174,6 +193,7 @@ impl ServedBinary {
             .env("TOKENBROKER_POLICY", policy_path)
             .env("TOKENBROKER_CONNECTIONS", connections_path)
             .env("TOKENBROKER_AUDIT_KEY_FILE", audit_key)
+            .env("TOKENBROKER_AUDIT_LOG", audit_target)
             .env("TOKENBROKER_LOG_FORMAT", log_format)
             .env("RUST_LOG", rust_log)
             .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
