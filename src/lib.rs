@@ -13,6 +13,8 @@
 //!   refreshes them at the IdP (the connections file, reloadable).
 //! * [`idp`] — refreshes IdP tokens at the IdP with the identity's refresh token: one call per
 //!   user and connection at a time, rotation, its own rate limit and retries.
+//! * [`kept`] — tokens kept per user and connection until they expire, and forgetting a
+//!   user (shared by [`idp`] and the Token Vault).
 //! * [`selection`] — which identity a request means (pure).
 //! * [`service`] — the gRPC service: proto types, deadlines, audit events.
 //! * [`error`] — the broker's error enum and its mapping to gRPC status.
@@ -46,6 +48,7 @@ pub mod error;
 pub mod id_token;
 pub mod idp;
 pub mod keyfile;
+pub mod kept;
 pub mod listener;
 pub mod logsafe;
 pub mod open_files;
