@@ -251,6 +251,7 @@ async fn unknown_user_is_404_and_path_tricks_hit_fallback() {
             jwks: 0,
             other: 4,
             idp_token: 0,
+            token_exchange: 0,
         }
     );
     assert_eq!(emu.seen_paths().len(), 6);
@@ -326,6 +327,7 @@ async fn raw_dot_dot_path_reaches_only_the_fallback() {
             jwks: 0,
             other: 1,
             idp_token: 0,
+            token_exchange: 0,
         }
     );
     assert_eq!(
@@ -602,6 +604,7 @@ async fn idp_refresh_issues_a_new_google_token_on_every_call() {
         emu.calls(),
         CallCounts {
             idp_token: 3,
+            token_exchange: 0,
             ..CallCounts::default()
         }
     );
@@ -686,6 +689,7 @@ async fn idp_refuses_another_client_a_grant_type_and_a_missing_token() {
         emu.calls(),
         CallCounts {
             idp_token: 4,
+            token_exchange: 0,
             ..CallCounts::default()
         }
     );
