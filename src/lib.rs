@@ -14,7 +14,9 @@
 //! * [`idp`] — refreshes IdP tokens at the IdP with the identity's refresh token: one call per
 //!   user and connection at a time, rotation, its own rate limit and retries.
 //! * [`kept`] — tokens kept per user and connection until they expire, and forgetting a
-//!   user (shared by [`idp`] and the Token Vault).
+//!   user (shared by [`idp`] and [`vault`]).
+//! * [`vault`] — Auth0 Token Vault tokens (`source = "token-vault"`): one exchange per user
+//!   and connection at a time, kept while usable.
 //! * [`selection`] — which identity a request means (pure).
 //! * [`service`] — the gRPC service: proto types, deadlines, audit events.
 //! * [`error`] — the broker's error enum and its mapping to gRPC status.
@@ -47,8 +49,8 @@ pub mod emulator;
 pub mod error;
 pub mod id_token;
 pub mod idp;
-pub mod keyfile;
 pub mod kept;
+pub mod keyfile;
 pub mod listener;
 pub mod logsafe;
 pub mod open_files;
@@ -65,6 +67,7 @@ pub mod telemetry;
 pub mod testkit;
 pub mod tls;
 pub mod user_id;
+pub mod vault;
 
 /// Generated gRPC code and the descriptor set that reflection serves.
 pub mod proto {
