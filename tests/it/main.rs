@@ -14,3 +14,4 @@ mod resilience;
 mod security;
 mod status_codes;
 mod support;
+mod token_vault;

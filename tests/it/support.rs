@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokenbroker::audit::{AuditSettings, AuditTrail};
-use tokenbroker::auth0::{Auth0Settings, OutboundLimits};
+use tokenbroker::auth0::{Auth0Settings, ClientCredential, OutboundLimits, SigningKeyFile};
 use tokenbroker::cache::CacheSettings;
 use tokenbroker::cache::{DEFAULT_STALE_IF_ERROR, DEFAULT_USER_MAX_BYTES};
 use tokenbroker::emulator::{seed, Emulator, EmulatorConfig, Endpoint, Fault};
@@ -222,6 +222,13 @@ pub struct Options {
     pub auth0_request_timeout: Option<Duration>,
     /// Least time between two unknown-`kid` JWKS refreshes; `None`: the default (30 s).
     pub id_token_min_refresh_interval: Option<Duration>,
+    /// A client assertion key (PEM): the broker authenticates with
+    /// `private_key_jwt` and no secret, and the emulator registers the key's
+    /// public half for client assertions and Token Vault subject tokens.
+    pub assertion_key: Option<&'static str>,
+    /// A connections file (TOML), written beside the policy; `None`: the
+    /// file of `freshness`, if any.
+    pub connections_toml: Option<String>,
 }
 
 impl Default for Options {
@@ -247,6 +254,8 @@ impl Default for Options {
             freshness: FreshnessSettings::default(),
             auth0_request_timeout: None,
             id_token_min_refresh_interval: None,
+            assertion_key: None,
+            connections_toml: None,
             run: RunSettings {
                 shutdown_grace: Duration::from_secs(20),
                 reload_interval: Duration::from_millis(100),
@@ -254,6 +263,28 @@ impl Default for Options {
             },
         }
     }
+}
+
+/// Writes `pem` as the broker's client assertion key in the PKI's directory
+/// and registers its public half with `emulator`, for client assertions and
+/// Token Vault subject tokens.
+fn assertion_key(
+    pki: &TestPki,
+    emulator: &Emulator,
+    pem: &str,
+) -> (std::path::PathBuf, Arc<SigningKeyFile>) {
+    let path = pki.path("client-assertion.pem");
+    write_file(&path, pem, true).expect("write assertion key");
+    let key = SigningKeyFile::open("AUTH0_CLIENT_ASSERTION_KEY_FILE", &path, None)
+        .expect("assertion key reads");
+    let public = key.public_key_pem();
+    emulator
+        .set_client_assertion_keys(&[&public])
+        .expect("emulator takes the key");
+    emulator
+        .set_token_vault_subject_keys(&[&public])
+        .expect("emulator takes the key");
+    (path, Arc::new(key))
 }
 
 /// A running broker, its emulator and the PKI around them.
@@ -273,6 +304,8 @@ pub struct TestBroker {
     /// The broker's audit trail, to reopen its file as SIGHUP would.
     pub audit: AuditTrail,
     pub client_cert: IssuedCertificate,
+    /// The client assertion key file, when the broker uses one.
+    pub assertion_key_path: Option<std::path::PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -307,12 +340,26 @@ impl TestBroker {
             .clone()
             .unwrap_or_else(|| emulator.base_url());
         let defaults = credentials.auth0_settings(base_url, emulator.audience());
+        let assertion_key = options
+            .assertion_key
+            .map(|pem| assertion_key(&pki, &emulator, pem));
+        let credential = match &assertion_key {
+            Some((_, key)) => ClientCredential::AssertionKey(key.clone()),
+            None => defaults.credential.clone(),
+        };
         let auth0 = Auth0Settings {
             request_timeout: options
                 .auth0_request_timeout
                 .unwrap_or(defaults.request_timeout),
+            credential,
             ..defaults
         };
+        let mut freshness = options.freshness.clone();
+        if let Some(toml) = &options.connections_toml {
+            let path = pki.path("connections.toml");
+            write_file(&path, toml, false).expect("write connections");
+            freshness.connections = Some(path);
+        }
         let id_token = (!options.id_token_audiences.is_empty()).then(|| {
             let defaults =
                 IdTokenSettings::new(auth0.base_url.clone(), options.id_token_audiences.clone());
@@ -334,7 +381,7 @@ impl TestBroker {
             cache: options.cache,
             id_token,
             audit: options.audit.clone(),
-            freshness: options.freshness.clone(),
+            freshness,
         };
         let tls = pki.tls_store().expect("tls config");
         let broker = Broker::new(settings, policy, tls).expect("broker builds");
@@ -358,6 +405,7 @@ impl TestBroker {
             files,
             policy_path,
             client_cert,
+            assertion_key_path: assertion_key.map(|(path, _)| path),
             _dir: dir,
         }
     }
