@@ -121,6 +121,29 @@ impl Forgetting {
         }
     }
 
+    /// [`Self::keep`] for a token, logged at debug as kept (`what`: how it
+    /// was got), never the token itself.
+    pub fn keep_token<V>(
+        &self,
+        cache: &Cache<TokenKey, std::sync::Arc<V>>,
+        key: &TokenKey,
+        token: std::sync::Arc<V>,
+        started: u64,
+        what: &'static str,
+    ) where
+        V: Expires + Send + Sync + 'static,
+    {
+        let expires_in_secs = time_left(token.expires_at()).as_secs();
+        self.keep(cache, key, token, started);
+        tracing::debug!(
+            user_id = &*crate::logsafe::capped(&key.user_id),
+            connection = key.connection.as_str(),
+            expires_in_secs,
+            what,
+            "token kept"
+        );
+    }
+
     /// Whether `forget(user_id)` was called after logical time `started`.
     fn forgotten_since(&self, user_id: &str, started: u64) -> bool {
         if self.last_forget.load(Ordering::SeqCst) < started {

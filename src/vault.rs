@@ -235,13 +235,12 @@ impl TokenVault {
         stats::token_vault_exchange(&need.key.connection, "ok", elapsed);
         self.note_connection(&need.key.connection);
         let token = Arc::new(VaultToken::from(exchanged));
-        self.forgetting
-            .keep(&self.tokens, need.key, token.clone(), started);
-        tracing::debug!(
-            user_id = &*capped(&need.key.user_id),
-            connection = need.key.connection.as_str(),
-            expires_in_secs = kept::time_left(token.expires_at).as_secs(),
-            "Token Vault token exchanged"
+        self.forgetting.keep_token(
+            &self.tokens,
+            need.key,
+            token.clone(),
+            started,
+            "Token Vault exchange",
         );
         token
     }

@@ -36,9 +36,9 @@ pub const SUBJECT_TOKEN_TYP: &str = "token-vault-req+jwt";
 pub const SUBJECT_AUDIT_CONTEXT: &str =
     "tokenbroker: an internal service allowed by the broker's policy asked for the user's token of this connection";
 
-/// Claims of a client assertion.
+/// The claims every JWT the broker signs has: the client assertion's whole.
 #[derive(Serialize)]
-struct AssertionClaims<'a> {
+struct Claims<'a> {
     iss: &'a str,
     sub: &'a str,
     aud: &'a str,
@@ -47,15 +47,26 @@ struct AssertionClaims<'a> {
     jti: String,
 }
 
-/// Claims of a Privileged Worker subject token.
+impl<'a> Claims<'a> {
+    /// Claims issued now, living [`JWT_LIFETIME_SECS`], with a new `jti`.
+    fn now(iss: &'a str, sub: &'a str, aud: &'a str) -> Self {
+        let iat = now_secs();
+        Self {
+            iss,
+            sub,
+            aud,
+            iat,
+            exp: iat + JWT_LIFETIME_SECS,
+            jti: unique_id(),
+        }
+    }
+}
+
+/// Claims of a Privileged Worker subject token: the common ones, and why.
 #[derive(Serialize)]
 struct SubjectClaims<'a> {
-    iss: &'a str,
-    sub: &'a str,
-    aud: &'a str,
-    iat: u64,
-    exp: u64,
-    jti: String,
+    #[serde(flatten)]
+    claims: Claims<'a>,
     audit_context: &'static str,
 }
 
@@ -69,15 +80,7 @@ pub(super) struct Issuer<'a> {
 impl Issuer<'_> {
     /// A new client assertion signed with `key`.
     pub(super) fn client_assertion(&self, key: &SigningKeyFile) -> Result<SecretString, SignError> {
-        let iat = now_secs();
-        let claims = AssertionClaims {
-            iss: self.client_id,
-            sub: self.client_id,
-            aud: self.audience,
-            iat,
-            exp: iat + JWT_LIFETIME_SECS,
-            jti: unique_id(),
-        };
+        let claims = Claims::now(self.client_id, self.client_id, self.audience);
         key.sign("client assertion", None, &claims)
     }
 
@@ -87,14 +90,8 @@ impl Issuer<'_> {
         key: &SigningKeyFile,
         user_id: &str,
     ) -> Result<SecretString, SignError> {
-        let iat = now_secs();
         let claims = SubjectClaims {
-            iss: self.client_id,
-            sub: user_id,
-            aud: self.audience,
-            iat,
-            exp: iat + JWT_LIFETIME_SECS,
-            jti: unique_id(),
+            claims: Claims::now(self.client_id, user_id, self.audience),
             audit_context: SUBJECT_AUDIT_CONTEXT,
         };
         key.sign(

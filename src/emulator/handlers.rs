@@ -220,14 +220,20 @@ fn vault_refusal(refusal: VaultRefusal) -> Reject {
 }
 
 fn vault_response(grant: VaultGrant) -> Response {
-    let body = json!({
-        "access_token": grant.access_token,
-        "expires_in": grant.expires_in,
-        "scope": grant.scope,
-        "issued_token_type": "http://auth0.com/oauth/token-type/federated-connection-access-token",
-        "token_type": "Bearer",
-    });
+    let mut body = token_body(&grant.access_token, grant.expires_in, grant.scope);
+    body["issued_token_type"] =
+        Value::from("http://auth0.com/oauth/token-type/federated-connection-access-token");
     (StatusCode::OK, Json(body)).into_response()
+}
+
+/// The fields every successful token answer has, Auth0's and the IdP's alike.
+fn token_body(access_token: &str, expires_in: u64, scope: &str) -> Value {
+    json!({
+        "access_token": access_token,
+        "expires_in": expires_in,
+        "scope": scope,
+        "token_type": "Bearer",
+    })
 }
 
 /// Reads a form or JSON body, as Auth0 accepts both.
@@ -276,12 +282,7 @@ fn check_audience(state: &Shared, audience: Option<&str>) -> Result<(), Reject> 
 }
 
 fn grant_response(grant: Grant) -> Response {
-    let body = json!({
-        "access_token": grant.access_token,
-        "expires_in": grant.expires_in,
-        "scope": grant.scope,
-        "token_type": "Bearer",
-    });
+    let body = token_body(&grant.access_token, grant.expires_in, &grant.scope);
     (StatusCode::OK, Json(body)).into_response()
 }
 
@@ -518,12 +519,7 @@ fn refresh_grant(state: &Shared, request: &RefreshRequest) -> Result<IdpGrant, R
 }
 
 fn refresh_response(grant: IdpGrant) -> Response {
-    let mut body = json!({
-        "access_token": grant.access_token,
-        "expires_in": grant.expires_in,
-        "scope": grant.scope,
-        "token_type": "Bearer",
-    });
+    let mut body = token_body(&grant.access_token, grant.expires_in, grant.scope);
     if let Some(refresh_token) = grant.refresh_token {
         body["refresh_token"] = Value::from(refresh_token);
     }

@@ -318,13 +318,12 @@ impl IdpRefresher {
                 .keep(&self.rotations, need.key, Arc::new(rotation), started);
         }
         let token = Arc::new(fresh.token);
-        self.forgetting
-            .keep(&self.tokens, need.key, token.clone(), started);
-        tracing::debug!(
-            user_id = &*capped(&need.key.user_id),
-            connection = need.key.connection.as_str(),
-            expires_in_secs = kept::time_left(token.expires_at).as_secs(),
-            "IdP token refreshed"
+        self.forgetting.keep_token(
+            &self.tokens,
+            need.key,
+            token.clone(),
+            started,
+            "IdP refresh",
         );
         token
     }

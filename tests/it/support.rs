@@ -277,14 +277,29 @@ fn assertion_key(
     write_file(&path, pem, true).expect("write assertion key");
     let key = SigningKeyFile::open("AUTH0_CLIENT_ASSERTION_KEY_FILE", &path, None)
         .expect("assertion key reads");
-    let public = key.public_key_pem();
-    emulator
-        .set_client_assertion_keys(&[&public])
-        .expect("emulator takes the key");
-    emulator
-        .set_token_vault_subject_keys(&[&public])
-        .expect("emulator takes the key");
+    register_assertion_key(emulator, &key.public_key_pem());
     (path, Arc::new(key))
+}
+
+/// Registers `public_pem` with `emulator` as the client's `private_key_jwt`
+/// credential and as its Token Vault Privileged Worker key.
+pub fn register_assertion_key(emulator: &Emulator, public_pem: &str) {
+    emulator
+        .set_client_assertion_keys(&[public_pem])
+        .expect("emulator takes the key");
+    emulator
+        .set_token_vault_subject_keys(&[public_pem])
+        .expect("emulator takes the key");
+}
+
+/// The public half of `private_pem`, as a tenant registers it.
+pub fn public_key_pem(private_pem: &str) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("key.pem");
+    std::fs::write(&path, private_pem).expect("write key");
+    SigningKeyFile::open("TEST_KEY", &path, None)
+        .expect("a fixture key")
+        .public_key_pem()
 }
 
 /// A running broker, its emulator and the PKI around them.

@@ -8,7 +8,6 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use tokenbroker::auth0::SigningKeyFile;
 use tokenbroker::emulator::keys::{
     CLIENT_ASSERTION_KEY_1, CLIENT_ASSERTION_KEY_2, CLIENT_ASSERTION_KEY_3,
 };
@@ -19,7 +18,8 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 use crate::support::{
-    bounded, eventually, get_on, get_request, Options, TestBroker, CLIENT_ID, CLIENT_SECRET,
+    bounded, eventually, get_on, get_request, public_key_pem, Options, TestBroker, CLIENT_ID,
+    CLIENT_SECRET,
 };
 
 const CREDENTIALS: Credentials<'static> = Credentials {
@@ -58,16 +58,6 @@ fn vault_request_for(min_valid_for: Duration) -> GetIdpTokenRequest {
         min_valid_for: Some(prost_types::Duration::try_from(min_valid_for).expect("duration")),
         ..vault_request()
     }
-}
-
-/// The public half of `private_pem`, as a tenant registers it.
-fn public_pem(private_pem: &str) -> String {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("key.pem");
-    std::fs::write(&path, private_pem).expect("write key");
-    SigningKeyFile::open("TEST_KEY", &path, None)
-        .expect("fixture key")
-        .public_key_pem()
 }
 
 fn now_secs() -> u64 {
@@ -194,7 +184,7 @@ async fn the_broker_authenticates_with_a_client_assertion_and_no_secret() {
 async fn the_tenant_refuses_a_replayed_a_misaddressed_an_expired_or_a_foreign_assertion() {
     let emulator = CREDENTIALS.start_emulator().await.expect("emulator");
     emulator
-        .set_client_assertion_keys(&[&public_pem(CLIENT_ASSERTION_KEY_1)])
+        .set_client_assertion_keys(&[&public_key_pem(CLIENT_ASSERTION_KEY_1)])
         .expect("key registers");
     let base = emulator.base_url();
     let good = assertion(CLIENT_ASSERTION_KEY_1, &base, |_| {});
@@ -247,7 +237,7 @@ async fn a_rotated_assertion_key_is_used_without_restart() {
     // The tenant now knows only key 2, and the broker's file holds it.
     broker
         .emulator
-        .set_client_assertion_keys(&[&public_pem(CLIENT_ASSERTION_KEY_2)])
+        .set_client_assertion_keys(&[&public_key_pem(CLIENT_ASSERTION_KEY_2)])
         .expect("key registers");
     let key_path = broker.assertion_key_path.clone().expect("a key file");
     std::fs::write(&key_path, CLIENT_ASSERTION_KEY_2).expect("rotate the key file");

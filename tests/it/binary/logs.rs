@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokenbroker::auth0::SigningKeyFile;
 use tokenbroker::emulator::keys::CLIENT_ASSERTION_KEY_1;
 use tokenbroker::emulator::{seed, Emulator, Endpoint, Fault, IdTokenSpec, Signing};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
@@ -16,7 +15,7 @@ use tonic::transport::Channel;
 use super::{terminate, ClientAuth, ServedBinary};
 use crate::support::{
     bypass_request, get_on, get_request, invalidate_on, list_on, mtls_channel, mtls_client,
-    send_raw,
+    public_key_pem, register_assertion_key, send_raw,
 };
 
 /// Every seeded user with each provider it has an identity for (or no token).
@@ -325,18 +324,8 @@ async fn token_vault_logs_never_contain_an_assertion_a_subject_token_the_key_or_
         client_secret: "vault-logs-secret-never-used",
     };
     let emulator = credentials.start_emulator().await.expect("emulator starts");
+    register_assertion_key(&emulator, &public_key_pem(CLIENT_ASSERTION_KEY_1));
     let dir = tempfile::tempdir().expect("temp dir");
-    let key_path = dir.path().join("key.pem");
-    std::fs::write(&key_path, CLIENT_ASSERTION_KEY_1).expect("write key");
-    let public = SigningKeyFile::open("TEST_KEY", &key_path, None)
-        .expect("fixture key")
-        .public_key_pem();
-    emulator
-        .set_client_assertion_keys(&[&public])
-        .expect("key registers");
-    emulator
-        .set_token_vault_subject_keys(&[&public])
-        .expect("key registers");
     let connections = dir.path().join("connections.toml");
     let vault_connection = format!(
         "[[connection]]\nname = \"{}\"\nsource = \"token-vault\"\n",
