@@ -96,6 +96,7 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Re
             connections: Some(connections_path),
             ..args.common.freshness_settings()
         },
+        fleet: args.common.fleet_settings()?,
     };
     let broker = Broker::new(
         settings,

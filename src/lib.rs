@@ -17,6 +17,8 @@
 //!   user (shared by [`idp`] and [`vault`]).
 //! * [`vault`] — Auth0 Token Vault tokens (`source = "token-vault"`): one exchange per user
 //!   and connection at a time, kept while usable.
+//! * [`fleet`] — with `--redis-url`: the shared tier under moka, the fleet-wide single
+//!   flight, one Auth0 budget and invalidation across replicas (Redis or Valkey).
 //! * [`selection`] — which identity a request means (pure).
 //! * [`service`] — the gRPC service: proto types, deadlines, audit events.
 //! * [`error`] — the broker's error enum and its mapping to gRPC status.
@@ -47,6 +49,7 @@ pub mod connections;
 pub mod dev;
 pub mod emulator;
 pub mod error;
+pub mod fleet;
 pub mod id_token;
 pub mod idp;
 pub mod kept;

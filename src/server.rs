@@ -23,6 +23,7 @@ use crate::auth0::{Auth0Client, Auth0Error, Auth0Settings, OutboundLimits, Signi
 use crate::budget::{CallerBudgets, ShareSettings};
 use crate::cache::{CacheSettings, IdentityStore};
 use crate::connections::ConnectionsStore;
+use crate::fleet::{Fleet, FleetError, FleetSettings};
 use crate::id_token::{IdTokenSettings, IdTokenVerifier};
 use crate::listener::{self, ConnectionLimits};
 use crate::policy::{PolicyError, PolicyStore};
@@ -79,6 +80,9 @@ pub struct BrokerSettings {
     pub audit: AuditSettings,
     /// The connections file, `min_valid_for` default, IdP refreshes.
     pub freshness: FreshnessSettings,
+    /// `None` unless `--redis-url` is set: a broker alone, with no Redis
+    /// code on any path.
+    pub fleet: Option<FleetSettings>,
 }
 
 /// Service name whose health status means "ready to hand out tokens".
@@ -123,6 +127,8 @@ pub enum ServerError {
     Audit(#[from] AuditSetupError),
     #[error(transparent)]
     Freshness(#[from] FreshnessError),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
     #[error("gRPC server task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -139,6 +145,7 @@ impl ServerError {
                 | Self::Metrics(_)
                 | Self::Audit(_)
                 | Self::Freshness(_)
+                | Self::Fleet(_)
         )
     }
 }
@@ -181,6 +188,7 @@ impl Broker {
             id_token,
             audit,
             freshness,
+            fleet,
         } = settings;
         let audit = audit.open()?;
         let connections = freshness.open_connections()?;
@@ -192,14 +200,24 @@ impl Broker {
             share: resilience.caller_share,
             max_wait: resilience.outbound.max_wait,
         });
-        let auth0 = Auth0Client::with_limits(auth0, resilience.outbound)?
+        let fleet = fleet.as_ref().map(Fleet::open).transpose()?.map(Arc::new);
+        let mut auth0 = Auth0Client::with_limits(auth0, resilience.outbound)?
             .keeping_refresh_tokens(crate::service::fresh::refresh_token_filter(&connections));
+        if let Some(fleet) = &fleet {
+            let limits = resilience.outbound;
+            auth0 = auth0.with_shared_budget(fleet.budget(limits.rate_per_second, limits.burst));
+        }
+        // One client for the store and the Token Vault: one gate, one budget.
         let fresh = freshness.open(connections, auth0.clone(), auth0_timeout)?;
         let id_tokens = id_token.map(|settings| IdTokenVerifier::new(settings, &auth0));
+        let store = Arc::new(
+            IdentityStore::new(auth0, cache)
+                .with_stale_if_error(resilience.stale_if_error)
+                .with_fleet(fleet),
+        );
+        store.join_fleet();
         Ok(Self {
-            store: Arc::new(
-                IdentityStore::new(auth0, cache).with_stale_if_error(resilience.stale_if_error),
-            ),
+            store,
             policy: Arc::new(policy),
             budgets: Arc::new(budgets),
             tls: Arc::new(tls),

@@ -23,8 +23,12 @@ USAGE: cargo bench --bench load -- [FLAGS]
   --skip-memory            skip the memory phase
   --deadline-ms D          send grpc-timeout D ms with every load request (0: none) [0]
   --stale-if-error-secs S  the broker's stale-if-error window (0: off)       [600]
-  --audit-log              format audit events as production does (JSON
-                           tracing subscriber writing to a sink)
+  --bare-config            the broker without audit trail, metrics and policy
+                           (the default is the production configuration:
+                           audit to a file with a key, metrics, a policy)
+  --stale-users U          stale users refreshed at the (emulated) IdP      [100]
+  --stale-requests Q       concurrent requests over the stale users         [1000]
+  --skip-stale             skip the stale-token phase
   --only broker|baseline   load only one server (for profiling)
   --help                   this text
 
@@ -52,12 +56,18 @@ pub struct Args {
     pub skip_memory: bool,
     /// `grpc-timeout` of every load request in ms; 0: none.
     pub deadline_ms: u64,
-    /// Install a JSON tracing subscriber, so audit events are formatted.
-    pub audit_log: bool,
     /// Load only `broker` or only `baseline`.
     pub only: Option<String>,
     /// The broker's stale-if-error window.
     pub stale_if_error: Duration,
+    /// `--bare-config`: no audit trail, no metrics recorder, allow-any policy.
+    pub bare: bool,
+    /// `--stale-users`: users whose token must be refreshed at the IdP.
+    pub stale_users: usize,
+    /// `--stale-requests`: requests sent at once over those users.
+    pub stale_requests: usize,
+    /// `--skip-stale`: no stale-token phase.
+    pub skip_stale: bool,
 }
 
 impl Default for Args {
@@ -72,7 +82,10 @@ impl Default for Args {
             memory_users: 100_000,
             skip_memory: false,
             deadline_ms: 0,
-            audit_log: false,
+            bare: false,
+            stale_users: 100,
+            stale_requests: 1000,
+            skip_stale: false,
             only: None,
             stale_if_error: DEFAULT_STALE_IF_ERROR,
         }
@@ -113,7 +126,10 @@ pub fn parse_args(raw: &[String]) -> Result<Option<Args>, String> {
             "--memory-users" => args.memory_users = number(flag)?.max(1) as usize,
             "--skip-memory" => args.skip_memory = true,
             "--deadline-ms" => args.deadline_ms = number(flag)?,
-            "--audit-log" => args.audit_log = true,
+            "--bare-config" => args.bare = true,
+            "--stale-users" => args.stale_users = number(flag)?.max(1) as usize,
+            "--stale-requests" => args.stale_requests = number(flag)?.max(1) as usize,
+            "--skip-stale" => args.skip_stale = true,
             "--stale-if-error-secs" => {
                 args.stale_if_error = Duration::from_secs(number(flag)?);
             }

@@ -7,10 +7,11 @@ use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use tokenbroker::audit::AuditSettings;
+use tokenbroker::audit::{AuditSettings, SinkTarget};
 use tokenbroker::auth0::OutboundLimits;
 use tokenbroker::cache::{CacheSettings, DEFAULT_USER_MAX_BYTES};
 use tokenbroker::listener::ConnectionLimits;
+use tokenbroker::pki::write_file;
 use tokenbroker::pki::IssuedCertificate;
 use tokenbroker::policy::{Policy, PolicyStore};
 use tokenbroker::server::{Broker, BrokerSettings, ResilienceSettings, RunSettings};
@@ -69,7 +70,70 @@ pub struct Upstream {
 /// The broker as production runs it (service, health, reflection, policy,
 /// audit), in process on port 0, with a Management token already obtained so
 /// no measured request pays for it.
-pub async fn start_broker(pki: &Pki, upstream: Upstream) -> StartedBroker {
+/// The configuration production runs beside the settings above: the audit
+/// trail to a file with its HMAC key, a policy listing the load's caller, and
+/// the connections file that refreshes Google at the emulator's IdP (the
+/// stale-token phase). `--bare-config` leaves out the audit and the policy.
+pub struct Production {
+    pub audit: AuditSettings,
+    pub policy: PolicyStore,
+    pub connections: Option<std::path::PathBuf>,
+}
+
+impl Production {
+    /// Writes the files under the bench PKI's directory.
+    pub fn for_run(pki: &Pki, emulator: &tokenbroker::emulator::Emulator, bare: bool) -> Self {
+        use secrecy::ExposeSecret;
+        let secret = pki.kit.path("idp-client-secret");
+        write_file(&secret, emulator.idp_client_secret().expose_secret(), true)
+            .expect("IdP client secret");
+        let connections = pki.kit.path("connections.toml");
+        let text = format!(
+            "[[connection]]\nname = \"google-oauth2\"\nrefresh = \"idp\"\ntoken_url = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n",
+            emulator.idp_token_url(),
+            emulator.idp_client_id(),
+            secret.display()
+        );
+        write_file(&connections, &text, false).expect("connections file");
+        if bare {
+            return Self {
+                connections: Some(connections),
+                ..Self::bare()
+            };
+        }
+        let key = pki.kit.path("audit.key");
+        write_file(&key, AUDIT_KEY_BASE64, true).expect("audit key");
+        let policy = Policy::parse(
+            &format!("[[caller]]\nid = \"{CALLER}\"\nproviders = [\"*\"]\n"),
+            std::path::Path::new("bench-policy.toml"),
+        )
+        .expect("bench policy");
+        Self {
+            audit: AuditSettings {
+                target: SinkTarget::File(pki.kit.path("audit.log")),
+                key_file: Some(key),
+            },
+            policy: PolicyStore::fixed(policy),
+            connections: Some(connections),
+        }
+    }
+
+    /// No audit, allow-any, no connections file: the memory phase, whose
+    /// emulator runs in a child process (audit and policy add no memory per
+    /// cached user).
+    pub fn bare() -> Self {
+        Self {
+            audit: AuditSettings::off(),
+            policy: PolicyStore::fixed(Policy::allow_any()),
+            connections: None,
+        }
+    }
+}
+
+/// The bench's audit key (base64 of 32 bytes).
+const AUDIT_KEY_BASE64: &str = "YmVuY2gtYXVkaXQta2V5LTAwMDAwMDAwMDAwMDAwMDA=";
+
+pub async fn start_broker(pki: &Pki, upstream: Upstream, production: &Production) -> StartedBroker {
     let settings = BrokerSettings {
         auth0: CREDENTIALS.auth0_settings(upstream.base_url, upstream.audience),
         resilience: ResilienceSettings {
@@ -85,11 +149,15 @@ pub async fn start_broker(pki: &Pki, upstream: Upstream) -> StartedBroker {
             negative_ttl: Duration::from_secs(30),
         },
         id_token: None,
-        audit: AuditSettings::off(),
-        freshness: tokenbroker::service::fresh::FreshnessSettings::default(),
+        audit: production.audit.clone(),
+        freshness: tokenbroker::service::fresh::FreshnessSettings {
+            connections: production.connections.clone(),
+            ..Default::default()
+        },
+        fleet: None,
     };
     let tls = pki.kit.tls_store().expect("tls config");
-    let policy = PolicyStore::fixed(Policy::allow_any());
+    let policy = PolicyStore::fixed(production.policy.current().as_ref().clone());
     let broker = Broker::new(settings, policy, tls).expect("broker builds");
     let run = RunSettings {
         shutdown_grace: Duration::from_secs(1),

@@ -20,6 +20,7 @@ mod cold;
 mod load;
 mod memory;
 mod report;
+mod stale;
 mod stats;
 mod users;
 
@@ -58,17 +59,23 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if args.audit_log {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if !args.bare {
+        // Production: JSON diagnostics at info (what `serve` installs; the
+        // per-RPC lines are at debug) and the Prometheus recorder.
         tracing_subscriber::fmt()
             .json()
             .with_writer(std::io::sink)
             .with_env_filter("info")
             .init();
+        runtime.block_on(async {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+            tokenbroker::stats::install_exporter(addr).expect("metrics recorder");
+        });
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     runtime.block_on(run(args));
 }
 
@@ -96,6 +103,7 @@ async fn run(args: Args) {
     for index in 0..args.users {
         emulator.upsert_user(github_user(LOAD_USER_BASE + index as u64));
     }
+    let stale_ids = stale::seed_stale_users(&emulator, args.stale_users);
     let broker = start_broker(
         &pki,
         Upstream {
@@ -104,6 +112,7 @@ async fn run(args: Args) {
             capacity: (args.users as u64).max(100_000),
             stale_if_error: args.stale_if_error,
         },
+        &broker::Production::for_run(&pki, &emulator, args.bare),
     )
     .await;
     let broker_channels = connect_many(broker.addr, &pki, args.connections).await;
@@ -139,6 +148,11 @@ async fn run(args: Args) {
         }
     }
     let auth0_calls = emulator.calls();
+    let stale = if args.skip_stale {
+        None
+    } else {
+        Some(stale::stale_phase(&emulator, &broker_channels, &stale_ids, args.stale_requests).await)
+    };
     drop(broker_channels);
     drop(baseline_channels);
     stop_broker(broker).await;
@@ -159,6 +173,9 @@ async fn run(args: Args) {
         auth0_calls,
     });
     report::cold_path(&cold);
+    if let Some(stale) = stale {
+        report::stale(&stale);
+    }
     if let Some(memory) = memory {
         report::memory(&memory);
     }

@@ -194,6 +194,7 @@ pub async fn memory(pki: &Pki, args: &Args) -> Memory {
             capacity: total as u64 + 1_000,
             stale_if_error: args.stale_if_error,
         },
+        &crate::broker::Production::bare(),
     )
     .await;
     let channels = connect_many(broker.addr, pki, args.connections).await;

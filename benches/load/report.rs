@@ -40,17 +40,26 @@ pub fn header(args: &Args, cores: usize) {
         } else {
             String::new()
         },
-        if args.audit_log {
-            ", audit log formatted"
+        if args.bare {
+            ", bare configuration"
         } else {
-            ""
+            ", production configuration"
         },
     );
-    println!(
-        "broker: policy allow-any, user TTL 1 h, stale-if-error {} s, Auth0 limits raised \
-         (100000/s, 64 in flight)",
-        args.stale_if_error.as_secs()
-    );
+    if args.bare {
+        println!(
+            "broker: policy allow-any, no audit trail, no metrics recorder, user TTL 1 h, \
+             stale-if-error {} s, Auth0 limits raised (100000/s, 64 in flight)",
+            args.stale_if_error.as_secs()
+        );
+    } else {
+        println!(
+            "broker: policy listing the load's caller, audit trail to a file with token_hmac \
+             (HMAC key), Prometheus metrics recorder, JSON diagnostics at info, user TTL 1 h, \
+             stale-if-error {} s, Auth0 limits raised (100000/s, 64 in flight)",
+            args.stale_if_error.as_secs()
+        );
+    }
 }
 
 /// One round's line, as it ends; `server` is `broker:` or `baseline:`.
@@ -200,4 +209,30 @@ pub fn memory(memory: &Memory) {
         memory.net_per_user(),
         verdict(memory.net_per_user() <= KIB)
     );
+}
+
+/// The stale-token phase.
+pub fn stale(stale: &crate::stale::Stale) {
+    println!();
+    println!(
+        "== stale tokens: {} requests at once over {} users whose profile token is dead ({} errors)",
+        stale.requests, stale.users, stale.errors
+    );
+    println!(
+        "IdP refreshes {} (one per user), Auth0 user reads {}",
+        stale.idp_calls, stale.auth0_user_reads
+    );
+    println!("| | p50 µs | p99 µs | mean µs |");
+    println!("|---|---:|---:|---:|");
+    for (name, latencies) in [
+        ("refresh path (first wave)", &stale.refresh),
+        ("cache hit of the refreshed token", &stale.hit),
+    ] {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} |",
+            latencies.percentile_us(0.50),
+            latencies.percentile_us(0.99),
+            latencies.mean_us()
+        );
+    }
 }

@@ -34,7 +34,7 @@ pub use assertion::{SUBJECT_AUDIT_CONTEXT, SUBJECT_TOKEN_TYP};
 pub use jwks::JwksSource;
 pub use keys::{KeyFileError, SignError, SigningKeyFile};
 pub use model::{Identity, UserIdentities, IDP_TOKENS_SCOPE};
-pub use outbound::OutboundLimits;
+pub use outbound::{OutboundLimits, SharedAdmission, SharedBudget};
 pub use token::{ExchangedToken, VaultRequest};
 
 use model::ManagementToken;
@@ -158,6 +158,19 @@ impl Auth0Client {
     pub fn keeping_refresh_tokens(mut self, filter: RefreshTokenFilter) -> Self {
         self.keeps_refresh_token = filter;
         self
+    }
+
+    /// The same client, with every Management API request also taking a
+    /// slot of `budget` (a fleet's one Auth0 budget); its own rate limit
+    /// then only decides while `budget` is unavailable. Call it before the
+    /// client is cloned: clones share the gate, and one already shared is
+    /// replaced by a new gate of the same limits for this client only.
+    pub fn with_shared_budget(self, budget: std::sync::Arc<dyn SharedBudget>) -> Self {
+        let outbound = Arc::try_unwrap(self.outbound).unwrap_or_else(|shared| shared.same_limits());
+        Self {
+            outbound: Arc::new(outbound.with_shared_budget(budget)),
+            ..self
+        }
     }
 }
 

@@ -6,10 +6,17 @@
 //! One call, attempts and waits included, also never outlives its time budget
 //! (`--auth0-timeout`): without it a hanging Auth0 held a caller without a
 //! deadline for attempts × timeout (30 s with the defaults).
+//!
+//! In a fleet the rate limit is one budget for every replica: a
+//! [`SharedBudget`] (the fleet's, in Redis) is asked first, and the local
+//! governor limiter only when the shared budget cannot answer.
 
 use std::future::Future;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -61,9 +68,33 @@ impl Default for OutboundLimits {
     }
 }
 
+/// What a [`SharedBudget`] says about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedAdmission {
+    /// The request has its slot: send it.
+    Go,
+    /// No slot before this much time has passed; ask again then.
+    Wait(Duration),
+    /// The shared budget could not be asked (its store is down or slow):
+    /// this broker falls back to its own limiter.
+    Unavailable,
+}
+
+/// A rate limit several brokers share, so that together they keep the
+/// configured Auth0 rate and burst (the tenant's quota is tenant-wide). The
+/// fleet implements it over Redis; a broker alone has none.
+pub trait SharedBudget: Send + Sync {
+    /// Takes one request's slot if there is one now. Boxed: only requests
+    /// to Auth0 pay for it, never a cache hit.
+    fn admit(&self) -> BoxFuture<'_, SharedAdmission>;
+}
+
 /// The gate every Auth0 request passes.
 pub struct Outbound {
+    /// This broker's own limit: the only one alone, the fallback in a fleet.
     limiter: DefaultDirectRateLimiter,
+    /// The fleet's budget, asked before `limiter` when set.
+    shared: Option<Arc<dyn SharedBudget>>,
     in_flight: Semaphore,
     limits: OutboundLimits,
     /// How long one call may take, attempts and waits included.
@@ -77,10 +108,28 @@ impl Outbound {
         let quota = Quota::per_second(limits.rate_per_second).allow_burst(limits.burst);
         Self {
             limiter: RateLimiter::direct(quota),
+            shared: None,
             in_flight: Semaphore::new(limits.max_in_flight.max(1)),
             limits,
             call_timeout,
         }
+    }
+
+    /// A new gate with the same limits, call timeout and shared budget (its
+    /// own limiter and in-flight bound start afresh).
+    pub fn same_limits(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            ..Self::new(self.limits, self.call_timeout)
+        }
+    }
+
+    /// The same gate, asking `shared` for each request's slot first (the
+    /// fleet's one budget), and its own limiter only when `shared` is
+    /// unavailable.
+    pub fn with_shared_budget(mut self, shared: Arc<dyn SharedBudget>) -> Self {
+        self.shared = Some(shared);
+        self
     }
 
     /// Runs `attempt` within the limits, retrying transient failures, for at
@@ -138,18 +187,12 @@ impl Outbound {
         let give_up_at = deadline
             .unwrap_or_else(|| Instant::now() + self.limits.max_wait)
             .min(budget_end);
-        while let Err(not_until) = self.limiter.check() {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            if Instant::now() + wait >= give_up_at {
-                stats::ratelimit_rejection();
-                tracing::warn!(
-                    wait_ms = wait.as_millis() as u64,
-                    "Auth0 request refused: client-side rate limit"
-                );
-                return Err(Auth0Error::Throttled { retry_after: wait });
-            }
-            stats::ratelimit_wait();
-            tokio::time::sleep(wait).await;
+        let shared_said = match &self.shared {
+            Some(shared) => Self::admit_shared(shared.as_ref(), give_up_at).await?,
+            None => SharedAdmission::Unavailable,
+        };
+        if shared_said == SharedAdmission::Unavailable {
+            self.admit_local(give_up_at).await?;
         }
         match tokio::time::timeout_at(give_up_at, self.in_flight.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
@@ -157,6 +200,47 @@ impl Outbound {
                 retry_after: Duration::from_millis(100),
             }),
         }
+    }
+
+    /// A slot of the fleet's budget, waiting for it while the wait ends
+    /// before `give_up_at`; [`SharedAdmission::Unavailable`] when the budget
+    /// cannot be asked (the local limiter then decides).
+    async fn admit_shared(
+        shared: &dyn SharedBudget,
+        give_up_at: Instant,
+    ) -> Result<SharedAdmission, Auth0Error> {
+        loop {
+            match shared.admit().await {
+                SharedAdmission::Wait(wait) => Self::wait_or_refuse(wait, give_up_at).await?,
+                decided => return Ok(decided),
+            }
+        }
+    }
+
+    /// A slot of this broker's own limiter, waiting for it while the wait
+    /// ends before `give_up_at`.
+    async fn admit_local(&self, give_up_at: Instant) -> Result<(), Auth0Error> {
+        while let Err(not_until) = self.limiter.check() {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            Self::wait_or_refuse(wait, give_up_at).await?;
+        }
+        Ok(())
+    }
+
+    /// Sleeps `wait`, or refuses at once (THROTTLED) when the wait would end
+    /// at or after `give_up_at`.
+    async fn wait_or_refuse(wait: Duration, give_up_at: Instant) -> Result<(), Auth0Error> {
+        if Instant::now() + wait >= give_up_at {
+            stats::ratelimit_rejection();
+            tracing::warn!(
+                wait_ms = wait.as_millis() as u64,
+                "Auth0 request refused: client-side rate limit"
+            );
+            return Err(Auth0Error::Throttled { retry_after: wait });
+        }
+        stats::ratelimit_wait();
+        tokio::time::sleep(wait).await;
+        Ok(())
     }
 }
 
@@ -314,6 +398,94 @@ mod tests {
         assert!(matches!(result, Err(Auth0Error::RateLimited { .. })));
         assert_eq!(started.elapsed(), Duration::ZERO, "gave up at once");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// A shared budget that answers from a script, then "go".
+    struct ScriptedBudget {
+        answers: std::sync::Mutex<Vec<SharedAdmission>>,
+        asked: AtomicU32,
+    }
+
+    impl SharedBudget for ScriptedBudget {
+        fn admit(&self) -> BoxFuture<'_, SharedAdmission> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            let next = self.answers.lock().unwrap().pop();
+            Box::pin(async move { next.unwrap_or(SharedAdmission::Go) })
+        }
+    }
+
+    fn scripted(mut answers: Vec<SharedAdmission>) -> Arc<ScriptedBudget> {
+        answers.reverse();
+        Arc::new(ScriptedBudget {
+            answers: std::sync::Mutex::new(answers),
+            asked: AtomicU32::new(0),
+        })
+    }
+
+    fn tight_limits() -> OutboundLimits {
+        OutboundLimits {
+            rate_per_second: NonZeroU32::new(1).unwrap(),
+            burst: NonZeroU32::new(1).unwrap(),
+            ..limits(1)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_budget_decides_instead_of_the_local_limiter() {
+        let budget = scripted(vec![SharedAdmission::Wait(Duration::from_millis(300))]);
+        let outbound = Outbound::new(tight_limits(), Duration::from_secs(60))
+            .with_shared_budget(budget.clone());
+        let started = Instant::now();
+        for _ in 0..3 {
+            outbound
+                .call("test", None, || async { Ok::<_, Auth0Error>(()) })
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(300),
+            "one shared wait, no local one"
+        );
+        assert_eq!(budget.asked.load(Ordering::SeqCst), 4);
+    }
+
+    /// Real time: governor's clock is not tokio's paused one.
+    #[tokio::test]
+    async fn an_unavailable_shared_budget_falls_back_to_the_local_limiter() {
+        let budget = scripted(vec![SharedAdmission::Unavailable; 2]);
+        let limits = OutboundLimits {
+            rate_per_second: NonZeroU32::new(10).unwrap(),
+            ..tight_limits()
+        };
+        let outbound = Outbound::new(limits, Duration::from_secs(60)).with_shared_budget(budget);
+        let started = Instant::now();
+        for _ in 0..2 {
+            outbound
+                .call("test", None, || async { Ok::<_, Auth0Error>(()) })
+                .await
+                .unwrap();
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(90),
+            "the local limit of 10/s, burst 1, held: {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_wait_past_the_deadline_is_refused_at_once() {
+        let budget = scripted(vec![SharedAdmission::Wait(Duration::from_secs(5))]);
+        let outbound =
+            Outbound::new(tight_limits(), Duration::from_secs(60)).with_shared_budget(budget);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let result = outbound
+            .call("test", Some(deadline), || async { Ok::<_, Auth0Error>(()) })
+            .await;
+        assert!(
+            matches!(result, Err(Auth0Error::Throttled { .. })),
+            "{result:?}"
+        );
     }
 
     #[test]

@@ -45,6 +45,26 @@ impl CachedUser {
         Instant::now() < self.fresh_until
     }
 
+    /// The same entry, fresh for at most `limit` from now (a shared value
+    /// is fresh no longer than where it was read from).
+    pub(super) fn fresh_for_at_most(mut self, limit: Duration) -> Self {
+        self.fresh_until = self.fresh_until.min(Instant::now() + limit);
+        self
+    }
+
+    /// How long the entry stays fresh from now (what the fleet's copy may live).
+    pub(super) fn fresh_left(&self) -> Duration {
+        self.fresh_until.saturating_duration_since(Instant::now())
+    }
+
+    /// The user found, or `None` when Auth0 has no such user.
+    pub(super) fn found(&self) -> Option<&UserIdentities> {
+        match &self.state {
+            UserState::Found(user) => Some(user),
+            UserState::NotFound => None,
+        }
+    }
+
     /// How old the entry is, if it may be served stale: a found user none
     /// of whose tokens is known to have expired (while Auth0 fails, an
     /// expired token is UNAVAILABLE, not a reason to send the user back).

@@ -12,11 +12,17 @@
 //! invalidation stamps are only consulted when some invalidation happened
 //! after the entry was read.
 //!
+//! In a fleet (`--redis-url`) a miss asks the shared tier before Auth0,
+//! and invalidations go to every replica (`shared.rs`, over `fleet`); a hit
+//! is the same as alone.
+//!
 //! Here: the store and its reads; `expiry.rs` holds an entry's lifetime
-//! rules, `weigh.rs` its weight. Auth0 (`auth0::Auth0Client::read_user`) is
-//! asked for a user and keeps its own Management token.
+//! rules, `weigh.rs` its weight, `shared.rs` the fleet's part of a miss.
+//! Auth0 (`auth0::Auth0Client::read_user`) is asked for a user and keeps its
+//! own Management token.
 
 mod expiry;
+mod shared;
 #[cfg(test)]
 mod tests;
 mod weigh;
@@ -32,6 +38,7 @@ use tokio::time::Instant as Deadline;
 use crate::auth0::{Auth0Client, Auth0Error, UserIdentities};
 use crate::budget::CallerShare;
 use crate::error::BrokerError;
+use crate::fleet::Fleet;
 use crate::stats::{self, CacheOutcome};
 use crate::user_id::UserId;
 use expiry::{CachedUser, UserExpiry, UserState};
@@ -106,6 +113,12 @@ pub struct IdentityStore {
     invalidated_at: SyncCache<UserId, u64>,
     /// How often a stale entry was served because Auth0 failed.
     stale_serves: AtomicU64,
+    /// Clock value of the latest time everything was dropped (the fleet's
+    /// channel came back after an outage): entries read before it are
+    /// superseded, like those of an invalidated user.
+    forgot_all_at: AtomicU64,
+    /// The shared tier under moka, when the broker runs in a fleet.
+    fleet: Option<Arc<Fleet>>,
     settings: CacheSettings,
 }
 
@@ -147,6 +160,8 @@ impl IdentityStore {
             last_invalidation: AtomicU64::new(0),
             invalidated_at: stamps_cache(&settings, DEFAULT_STALE_IF_ERROR),
             stale_serves: AtomicU64::new(0),
+            forgot_all_at: AtomicU64::new(0),
+            fleet: None,
             settings,
         }
     }
@@ -201,10 +216,26 @@ impl IdentityStore {
     ) -> Result<Lookup, BrokerError> {
         let started = Instant::now();
         self.mark_invalidated(user_id);
-        share.spend(deadline).await?;
         // Boxed like the read in `cached_or_read`: see there.
-        let cached = Box::pin(self.read_and_keep(user_id, deadline)).await?;
+        let cached = Box::pin(self.fresh_read(user_id, share, deadline)).await?;
         Self::answer(cached, started)
+    }
+
+    /// The read of `reread`: alone, this caller's share then Auth0; in a
+    /// fleet, the user is first forgotten fleet-wide and its lock taken, so
+    /// others wait for this read and get its result.
+    async fn fresh_read(
+        &self,
+        user_id: &UserId,
+        share: CallerShare<'_>,
+        deadline: Option<Deadline>,
+    ) -> Result<CachedUser, BrokerError> {
+        let Some(fleet) = &self.fleet else {
+            share.spend(deadline).await?;
+            return Ok(self.read_and_keep(user_id, deadline).await?);
+        };
+        let guard = fleet.take_over(user_id).await;
+        self.read_as_holder(user_id, guard, share, deadline).await
     }
 
     fn answer(cached: CachedUser, started: Instant) -> Result<Lookup, BrokerError> {
@@ -273,6 +304,10 @@ impl IdentityStore {
         if entry.read_started > self.last_invalidation.load(Ordering::SeqCst) {
             return false;
         }
+        let forgot_all = self.forgot_all_at.load(Ordering::SeqCst);
+        if entry.read_started < forgot_all && forgot_all < before {
+            return true;
+        }
         self.invalidated_at
             .get(user_id)
             .is_some_and(|invalidated| entry.read_started < invalidated && invalidated < before)
@@ -340,10 +375,7 @@ impl IdentityStore {
             .reads
             .try_get_with_by_ref(user_id, async {
                 ran_here.store(true, Ordering::Relaxed);
-                share.spend(deadline).await?;
-                self.read_and_keep(user_id, deadline)
-                    .await
-                    .map_err(BrokerError::from)
+                self.read_missing(user_id, share, deadline).await
             })
             .await;
         // The read is over and its waiters have their answer: the next miss
@@ -357,6 +389,21 @@ impl IdentityStore {
         })
     }
 
+    /// The read of a user missing from `users` (or held only stale): alone,
+    /// this caller's share then Auth0; in a fleet, the shared tier first.
+    async fn read_missing(
+        &self,
+        user_id: &UserId,
+        share: CallerShare<'_>,
+        deadline: Option<Deadline>,
+    ) -> Result<CachedUser, BrokerError> {
+        if let Some(fleet) = &self.fleet {
+            return self.read_through(fleet, user_id, share, deadline).await;
+        }
+        share.spend(deadline).await?;
+        Ok(self.read_and_keep(user_id, deadline).await?)
+    }
+
     /// Reads the user from Auth0 and caches the answer, unless an
     /// invalidation came while the read was under way.
     async fn read_and_keep(
@@ -365,15 +412,28 @@ impl IdentityStore {
         deadline: Option<Deadline>,
     ) -> Result<CachedUser, Auth0Error> {
         let read = self.read_user(user_id, deadline).await?;
-        if !self.superseded(user_id, &read, u64::MAX) {
-            self.users.insert(user_id.clone(), read.clone());
-        }
+        self.keep(user_id, &read);
         Ok(read)
     }
 
+    /// Caches `read`, unless an invalidation came after it started.
+    fn keep(&self, user_id: &UserId, read: &CachedUser) {
+        if !self.superseded(user_id, read, u64::MAX) {
+            self.users.insert(user_id.clone(), read.clone());
+        }
+    }
+
     /// Drops the cached user, so the next lookup reads Auth0 (and no stale
-    /// copy of it is ever served).
+    /// copy of it is ever served); in a fleet, on every replica.
     pub async fn invalidate(&self, user_id: &UserId) {
+        self.forget_user(user_id);
+        if let Some(fleet) = &self.fleet {
+            fleet.invalidate(user_id).await;
+        }
+    }
+
+    /// Drops the cached user here only.
+    fn forget_user(&self, user_id: &UserId) {
         self.mark_invalidated(user_id);
         self.users.invalidate(user_id);
     }

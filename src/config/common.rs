@@ -12,6 +12,7 @@ use super::ConfigError;
 use crate::audit::{AuditSettings, SinkTarget};
 use crate::auth0::OutboundLimits;
 use crate::cache::CacheSettings;
+use crate::fleet::FleetSettings;
 use crate::id_token::IdTokenSettings;
 use crate::listener::{
     ConnectionLimits, DEFAULT_HEALTH_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_CONCURRENT_STREAMS,
@@ -156,6 +157,26 @@ pub struct CommonArgs {
     /// Longest one request may take, body included, before it is ended with CANCELLED.
     #[arg(long, env = "TOKENBROKER_REQUEST_TIMEOUT", default_value_t = crate::listener::DEFAULT_REQUEST_TIMEOUT.into())]
     pub request_timeout: humantime::Duration,
+
+    /// Redis or Valkey the replicas share (`redis://`, `rediss://` for TLS): one cache tier, one Auth0 read per user and one Auth0 budget for the fleet, InvalidateUser on every replica. Unset: this replica alone.
+    #[arg(long, env = "TOKENBROKER_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// PEM CA bundle trusted for `rediss://` instead of the system roots.
+    #[arg(long, env = "TOKENBROKER_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// Base64 of 32 random bytes (`openssl rand -base64 32`), the same on every replica: seals what the fleet keeps in Redis and names its keys. Required with --redis-url.
+    #[arg(long, env = "TOKENBROKER_CACHE_KEY_FILE")]
+    pub cache_key_file: Option<PathBuf>,
+
+    /// Bound on each Redis call; past it the replica serves alone (moka, Auth0, its own budget) until Redis answers again.
+    #[arg(long, env = "TOKENBROKER_REDIS_TIMEOUT", default_value_t = crate::fleet::DEFAULT_REDIS_TIMEOUT.into())]
+    pub redis_timeout: humantime::Duration,
+
+    /// Life of a replica's fleet-wide lock on a user's Auth0 read: how long the others wait for a replica that died mid-read.
+    #[arg(long, env = "TOKENBROKER_REDIS_LOCK_TTL", default_value_t = crate::fleet::DEFAULT_LOCK_TTL.into())]
+    pub redis_lock_ttl: humantime::Duration,
 }
 
 impl CommonArgs {
@@ -295,6 +316,38 @@ impl CommonArgs {
     }
 }
 
+impl CommonArgs {
+    /// Validated fleet settings: `None` without a Redis URL (and then no
+    /// other fleet setting may be given, as it would do nothing).
+    pub fn fleet_settings(&self) -> Result<Option<FleetSettings>, ConfigError> {
+        let url = self.redis_url.as_deref().map(str::trim).unwrap_or_default();
+        if url.is_empty() {
+            return match (&self.cache_key_file, &self.redis_ca_file) {
+                (Some(_), _) => Err(ConfigError::WithoutRedis {
+                    name: "TOKENBROKER_CACHE_KEY_FILE",
+                }),
+                (None, Some(_)) => Err(ConfigError::WithoutRedis {
+                    name: "TOKENBROKER_REDIS_CA_FILE",
+                }),
+                (None, None) => Ok(None),
+            };
+        }
+        let key_file = self
+            .cache_key_file
+            .clone()
+            .ok_or(ConfigError::CacheKeyMissing)?;
+        require_positive("TOKENBROKER_REDIS_TIMEOUT", *self.redis_timeout)?;
+        require_positive("TOKENBROKER_REDIS_LOCK_TTL", *self.redis_lock_ttl)?;
+        Ok(Some(FleetSettings {
+            url: url.to_owned().into(),
+            ca_file: self.redis_ca_file.clone(),
+            key_file,
+            timeout: *self.redis_timeout,
+            lock_ttl: *self.redis_lock_ttl,
+        }))
+    }
+}
+
 fn require_at_least_one<T: Default + PartialEq>(
     name: &'static str,
     value: T,
@@ -349,6 +402,31 @@ mod tests {
         let run = args.run_settings().expect("valid");
         assert_eq!(run.shutdown_grace, crate::server::DEFAULT_SHUTDOWN_GRACE);
         assert_eq!(run.reload_interval, crate::server::DEFAULT_RELOAD_INTERVAL);
+    }
+
+    #[test]
+    fn without_a_redis_url_there_is_no_fleet_and_fleet_flags_are_refused() {
+        assert!(common_args(&[]).fleet_settings().expect("valid").is_none());
+        let stray = common_args(&["--cache-key-file=/k"]).fleet_settings();
+        assert!(matches!(
+            stray,
+            Err(ConfigError::WithoutRedis {
+                name: "TOKENBROKER_CACHE_KEY_FILE"
+            })
+        ));
+    }
+
+    #[test]
+    fn a_redis_url_needs_the_cache_key_and_takes_the_fleet_defaults() {
+        let missing = common_args(&["--redis-url=redis://127.0.0.1:6379"]).fleet_settings();
+        assert!(matches!(missing, Err(ConfigError::CacheKeyMissing)));
+        let fleet = common_args(&["--redis-url=redis://127.0.0.1:6379", "--cache-key-file=/k"])
+            .fleet_settings()
+            .expect("valid")
+            .expect("a fleet");
+        assert_eq!(fleet.timeout, crate::fleet::DEFAULT_REDIS_TIMEOUT);
+        assert_eq!(fleet.lock_ttl, crate::fleet::DEFAULT_LOCK_TTL);
+        assert_eq!(fleet.key_file, PathBuf::from("/k"));
     }
 
     #[test]

@@ -181,6 +181,10 @@ pub enum ConfigError {
     NoPolicy,
     #[error("give either TOKENBROKER_POLICY or --allow-any-caller, not both")]
     PolicyAndAllowAny,
+    #[error("TOKENBROKER_REDIS_URL needs TOKENBROKER_CACHE_KEY_FILE, the same on every replica: it seals what the fleet keeps in Redis (make one with `openssl rand -base64 32`)")]
+    CacheKeyMissing,
+    #[error("{name} only applies with TOKENBROKER_REDIS_URL, which is not set")]
+    WithoutRedis { name: &'static str },
 }
 
 impl ServeArgs {
@@ -232,6 +236,7 @@ impl ServeArgs {
                 id_token,
                 audit: self.common.audit_settings(),
                 freshness: self.common.freshness_settings(),
+                fleet: self.common.fleet_settings()?,
             },
         })
     }

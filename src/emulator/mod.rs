@@ -51,7 +51,6 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-use crate::idp::IdpClient;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -251,16 +250,6 @@ impl Emulator {
     /// The client secret the IdP's token endpoint accepts.
     pub fn idp_client_secret(&self) -> SecretString {
         self.state.idp_client_secret().clone()
-    }
-
-    /// The OAuth client to refresh as at the emulated IdP: its token URL, client id and
-    /// secret.
-    pub fn idp_client(&self) -> IdpClient {
-        IdpClient {
-            token_url: self.idp_token_url(),
-            client_id: self.idp_client_id(),
-            client_secret: self.idp_client_secret(),
-        }
     }
 
     /// Makes the IdP honour `refresh_token` (besides the seeded ones), so tests can give

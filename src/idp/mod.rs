@@ -3,7 +3,7 @@
 //! Auth0 keeps the token an IdP gave at sign-in on the user's profile and never
 //! refreshes it: `identities[].expires_in` is the lifetime it had then, so the
 //! profile's token can be long dead. For connections the operator marks
-//! `refresh = "idp"` (see [`crate::connections`]) the broker posts the
+//! `refresh = "idp"` (see the `connections` module) the broker posts the
 //! identity's `refresh_token` to the IdP's token endpoint and hands out the
 //! fresh token, or says clearly that the user must reconnect
 //! ([`IdpError::InvalidGrant`]).

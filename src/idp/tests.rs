@@ -10,6 +10,15 @@ use tokio::time::Instant;
 use super::*;
 use crate::emulator::{seed, Emulator, EmulatorConfig, Endpoint, Fault};
 
+/// The OAuth client to refresh as at the emulated IdP.
+fn idp_client(emulator: &Emulator) -> IdpClient {
+    IdpClient {
+        token_url: emulator.idp_token_url(),
+        client_id: emulator.idp_client_id(),
+        client_secret: emulator.idp_client_secret(),
+    }
+}
+
 const CONNECTION: &str = "google-oauth2";
 /// What most tests ask for: a token good for another minute.
 const A_MINUTE: Duration = Duration::from_secs(60);
@@ -47,7 +56,7 @@ async fn token_for(
     refresh_token: &str,
     min_valid_for: Duration,
 ) -> Result<Arc<Refreshed>, IdpError> {
-    let client = emu.idp_client();
+    let client = idp_client(emu);
     let refresh_token = secret(refresh_token);
     refresher
         .token(&key(user_id), &refresh_token, &client, min_valid_for, None)
@@ -295,7 +304,7 @@ async fn a_wrong_client_is_client_rejected_and_not_retried() {
     let refresher = refresher();
     let client = IdpClient {
         client_secret: secret("not-the-secret"),
-        ..emu.idp_client()
+        ..idp_client(&emu)
     };
     let refresh_token = secret(seed::STALE_GOOGLE_REFRESH_TOKEN);
     let key = key(seed::STALE_GOOGLE_USER);
@@ -339,7 +348,7 @@ async fn an_oversized_body_is_unavailable_and_not_read_whole() {
 async fn no_wait_or_attempt_starts_past_the_deadline() {
     let emu = emulator().await;
     let refresher = refresher();
-    let client = emu.idp_client();
+    let client = idp_client(&emu);
     let refresh_token = secret(seed::STALE_GOOGLE_REFRESH_TOKEN);
     let key = key(seed::STALE_GOOGLE_USER);
 
@@ -421,7 +430,7 @@ async fn no_public_type_or_error_shows_a_secret() {
     let revoked = revoked_user_token(&refresher, &emu).await.unwrap_err();
     let shown = [
         format!("{token:?}"),
-        format!("{:?}", emu.idp_client()),
+        format!("{:?}", idp_client(&emu)),
         format!("{:?}", key(seed::STALE_GOOGLE_USER)),
         format!("{refresher:?}"),
         format!("{revoked} {revoked:?}"),

@@ -4,12 +4,15 @@
 mod audit;
 mod binary;
 mod caching;
+mod fleet;
 mod floods;
+mod fresh_tokens;
 mod hardening;
 mod hostile_auth0;
 mod id_tokens;
 mod lifecycle;
 mod policy;
+mod rate;
 mod resilience;
 mod security;
 mod status_codes;

@@ -12,6 +12,7 @@ use tokenbroker::emulator::{seed, Endpoint, Fault};
 use tonic::Code;
 use tonic_types::StatusExt;
 
+use crate::rate::{assert_within_limit, rate_limited, sample_while};
 use crate::support::{get_on, get_request, Options, TestBroker};
 
 fn limits(rate: u32, burst: u32, max_wait: Duration) -> OutboundLimits {
@@ -165,14 +166,7 @@ async fn a_burst_of_cold_users_never_exceeds_the_rate_limit() {
     const USERS: usize = 100;
     const RATE: u32 = 10;
     const BURST: u32 = 10;
-    let broker = warm(Options {
-        outbound: limits(RATE, BURST, Duration::from_secs(30)),
-        // The last reads wait ~9 s for a slot; in production max_wait and the
-        // call budget are the one --auth0-timeout.
-        auth0_request_timeout: Some(Duration::from_secs(30)),
-        ..Options::default()
-    })
-    .await;
+    let broker = warm(rate_limited(RATE, BURST)).await;
     let users: Vec<String> = (0..USERS)
         .map(|index| {
             let (user_id, user) = synthetic_user(index);
@@ -183,24 +177,16 @@ async fn a_burst_of_cold_users_never_exceeds_the_rate_limit() {
     // The warm-up used limiter cells; let the bucket refill before measuring.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let client = broker.client().await;
-    let started = Instant::now();
     let requests = users.iter().chain(users.iter()).map(|user_id| {
         let mut client = client.clone();
         let user_id = user_id.clone();
         tokio::spawn(async move { get_on(&mut client, get_request(&user_id, "github")).await })
     });
-    let all = futures::future::join_all(requests);
-    tokio::pin!(all);
-    let mut samples = Vec::new();
-    let results = loop {
-        tokio::select! {
-            results = &mut all => break results,
-            () = tokio::time::sleep(Duration::from_millis(100)) => {
-                samples.push((started.elapsed(), broker.emulator.calls().users));
-            }
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "bounded");
-    };
+    let (results, samples) = sample_while(
+        || broker.emulator.calls().users,
+        futures::future::join_all(requests),
+    )
+    .await;
     for result in results {
         result
             .expect("task")
@@ -211,13 +197,7 @@ async fn a_burst_of_cold_users_never_exceeds_the_rate_limit() {
         USERS as u64,
         "one read per user"
     );
-    for (elapsed, calls) in samples {
-        let allowed = f64::from(BURST) + f64::from(RATE) * elapsed.as_secs_f64() + 1.0;
-        assert!(
-            (calls as f64) <= allowed,
-            "{calls} calls after {elapsed:?}, limit allows {allowed}"
-        );
-    }
+    assert_within_limit(&samples, RATE, BURST);
     broker.stop().await;
 }
 

@@ -190,6 +190,52 @@ pub async fn send_raw(channel: Channel, method: &str, body: Vec<u8>) -> Status {
     .expect_err("a malformed request is refused")
 }
 
+/// A connections file for a test: these connections refreshed at the
+/// emulator's IdP, these listed with `refresh = "none"`, and these served
+/// by Token Vault (`source = "token-vault"`).
+#[derive(Clone, Default)]
+pub struct TestConnections {
+    pub refreshed_at_idp: Vec<&'static str>,
+    pub not_refreshed: Vec<&'static str>,
+    pub token_vault: Vec<&'static str>,
+}
+
+/// Writes `connections` as TOML at `path`, the IdP client secret beside it.
+pub fn write_connections(
+    path: &std::path::Path,
+    connections: &TestConnections,
+    emulator: &Emulator,
+) {
+    use secrecy::ExposeSecret;
+    let secret_path = path.with_file_name("idp-client-secret");
+    write_file(
+        &secret_path,
+        emulator.idp_client_secret().expose_secret(),
+        true,
+    )
+    .expect("write the IdP client secret");
+    let mut text = String::new();
+    for name in &connections.refreshed_at_idp {
+        text.push_str(&format!(
+            "[[connection]]\nname = \"{name}\"\nrefresh = \"idp\"\ntoken_url = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n\n",
+            emulator.idp_token_url(),
+            emulator.idp_client_id(),
+            secret_path.display()
+        ));
+    }
+    for name in &connections.not_refreshed {
+        text.push_str(&format!(
+            "[[connection]]\nname = \"{name}\"\nrefresh = \"none\"\n\n"
+        ));
+    }
+    for name in &connections.token_vault {
+        text.push_str(&format!(
+            "[[connection]]\nname = \"{name}\"\nsource = \"token-vault\"\n\n"
+        ));
+    }
+    write_file(path, &text, false).expect("write the connections file");
+}
+
 /// How a test wants its broker.
 pub struct Options {
     pub cache: CacheSettings,
@@ -218,17 +264,19 @@ pub struct Options {
     pub audit: AuditSettings,
     /// The connections file and `min_valid_for` default.
     pub freshness: FreshnessSettings,
+    /// Writes a connections file before the broker starts (the emulator's
+    /// IdP address is only known then); see [`TestConnections`].
+    pub connections: Option<TestConnections>,
     /// `--auth0-timeout`: how long one whole call to Auth0 may take; `None`: 10 s.
     pub auth0_request_timeout: Option<Duration>,
     /// Least time between two unknown-`kid` JWKS refreshes; `None`: the default (30 s).
     pub id_token_min_refresh_interval: Option<Duration>,
+    /// Redis and the cache key of a fleet (`tests/it/fleet.rs`); `None`: a broker alone.
+    pub fleet: Option<tokenbroker::fleet::FleetSettings>,
     /// A client assertion key (PEM): the broker authenticates with
     /// `private_key_jwt` and no secret, and the emulator registers the key's
     /// public half for client assertions and Token Vault subject tokens.
     pub assertion_key: Option<&'static str>,
-    /// A connections file (TOML), written beside the policy; `None`: the
-    /// file of `freshness`, if any.
-    pub connections_toml: Option<String>,
 }
 
 impl Default for Options {
@@ -252,10 +300,11 @@ impl Default for Options {
             caller_share: 1.0,
             audit: AuditSettings::off(),
             freshness: FreshnessSettings::default(),
+            connections: None,
             auth0_request_timeout: None,
             id_token_min_refresh_interval: None,
+            fleet: None,
             assertion_key: None,
-            connections_toml: None,
             run: RunSettings {
                 shutdown_grace: Duration::from_secs(20),
                 reload_interval: Duration::from_millis(100),
@@ -314,6 +363,8 @@ pub struct TestBroker {
     /// Where the server's certificate, key, client CA and policy files live.
     pub files: TlsFiles,
     pub policy_path: std::path::PathBuf,
+    /// Where [`Options::connections`] is written (to rewrite it in a test).
+    pub connections_path: std::path::PathBuf,
     /// The live TLS material, to check reload counters.
     pub tls: Arc<TlsStore>,
     /// The broker's audit trail, to reopen its file as SIGHUP would.
@@ -369,12 +420,6 @@ impl TestBroker {
             credential,
             ..defaults
         };
-        let mut freshness = options.freshness.clone();
-        if let Some(toml) = &options.connections_toml {
-            let path = pki.path("connections.toml");
-            write_file(&path, toml, false).expect("write connections");
-            freshness.connections = Some(path);
-        }
         let id_token = (!options.id_token_audiences.is_empty()).then(|| {
             let defaults =
                 IdTokenSettings::new(auth0.base_url.clone(), options.id_token_audiences.clone());
@@ -390,6 +435,17 @@ impl TestBroker {
             stale_if_error: options.stale_if_error,
             caller_share: options.caller_share,
         };
+        let connections_path = pki.path("connections.toml");
+        let freshness = match &options.connections {
+            Some(connections) => {
+                write_connections(&connections_path, connections, &emulator);
+                FreshnessSettings {
+                    connections: Some(connections_path.clone()),
+                    ..options.freshness.clone()
+                }
+            }
+            None => options.freshness.clone(),
+        };
         let settings = BrokerSettings {
             auth0,
             resilience,
@@ -397,6 +453,7 @@ impl TestBroker {
             id_token,
             audit: options.audit.clone(),
             freshness,
+            fleet: options.fleet.clone(),
         };
         let tls = pki.tls_store().expect("tls config");
         let broker = Broker::new(settings, policy, tls).expect("broker builds");
@@ -419,6 +476,7 @@ impl TestBroker {
             ca,
             files,
             policy_path,
+            connections_path,
             client_cert,
             assertion_key_path: assertion_key.map(|(path, _)| path),
             _dir: dir,

@@ -18,8 +18,8 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 use crate::support::{
-    bounded, eventually, get_on, get_request, public_key_pem, Options, TestBroker, CLIENT_ID,
-    CLIENT_SECRET,
+    bounded, eventually, get_on, get_request, public_key_pem, Options, TestBroker, TestConnections,
+    CLIENT_ID, CLIENT_SECRET,
 };
 
 const CREDENTIALS: Credentials<'static> = Credentials {
@@ -29,11 +29,11 @@ const CREDENTIALS: Credentials<'static> = Credentials {
 
 /// The connections file of the Token Vault tests: the seeded vault
 /// connection's tokens come from Token Vault.
-fn vault_connections() -> String {
-    format!(
-        "[[connection]]\nname = \"{}\"\nsource = \"token-vault\"\n",
-        seed::TOKEN_VAULT_CONNECTION
-    )
+fn vault_connections() -> TestConnections {
+    TestConnections {
+        token_vault: vec![seed::TOKEN_VAULT_CONNECTION],
+        ..TestConnections::default()
+    }
 }
 
 /// A broker authenticating with `private_key_jwt` (key 1) whose vault
@@ -41,7 +41,7 @@ fn vault_connections() -> String {
 async fn vault_broker() -> TestBroker {
     TestBroker::start_with(Options {
         assertion_key: Some(CLIENT_ASSERTION_KEY_1),
-        connections_toml: Some(vault_connections()),
+        connections: Some(vault_connections()),
         ..Default::default()
     })
     .await

@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 use super::{terminate, ClientAuth, ServedBinary};
 use crate::support::{
     bypass_request, get_on, get_request, invalidate_on, list_on, mtls_channel, mtls_client,
-    public_key_pem, register_assertion_key, send_raw,
+    public_key_pem, register_assertion_key, send_raw, write_connections, TestConnections,
 };
 
 /// Every seeded user with each provider it has an identity for (or no token).
@@ -81,6 +81,21 @@ async fn exercise_everything(
         let _ = list_on(client, user).await;
         let _ = invalidate_on(client, user).await;
     }
+    // A refresh at the IdP, and a refresh the IdP refuses.
+    let refreshed = get_on(
+        client,
+        get_request(seed::STALE_GOOGLE_USER, "google-oauth2"),
+    )
+    .await
+    .expect("a stale Google token is refreshed at the IdP");
+    assert_ne!(refreshed.access_token, seed::STALE_GOOGLE_ACCESS_TOKEN);
+    released += 1;
+    let _ = get_on(
+        client,
+        get_request(seed::REVOKED_GOOGLE_USER, "google-oauth2"),
+    )
+    .await
+    .expect_err("a revoked refresh token means the user must reconnect");
     let _ = get_on(client, get_request("auth0|no-such-user-0001", "github")).await;
     let _ = get_on(client, get_request(seed::GITHUB_USER, "twitter")).await;
     let _ = get_on(client, get_request("bad\u{7}id", "")).await;
@@ -197,6 +212,10 @@ async fn logs_and_metrics_never_contain_a_token_or_the_client_secret() {
     assert!(
         !all.contains(CLIENT_SECRET),
         "the client secret leaked into the logs"
+    );
+    assert!(
+        !all.contains(super::AUDIT_KEY_BASE64),
+        "the audit key leaked into the logs"
     );
     assert!(
         !all.contains("emu_mgmt_"),
@@ -327,11 +346,11 @@ async fn token_vault_logs_never_contain_an_assertion_a_subject_token_the_key_or_
     register_assertion_key(&emulator, &public_key_pem(CLIENT_ASSERTION_KEY_1));
     let dir = tempfile::tempdir().expect("temp dir");
     let connections = dir.path().join("connections.toml");
-    let vault_connection = format!(
-        "[[connection]]\nname = \"{}\"\nsource = \"token-vault\"\n",
-        seed::TOKEN_VAULT_CONNECTION
-    );
-    std::fs::write(&connections, vault_connection).expect("write connections");
+    let vault = TestConnections {
+        token_vault: vec![seed::TOKEN_VAULT_CONNECTION],
+        ..TestConnections::default()
+    };
+    write_connections(&connections, &vault, &emulator);
     let connections = connections.display().to_string();
     let mut served = ServedBinary::start_as(
         &emulator,

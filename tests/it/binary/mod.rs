@@ -117,6 +117,9 @@ struct ServedBinary {
     stderr_path: PathBuf,
 }
 
+/// The audit key every served binary runs with (base64 of 32 bytes).
+pub const AUDIT_KEY_BASE64: &str = "Wk0c8vQ9j8yq3n2f4t6u8w0y2a4c6e8g0i2k4m6o8q0=";
+
 impl ServedBinary {
     fn start(
         emulator: &Emulator,
@@ -182,6 +185,20 @@ impl ServedBinary {
         };
         let policy_path = pki.path("policy.toml");
         write_file(&policy_path, policy, false).expect("write");
+        // Google refreshed at the emulator's IdP, so refresh tokens and the
+        // IdP client secret pass through the broker in every binary test.
+        let connections_path = pki.path("connections.toml");
+        crate::support::write_connections(
+            &connections_path,
+            &crate::support::TestConnections {
+                refreshed_at_idp: vec!["google-oauth2"],
+                not_refreshed: Vec::new(),
+                token_vault: Vec::new(),
+            },
+            emulator,
+        );
+        let audit_key = pki.path("audit.key");
+        write_file(&audit_key, AUDIT_KEY_BASE64, true).expect("write");
         let stdout_path = pki.path("stdout.log");
         let stderr_path = pki.path("stderr.log");
         let addr = free_loopback_addr();
@@ -198,6 +215,8 @@ impl ServedBinary {
             .env("TOKENBROKER_TLS_KEY", &pki.files.key)
             .env("TOKENBROKER_CLIENT_CA", &pki.files.client_ca)
             .env("TOKENBROKER_POLICY", policy_path)
+            .env("TOKENBROKER_CONNECTIONS", connections_path)
+            .env("TOKENBROKER_AUDIT_KEY_FILE", audit_key)
             .env("TOKENBROKER_LOG_FORMAT", log_format)
             .env("RUST_LOG", rust_log)
             .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))

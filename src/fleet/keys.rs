@@ -1,0 +1,161 @@
+//! The cache key file's two uses, each under its own subkey so that neither
+//! can stand in for the other: key names (HMAC-SHA256 of the user id, so a
+//! user id never appears in Redis) and sealing (AES-256-GCM with a random
+//! 96-bit nonce per value, so no token does).
+//!
+//! A sealed value is bound to the Redis key it is stored under (that key is
+//! its associated data): a value copied to another user's key, or sealed
+//! under another cache key, does not open, and a value that does not open is
+//! a miss.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::Aes256Gcm;
+use rand::RngCore;
+use ring::hmac;
+use secrecy::{ExposeSecret, SecretBox};
+use zeroize::Zeroizing;
+
+use crate::keyfile::KEY_BYTES;
+use crate::user_id::UserId;
+
+/// First byte of every sealed value: the format, so a later one can be told apart.
+const SEAL_VERSION: u8 = 1;
+/// AES-GCM nonce length: 96 bits, random per value.
+const NONCE_BYTES: usize = 12;
+/// What the subkeys are derived for (HMAC-SHA256 of the file's key over
+/// these labels): changing a label orphans every entry.
+const SEALING_LABEL: &[u8] = b"tokenbroker fleet v1: sealing";
+const NAMING_LABEL: &[u8] = b"tokenbroker fleet v1: key names";
+
+/// Prefix of every Redis key the broker writes, so an operator can tell them apart.
+pub(super) const KEY_PREFIX: &str = "tokenbroker:";
+
+/// Where one user's shared state lives in Redis. Both names carry the same
+/// hash tag, so they hash to one slot (scripts touch both).
+#[derive(Debug, Clone)]
+pub(super) struct UserSlot {
+    /// The sealed identities.
+    pub(super) value: String,
+    /// The fleet-wide single-flight lock of the user's Auth0 read.
+    pub(super) lock: String,
+}
+
+/// The subkeys derived from the cache key file.
+pub(super) struct FleetKeys {
+    /// Seals values and invalidation messages.
+    sealing: Aes256Gcm,
+    /// Names users' keys.
+    naming: hmac::Key,
+}
+
+impl FleetKeys {
+    /// The subkeys of the file's key.
+    pub(super) fn derive(file_key: &SecretBox<[u8; KEY_BYTES]>) -> Self {
+        let master = hmac::Key::new(hmac::HMAC_SHA256, file_key.expose_secret());
+        // An HMAC-SHA256 tag is 32 bytes: exactly an AES-256 key.
+        let mut sealing_key = Zeroizing::new([0u8; KEY_BYTES]);
+        sealing_key.copy_from_slice(hmac::sign(&master, SEALING_LABEL).as_ref());
+        let naming_key = hmac::sign(&master, NAMING_LABEL);
+        Self {
+            sealing: Aes256Gcm::new(&(*sealing_key).into()),
+            naming: hmac::Key::new(hmac::HMAC_SHA256, naming_key.as_ref()),
+        }
+    }
+
+    /// The user's keys: a hash of the user id, never the id.
+    pub(super) fn slot(&self, user_id: &UserId) -> UserSlot {
+        let tag = hmac::sign(&self.naming, user_id.as_str().as_bytes());
+        let name = hex::encode(tag.as_ref());
+        UserSlot {
+            value: format!("{KEY_PREFIX}u:{{{name}}}"),
+            lock: format!("{KEY_PREFIX}l:{{{name}}}"),
+        }
+    }
+
+    /// `plaintext` sealed and bound to `context` (the Redis key or channel
+    /// it goes to): version, nonce, ciphertext with its tag. `None` only past
+    /// AES-GCM's length limit (64 GiB), which nothing here comes near.
+    pub(super) fn seal(&self, context: &[u8], plaintext: &[u8]) -> Option<Vec<u8>> {
+        let mut nonce = [0u8; NONCE_BYTES];
+        rand::rng().fill_bytes(&mut nonce);
+        let payload = Payload {
+            msg: plaintext,
+            aad: context,
+        };
+        let ciphertext = self.sealing.encrypt(&nonce.into(), payload).ok()?;
+        let mut sealed = Vec::with_capacity(1 + NONCE_BYTES + ciphertext.len());
+        sealed.push(SEAL_VERSION);
+        sealed.extend_from_slice(&nonce);
+        sealed.extend_from_slice(&ciphertext);
+        Some(sealed)
+    }
+
+    /// The plaintext of `sealed` if it was sealed under these keys for
+    /// `context`; `None` for anything else (another key, another context,
+    /// tampered or truncated bytes). Zeroed when dropped.
+    pub(super) fn open(&self, context: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        let (&version, rest) = sealed.split_first()?;
+        if version != SEAL_VERSION || rest.len() < NONCE_BYTES {
+            return None;
+        }
+        let (nonce, ciphertext) = rest.split_at(NONCE_BYTES);
+        let nonce: [u8; NONCE_BYTES] = nonce.try_into().ok()?;
+        let payload = Payload {
+            msg: ciphertext,
+            aad: context,
+        };
+        self.sealing
+            .decrypt(&nonce.into(), payload)
+            .ok()
+            .map(Zeroizing::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(byte: u8) -> FleetKeys {
+        FleetKeys::derive(&SecretBox::new(Box::new([byte; KEY_BYTES])))
+    }
+
+    #[test]
+    fn sealed_values_open_only_under_the_same_key_and_context() {
+        let sealed = keys(1).seal(b"slot-a", b"gho_secret").unwrap();
+        assert_eq!(
+            keys(1).open(b"slot-a", &sealed).unwrap().as_slice(),
+            b"gho_secret"
+        );
+        assert!(keys(2).open(b"slot-a", &sealed).is_none(), "another key");
+        assert!(keys(1).open(b"slot-b", &sealed).is_none(), "another slot");
+        let mut tampered = sealed.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        assert!(keys(1).open(b"slot-a", &tampered).is_none(), "tampered");
+        assert!(
+            keys(1).open(b"slot-a", &sealed[..10]).is_none(),
+            "truncated"
+        );
+        assert!(keys(1).open(b"slot-a", &[]).is_none(), "empty");
+    }
+
+    #[test]
+    fn every_seal_has_its_own_nonce_and_hides_the_plaintext() {
+        let keys = keys(1);
+        let first = keys.seal(b"k", b"gho_secret").unwrap();
+        let second = keys.seal(b"k", b"gho_secret").unwrap();
+        assert_ne!(first, second);
+        assert!(!first.windows(10).any(|window| window == b"gho_secret"));
+    }
+
+    #[test]
+    fn key_names_hide_the_user_id_and_differ_by_key() {
+        let user = UserId::parse("github|1234567").unwrap();
+        let slot = keys(1).slot(&user);
+        assert!(!slot.value.contains("1234567"), "{}", slot.value);
+        assert!(slot.value.starts_with("tokenbroker:u:{"));
+        assert_eq!(slot.value.len(), "tokenbroker:u:{}".len() + 64);
+        assert_eq!(slot.value.replace(":u:", ":l:"), slot.lock);
+        assert_ne!(keys(2).slot(&user).value, slot.value);
+        assert_eq!(keys(1).slot(&user).value, slot.value, "stable");
+    }
+}
