@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use tokenbroker::audit::AuditSettings;
-use tokenbroker::auth0::{Auth0Settings, OutboundLimits};
+use tokenbroker::auth0::{Auth0Settings, ClientCredential, OutboundLimits};
 use tokenbroker::cache::{CacheSettings, IdentityStore, DEFAULT_USER_MAX_BYTES};
 use tokenbroker::emulator::{Emulator, EmulatorConfig};
 use tokenbroker::fleet::{FleetSettings, DEFAULT_LOCK_TTL};
@@ -175,7 +175,8 @@ async fn start_broker(
             base_url: emulator.base_url(),
             audience: emulator.audience(),
             client_id: CLIENT_ID.to_owned(),
-            client_secret: CLIENT_SECRET.to_owned().into(),
+            credential: ClientCredential::Secret(CLIENT_SECRET.to_owned().into()),
+            token_vault_subject_key: None,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
         },

@@ -1,14 +1,22 @@
 //! `tokenbroker dev`: the whole product on one machine with no Auth0 account.
 //! Starts the Auth0 emulator on loopback, makes (or reuses) a dev PKI, runs
 //! the broker with mTLS and prints grpcurl commands to try it.
+//!
+//! The dev broker authenticates with `private_key_jwt`, as a broker using
+//! Token Vault must: its key is the fixture `emulator::keys::CLIENT_ASSERTION_KEY_1`
+//! (ring cannot generate RSA keys, and a dev key is public anyway), written to
+//! the dev directory and registered with the emulator for client assertions
+//! and Token Vault subject tokens alike.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use crate::auth0::Auth0Settings;
+use std::sync::Arc;
+
+use crate::auth0::{Auth0Settings, ClientCredential, KeyFileError, SigningKeyFile};
 use crate::config::{ConfigError, DevArgs};
-use crate::emulator::{seed, Emulator, EmulatorConfig, IdTokenSpec};
+use crate::emulator::{keys, seed, Emulator, EmulatorConfig, IdTokenSpec};
 use crate::pki::{write_file, DevPki, PkiError, DEV_CLIENT_ID};
 use crate::policy::PolicyStore;
 use crate::server::{self, Broker, BrokerSettings, Listeners, ServerError};
@@ -35,6 +43,10 @@ pub enum DevError {
     Emulator(std::io::Error),
     #[error(transparent)]
     Server(#[from] ServerError),
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    #[error("the Auth0 emulator refused the dev key: {0}")]
+    EmulatorKey(String),
 }
 
 /// Runs emulator and broker until `shutdown`, then stops both.
@@ -46,18 +58,18 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Re
         crate::stats::install_exporter(addr).map_err(ServerError::from)?;
     }
     let pki = DevPki::load_or_create(&args.dir)?;
-    let client_secret = random_secret();
-    let emulator = Emulator::start(EmulatorConfig::new(
-        DEV_CLIENT_ID_AUTH0,
-        client_secret.clone(),
-    ))
-    .await
-    .map_err(DevError::Emulator)?;
+    // The emulator's client also has a secret, but refuses it once the key is
+    // registered: the dev broker holds none.
+    let emulator = Emulator::start(EmulatorConfig::new(DEV_CLIENT_ID_AUTH0, random_secret()))
+        .await
+        .map_err(DevError::Emulator)?;
+    let assertion_key = register_dev_key(&pki.dir, &emulator)?;
     let auth0 = Auth0Settings {
         base_url: emulator.base_url(),
         audience: emulator.audience(),
         client_id: DEV_CLIENT_ID_AUTH0.to_owned(),
-        client_secret: client_secret.into(),
+        credential: ClientCredential::AssertionKey(assertion_key),
+        token_vault_subject_key: None,
         connect_timeout: *args.common.auth0_connect_timeout,
         request_timeout: *args.common.auth0_timeout,
     };
@@ -111,8 +123,24 @@ fn write_dev_policy(dir: &Path) -> Result<PathBuf, DevError> {
     Ok(path)
 }
 
+/// Writes the dev client assertion key to `dir` (rewritten on every start:
+/// the emulator knows only this one) and registers its public half with the
+/// emulator for client assertions and Token Vault subject tokens.
+fn register_dev_key(dir: &Path, emulator: &Emulator) -> Result<Arc<SigningKeyFile>, DevError> {
+    let path = dir.join("client-assertion.pem");
+    write_file(&path, keys::CLIENT_ASSERTION_KEY_1, true)?;
+    let key = SigningKeyFile::open("dev client assertion key", &path, None)?;
+    let public = key.public_key_pem();
+    emulator
+        .set_client_assertion_keys(&[&public])
+        .and_then(|()| emulator.set_token_vault_subject_keys(&[&public]))
+        .map_err(DevError::EmulatorKey)?;
+    Ok(Arc::new(key))
+}
+
 /// Writes the connections file that sends `google-oauth2` refreshes to the
-/// emulator's IdP. Rewritten on every start: the emulator's port changes.
+/// emulator's IdP and takes the tokens of `google-vault` from Token Vault.
+/// Rewritten on every start: the emulator's port changes.
 fn write_dev_connections(dir: &Path, emulator: &Emulator) -> Result<PathBuf, DevError> {
     let secret_path = dir.join("idp-client-secret");
     write_file(
@@ -124,10 +152,12 @@ fn write_dev_connections(dir: &Path, emulator: &Emulator) -> Result<PathBuf, Dev
     let connections = format!(
         "# Written by `tokenbroker dev` on every start (the emulator's port changes).\n\
          [[connection]]\nname = \"google-oauth2\"\nrefresh = \"idp\"\n\
-         token_url = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n",
+         token_url = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n\n\
+         [[connection]]\nname = \"{}\"\nsource = \"token-vault\"\n",
         emulator.idp_token_url(),
         emulator.idp_client_id(),
-        absolute(&secret_path)
+        absolute(&secret_path),
+        seed::TOKEN_VAULT_CONNECTION
     );
     write_file(&path, &connections, false)?;
     Ok(path)
@@ -177,6 +207,11 @@ fn banner(pki: &DevPki, policy: &Path, listen: SocketAddr, emulator: &Emulator) 
         "grpcurl {tls_flags} -d '{{\"user_id\": \"{}\", \"provider\": \"google-oauth2\"}}' {target} tokenbroker.v1.TokenBroker/GetIdpToken",
         seed::STALE_GOOGLE_USER
     );
+    let vaulted = format!(
+        "grpcurl {tls_flags} -d '{{\"user_id\": \"{}\", \"connection\": \"{}\"}}' {target} tokenbroker.v1.TokenBroker/GetIdpToken",
+        seed::VAULT_USER,
+        seed::TOKEN_VAULT_CONNECTION
+    );
     let health = format!(
         "grpcurl {tls_flags} -d '{{\"service\": \"tokenbroker.v1.TokenBroker\"}}' {target} grpc.health.v1.Health/Check"
     );
@@ -212,6 +247,14 @@ fn banner(pki: &DevPki, policy: &Path, listen: SocketAddr, emulator: &Emulator) 
         ),
         String::new(),
         format!("  {refreshed}"),
+        String::new(),
+        format!(
+            "{}'s connection {} keeps its tokens in (emulated) Auth0 Token Vault: the broker signs a subject token and exchanges it (source TOKEN_SOURCE_TOKEN_VAULT, exact expiresAt):",
+            seed::VAULT_USER,
+            seed::TOKEN_VAULT_CONNECTION
+        ),
+        String::new(),
+        format!("  {vaulted}"),
         String::new(),
         format!("  {health}"),
         String::new(),

@@ -47,8 +47,16 @@ pub enum BrokerError {
     UserNotFound,
     #[error("the user has no identity for {wanted}")]
     NoIdentity { wanted: String },
-    #[error("{}", no_token_message(wanted, *scope_missing))]
-    NoToken { wanted: String, scope_missing: bool },
+    /// The identity carries no token on the profile. `token_vault_hint`
+    /// names its connection when Token Vault may be why: the Management
+    /// token may read IdP tokens, the connection is read from the profile
+    /// and its provider is one that stores tokens.
+    #[error("{}", no_token_message(wanted, *scope_missing, token_vault_hint.as_deref()))]
+    NoToken {
+        wanted: String,
+        scope_missing: bool,
+        token_vault_hint: Option<String>,
+    },
     /// The token is known to expire within `min_valid_for` and the broker
     /// has no way to refresh it: the user must sign in again.
     #[error("the {provider:?} token of connection {connection:?} expires too soon (within min_valid_for) and the broker cannot refresh it; the user must sign in again through that connection")]
@@ -61,6 +69,23 @@ pub enum BrokerError {
     UserMustReconnect {
         provider: String,
         connection: String,
+    },
+    /// Token Vault holds no usable token for the identity: none was stored
+    /// (the user never connected the account, or removed it), or Auth0
+    /// could not refresh it at the IdP. Only the user can mend it.
+    #[error("Auth0 Token Vault holds no usable {provider:?} token for connection {connection:?} ({code}); the user must connect that account again")]
+    TokenVaultEmpty {
+        provider: String,
+        connection: String,
+        code: String,
+    },
+    /// Auth0 refused the broker's own Token Vault exchange, or the broker
+    /// has no key to sign it with: an operator must act.
+    #[error("the broker cannot get tokens of connection {connection:?} from Auth0 Token Vault ({detail}); an operator must check the broker's Auth0 application (Token Vault grant, Privileged Worker key, IP allowlist, permissions) and its key settings")]
+    TokenVaultMisconfigured {
+        provider: String,
+        connection: String,
+        detail: String,
     },
     /// The IdP's token endpoint is unreachable, failing or rate-limiting.
     #[error(
@@ -93,7 +118,7 @@ pub enum BrokerError {
     /// The caller has spent its share of the Auth0 budget (`--auth0-caller-share`).
     #[error("this caller has spent its share of the broker's Auth0 budget; retry later")]
     CallerShareSpent { retry_after: Duration },
-    #[error("Auth0 rejected the broker's own credentials ({0}); an operator must fix AUTH0_CLIENT_ID/SECRET or the application's grants")]
+    #[error("Auth0 rejected the broker's own credentials ({0}); an operator must fix AUTH0_CLIENT_ID and its secret or assertion key, or the application's grants")]
     CredentialsRejected(String),
     #[error("the caller's deadline passed before Auth0 answered")]
     DeadlineExceeded,
@@ -110,15 +135,20 @@ pub enum BrokerError {
 /// `domain` of every `google.rpc.ErrorInfo` the broker sends.
 pub const ERROR_DOMAIN: &str = "tokenbroker";
 
-fn no_token_message(wanted: &str, scope_missing: bool) -> String {
+fn no_token_message(wanted: &str, scope_missing: bool, token_vault_hint: Option<&str>) -> String {
     if scope_missing {
-        format!(
+        return format!(
             "Auth0 returned no token for {wanted} because the broker's Management API token lacks read:user_idp_tokens; an operator must grant that scope"
-        )
-    } else {
-        format!(
+        );
+    }
+    match token_vault_hint {
+        Some(connection) => format!(
+            "Auth0 holds no access token for {wanted} on the user's profile; if Token Vault is on for connection {:?}, Auth0 keeps its tokens there instead: an operator must set source = \"token-vault\" for it in the connections file. Otherwise the user must sign in again through that connection",
+            capped(connection)
+        ),
+        None => format!(
             "Auth0 holds no access token for {wanted}; the user must sign in again through that connection"
-        )
+        ),
     }
 }
 
@@ -159,8 +189,22 @@ impl From<Auth0Error> for BrokerError {
                 message,
                 ..
             } => Self::InvalidUserId(format!("Auth0 refused the user_id: {message:?}")),
-            Auth0Error::Unexpected { .. } | Auth0Error::InvalidBody(_) => {
+            Auth0Error::Unexpected { .. } | Auth0Error::InvalidBody(_) | Auth0Error::Signing(_) => {
                 Self::Internal(error.to_string())
+            }
+            // The Token Vault path names provider and connection itself
+            // (`vault`); these are what a refusal says without them.
+            Auth0Error::NoTokenSet { code } => Self::TokenVaultEmpty {
+                provider: String::new(),
+                connection: String::new(),
+                code,
+            },
+            Auth0Error::NoSubjectKey | Auth0Error::ExchangeRefused { .. } => {
+                Self::TokenVaultMisconfigured {
+                    provider: String::new(),
+                    connection: String::new(),
+                    detail: error.to_string(),
+                }
             }
         }
     }
@@ -186,6 +230,8 @@ impl BrokerError {
             | Self::CredentialsRejected(_)
             | Self::TokenExpired { .. }
             | Self::UserMustReconnect { .. }
+            | Self::TokenVaultEmpty { .. }
+            | Self::TokenVaultMisconfigured { .. }
             | Self::ConnectionMisconfigured { .. } => Code::FailedPrecondition,
             Self::IdpUnavailable { .. } => Code::Unavailable,
             Self::Auth0Unavailable { .. }
@@ -221,9 +267,10 @@ impl BrokerError {
             | Self::IdTokensNotConfigured
             | Self::ManagementScopeMissing(_)
             | Self::CredentialsRejected(_)
+            | Self::TokenVaultMisconfigured { .. }
             | Self::ConnectionMisconfigured { .. } => "BROKER_MISCONFIGURED",
             Self::TokenExpired { .. } => "TOKEN_EXPIRED",
-            Self::UserMustReconnect { .. } => "USER_MUST_RECONNECT",
+            Self::UserMustReconnect { .. } | Self::TokenVaultEmpty { .. } => "USER_MUST_RECONNECT",
             Self::IdpUnavailable { .. } => "IDP_UNAVAILABLE",
             Self::Auth0Unavailable { .. } => "AUTH0_UNAVAILABLE",
             Self::Auth0RateLimited { .. } | Self::CallerShareSpent { .. } => "AUTH0_RATE_LIMITED",
@@ -260,11 +307,14 @@ impl BrokerError {
     /// ErrorInfo metadata: the provider a refusal is about, never a token,
     /// secret or user id.
     fn metadata(&self) -> HashMap<String, String> {
-        let pair = |provider: &str, connection: &str| {
-            HashMap::from([
-                ("provider".to_owned(), capped(provider).into_owned()),
-                ("connection".to_owned(), capped(connection).into_owned()),
-            ])
+        // Empty values are left out: a refusal made without the identity
+        // at hand (see `From<Auth0Error>`) names neither.
+        let pair = |provider: &str, connection: &str| -> HashMap<String, String> {
+            [("provider", provider), ("connection", connection)]
+                .into_iter()
+                .filter(|(_, value)| !value.is_empty())
+                .map(|(key, value)| (key.to_owned(), capped(value).into_owned()))
+                .collect()
         };
         match self {
             Self::ProviderDenied { provider } => {
@@ -282,10 +332,22 @@ impl BrokerError {
                 provider,
                 connection,
                 ..
-            } => pair(provider, connection),
-            Self::ConnectionMisconfigured { connection, .. } => {
-                HashMap::from([("connection".to_owned(), capped(connection).into_owned())])
             }
+            | Self::TokenVaultEmpty {
+                provider,
+                connection,
+                ..
+            }
+            | Self::TokenVaultMisconfigured {
+                provider,
+                connection,
+                ..
+            } => pair(provider, connection),
+            Self::ConnectionMisconfigured { connection, .. }
+            | Self::NoToken {
+                token_vault_hint: Some(connection),
+                ..
+            } => pair("", connection),
             _ => HashMap::new(),
         }
     }
@@ -298,6 +360,7 @@ impl BrokerError {
                 | Self::ManagementScopeMissing(_)
                 | Self::IdTokensNotConfigured
                 | Self::ConnectionMisconfigured { .. }
+                | Self::TokenVaultMisconfigured { .. }
                 | Self::Internal(_)
         ) || matches!(
             self,
@@ -378,12 +441,61 @@ mod tests {
         let scope = BrokerError::NoToken {
             wanted: "provider github".into(),
             scope_missing: true,
+            token_vault_hint: None,
         };
         assert!(scope.to_string().contains("read:user_idp_tokens"));
         let absent = BrokerError::NoToken {
             wanted: "provider github".into(),
             scope_missing: false,
+            token_vault_hint: None,
         };
         assert!(absent.to_string().contains("sign in again"));
+        assert!(!absent.to_string().contains("Token Vault"));
+    }
+
+    #[test]
+    fn a_missing_token_hints_at_token_vault_with_the_connection() {
+        let hinted = BrokerError::NoToken {
+            wanted: "the github identity".into(),
+            scope_missing: false,
+            token_vault_hint: Some("github".into()),
+        };
+        assert_eq!(hinted.reason(), "TOKEN_NOT_STORED");
+        let message = hinted.to_string();
+        assert!(message.contains("Token Vault"), "{message}");
+        assert!(message.contains("source = \"token-vault\""), "{message}");
+        let info = hinted
+            .to_status()
+            .get_details_error_info()
+            .expect("error info");
+        assert_eq!(
+            info.metadata.get("connection").map(String::as_str),
+            Some("github")
+        );
+    }
+
+    #[test]
+    fn token_vault_refusals_say_who_must_act() {
+        let empty = BrokerError::TokenVaultEmpty {
+            provider: "google-oauth2".into(),
+            connection: "google-vault".into(),
+            code: "federated_connection_refresh_token_not_found".into(),
+        };
+        assert_eq!(empty.reason(), "USER_MUST_RECONNECT");
+        assert!(!empty.needs_operator());
+        let refused = BrokerError::from(Auth0Error::ExchangeRefused {
+            status: 401,
+            code: "invalid_client".into(),
+            description: "Invalid client assertion".into(),
+        });
+        assert_eq!(refused.reason(), "BROKER_MISCONFIGURED");
+        assert_eq!(refused.code(), Code::FailedPrecondition);
+        assert!(refused.needs_operator());
+        assert!(refused.to_string().contains("invalid_client"));
+        let info = refused
+            .to_status()
+            .get_details_error_info()
+            .expect("error info");
+        assert!(info.metadata.is_empty(), "no empty provider or connection");
     }
 }

@@ -13,6 +13,10 @@
 //!   refreshes them at the IdP (the connections file, reloadable).
 //! * [`idp`] — refreshes IdP tokens at the IdP with the identity's refresh token: one call per
 //!   user and connection at a time, rotation, its own rate limit and retries.
+//! * [`kept`] — tokens kept per user and connection until they expire, and forgetting a
+//!   user (shared by [`idp`] and [`vault`]).
+//! * [`vault`] — Auth0 Token Vault tokens (`source = "token-vault"`): one exchange per user
+//!   and connection at a time, kept while usable.
 //! * [`fleet`] — with `--redis-url`: the shared tier under moka, the fleet-wide single
 //!   flight, one Auth0 budget and invalidation across replicas (Redis or Valkey).
 //! * [`selection`] — which identity a request means (pure).
@@ -48,6 +52,7 @@ pub mod error;
 pub mod fleet;
 pub mod id_token;
 pub mod idp;
+pub mod kept;
 pub mod keyfile;
 pub mod listener;
 pub mod logsafe;
@@ -65,6 +70,7 @@ pub mod telemetry;
 pub mod testkit;
 pub mod tls;
 pub mod user_id;
+pub mod vault;
 
 /// Generated gRPC code and the descriptor set that reflection serves.
 pub mod proto {

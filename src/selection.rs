@@ -68,56 +68,99 @@ impl<'a> Selector<'a> {
     }
 }
 
+/// What selection needs beyond the profile: which providers the caller may
+/// have, and which connections Token Vault serves.
+#[derive(Clone, Copy)]
+pub struct Rules<'a> {
+    /// Whether the caller may receive tokens of this provider.
+    pub allowed: &'a (dyn Fn(&str) -> bool + Sync),
+    /// Whether this connection's tokens come from Token Vault: Auth0 puts
+    /// none on the profile, yet the broker can get one.
+    pub from_token_vault: &'a (dyn Fn(&str) -> bool + Sync),
+}
+
+impl Rules<'_> {
+    /// Whether the broker can hand out a token for `identity`: one on the
+    /// profile, a refresh token to get one, or Token Vault.
+    pub fn has_token(&self, identity: &Identity) -> bool {
+        identity.has_token() || (self.from_token_vault)(&identity.connection)
+    }
+}
+
+/// Providers whose identities never carry an IdP token (database,
+/// passwordless, SAML): a missing token there says nothing of Token Vault.
+const TOKENLESS_PROVIDERS: [&str; 4] = ["auth0", "email", "sms", "samlp"];
+
+/// TOKEN_NOT_STORED (or BROKER_MISCONFIGURED when the Management token
+/// cannot read IdP tokens) for `identity`, which has no token. When the
+/// token could have been read and the provider stores tokens, the refusal
+/// names the connection as one Token Vault may have taken over: Auth0 then
+/// stops putting its tokens on the profile, without telling anyone.
+pub fn missing_token(identity: &Identity, user: &UserIdentities) -> BrokerError {
+    let hint =
+        user.idp_tokens_readable && !TOKENLESS_PROVIDERS.contains(&identity.provider.as_str());
+    BrokerError::NoToken {
+        wanted: format!("the {} identity", capped(&identity.provider)),
+        scope_missing: !user.idp_tokens_readable,
+        token_vault_hint: hint.then(|| identity.connection.clone()),
+    }
+}
+
 /// The identity the selector means, preferring one that has a token.
-/// `allowed` says which providers the caller may receive: "the first with a
-/// token" skips the others, an explicit choice of one is PERMISSION_DENIED.
+/// `rules.allowed` says which providers the caller may receive: "the first
+/// with a token" skips the others, an explicit choice of one is
+/// PERMISSION_DENIED.
 pub fn select<'a>(
     user: &'a UserIdentities,
     selector: &Selector<'_>,
-    allowed: &dyn Fn(&str) -> bool,
+    rules: &Rules<'_>,
 ) -> Result<&'a Identity, BrokerError> {
     // Iterators, not collected Vecs: this runs on every GetIdpToken, and
     // users have a handful of identities, so walking them twice is cheaper
     // than allocating.
     let candidates = || user.identities.iter().filter(|i| selector.matches(i));
-    let with_token = || candidates().filter(|i| i.has_token());
+    let with_token = || candidates().filter(|i| rules.has_token(i));
     let Some(first) = candidates().next() else {
         return Err(BrokerError::NoIdentity {
             wanted: selector.describe(),
         });
     };
-    let no_token = |wanted: String| BrokerError::NoToken {
-        wanted,
-        scope_missing: !user.idp_tokens_readable,
-    };
     if *selector == Selector::FirstWithToken {
-        if let Some(identity) = with_token().find(|i| allowed(&i.provider)) {
+        if let Some(identity) = with_token().find(|i| (rules.allowed)(&i.provider)) {
             return Ok(identity);
         }
         return match with_token().next() {
             Some(denied) => Err(BrokerError::ProviderDenied {
                 provider: denied.provider.clone(),
             }),
-            None => Err(no_token(selector.describe())),
+            None => Err(BrokerError::NoToken {
+                wanted: selector.describe(),
+                scope_missing: !user.idp_tokens_readable,
+                token_vault_hint: None,
+            }),
         };
     }
     let chosen = with_token().next().unwrap_or(first);
-    if !allowed(&chosen.provider) {
+    if !(rules.allowed)(&chosen.provider) {
         return Err(BrokerError::ProviderDenied {
             provider: chosen.provider.clone(),
         });
     }
-    if !chosen.has_token() {
-        return Err(no_token(format!("the {} identity", chosen.provider)));
+    if !rules.has_token(chosen) {
+        return Err(missing_token(chosen, user));
     }
     Ok(chosen)
 }
 
-/// Every identity that has a token (or a refresh token to get one), in Auth0's order.
-pub fn with_tokens(user: &UserIdentities) -> impl Iterator<Item = &Identity> {
+/// Every identity that has a token (or a refresh token to get one, or Token
+/// Vault), in Auth0's order.
+pub fn with_tokens<'a>(
+    user: &'a UserIdentities,
+    rules: &'a Rules<'a>,
+) -> impl Iterator<Item = &'a Identity> + 'a {
     user.identities
         .iter()
-        .filter(|identity| identity.has_token())
+        .filter(move |identity| rules.has_token(identity))
 }
 
 #[cfg(test)]
@@ -152,16 +195,23 @@ mod tests {
         user: &'a UserIdentities,
         selector: &Selector<'_>,
     ) -> Result<&'a Identity, BrokerError> {
-        select(user, selector, &|_| true)
+        select(user, selector, &rules(&|_| true))
+    }
+
+    fn rules<'a>(allowed: &'a (dyn Fn(&str) -> bool + Sync)) -> Rules<'a> {
+        Rules {
+            allowed,
+            from_token_vault: &|_| false,
+        }
     }
 
     #[test]
     fn first_with_token_skips_providers_the_caller_may_not_have() {
         let u = linked();
-        let chosen = select(&u, &Selector::FirstWithToken, &|p| p == "oauth2").unwrap();
+        let chosen = select(&u, &Selector::FirstWithToken, &rules(&|p| p == "oauth2")).unwrap();
         assert_eq!(chosen.provider, "oauth2");
         assert!(matches!(
-            select(&u, &Selector::FirstWithToken, &|_| false),
+            select(&u, &Selector::FirstWithToken, &rules(&|_| false)),
             Err(BrokerError::ProviderDenied { .. })
         ));
     }
@@ -170,7 +220,11 @@ mod tests {
     fn connection_of_a_denied_provider_is_permission_denied() {
         let u = linked();
         assert!(matches!(
-            select(&u, &Selector::from_request("", "corp-sso"), &|p| p == "github"),
+            select(
+                &u,
+                &Selector::from_request("", "corp-sso"),
+                &rules(&|p| p == "github")
+            ),
             Err(BrokerError::ProviderDenied { provider }) if provider == "oauth2"
         ));
     }
@@ -226,6 +280,57 @@ mod tests {
         assert!(matches!(
             select_any(&u, &Selector::from_request("github", "corp-sso")),
             Err(BrokerError::NoIdentity { .. })
+        ));
+    }
+
+    #[test]
+    fn a_token_vault_identity_counts_as_having_a_token() {
+        let u = user(vec![
+            identity("auth0", "Username-Password-Authentication", false),
+            identity("google-oauth2", "google-vault", false),
+        ]);
+        let vault = Rules {
+            allowed: &|_| true,
+            from_token_vault: &|connection| connection == "google-vault",
+        };
+        let chosen = select(&u, &Selector::FirstWithToken, &vault).unwrap();
+        assert_eq!(chosen.connection, "google-vault");
+        assert_eq!(with_tokens(&u, &vault).count(), 1);
+        assert!(matches!(
+            select_any(&u, &Selector::FirstWithToken),
+            Err(BrokerError::NoToken { .. })
+        ));
+    }
+
+    #[test]
+    fn a_missing_token_hints_at_token_vault_only_where_it_may_be_why() {
+        let u = user(vec![
+            identity("auth0", "Username-Password-Authentication", false),
+            identity("github", "github", false),
+        ]);
+        let hint = |provider: &str| match select_any(&u, &Selector::from_request(provider, "")) {
+            Err(BrokerError::NoToken {
+                token_vault_hint, ..
+            }) => token_vault_hint,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(hint("github").as_deref(), Some("github"));
+        assert_eq!(
+            hint("auth0"),
+            None,
+            "database identities never carry tokens"
+        );
+        let unreadable = UserIdentities {
+            idp_tokens_readable: false,
+            ..user(vec![identity("github", "github", false)])
+        };
+        assert!(matches!(
+            select_any(&unreadable, &Selector::from_request("github", "")),
+            Err(BrokerError::NoToken {
+                scope_missing: true,
+                token_vault_hint: None,
+                ..
+            })
         ));
     }
 }

@@ -19,7 +19,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::audit::{AuditSettings, AuditSetupError, AuditTrail};
-use crate::auth0::{Auth0Client, Auth0Error, Auth0Settings, OutboundLimits};
+use crate::auth0::{Auth0Client, Auth0Error, Auth0Settings, OutboundLimits, SigningKeyFile};
 use crate::budget::{CallerBudgets, ShareSettings};
 use crate::cache::{CacheSettings, IdentityStore};
 use crate::connections::ConnectionsStore;
@@ -169,6 +169,8 @@ pub struct Broker {
     /// `None` when no ID-token audience is configured. Cheap to clone: clones
     /// share the JWKS cache.
     id_tokens: Option<IdTokenVerifier>,
+    /// The client assertion and Token Vault subject keys, reloaded from their files.
+    key_files: Vec<Arc<SigningKeyFile>>,
 }
 
 impl Broker {
@@ -189,7 +191,9 @@ impl Broker {
             fleet,
         } = settings;
         let audit = audit.open()?;
-        let fresh = freshness.open()?;
+        let connections = freshness.open_connections()?;
+        let key_files = auth0.key_files();
+        let auth0_timeout = auth0.request_timeout;
         let budgets = CallerBudgets::new(ShareSettings {
             rate_per_second: resilience.outbound.rate_per_second,
             burst: resilience.outbound.burst,
@@ -198,11 +202,13 @@ impl Broker {
         });
         let fleet = fleet.as_ref().map(Fleet::open).transpose()?.map(Arc::new);
         let mut auth0 = Auth0Client::with_limits(auth0, resilience.outbound)?
-            .keeping_refresh_tokens(fresh.refresh_token_filter());
+            .keeping_refresh_tokens(crate::service::fresh::refresh_token_filter(&connections));
         if let Some(fleet) = &fleet {
             let limits = resilience.outbound;
             auth0 = auth0.with_shared_budget(fleet.budget(limits.rate_per_second, limits.burst));
         }
+        // One client for the store and the Token Vault: one gate, one budget.
+        let fresh = freshness.open(connections, auth0.clone(), auth0_timeout)?;
         let id_tokens = id_token.map(|settings| IdTokenVerifier::new(settings, &auth0));
         let store = Arc::new(
             IdentityStore::new(auth0, cache)
@@ -218,6 +224,7 @@ impl Broker {
             id_tokens,
             audit,
             fresh,
+            key_files,
         })
     }
 
@@ -315,6 +322,7 @@ pub async fn run(
         watch_policy(&broker.policy, settings.reload_interval),
         watch_connections(&broker.fresh.connections, settings.reload_interval),
         watch_tls(&broker.tls, settings.reload_interval),
+        watch_keys(&broker.key_files, settings.reload_interval),
         tokio::spawn(report_cache_size(broker.store.clone())),
         reopen_audit_on_hangup(&broker.audit),
     ];
@@ -465,6 +473,21 @@ fn watch_connections(connections: &Arc<ConnectionsStore>, interval: Duration) ->
 fn reopen_audit_on_hangup(audit: &AuditTrail) -> JoinHandle<()> {
     let sink = audit.sink.clone();
     reload::on_hangup(move || sink.reopen())
+}
+
+/// Reloads the client assertion and subject keys when their files change
+/// (or on SIGHUP), so a rotated key is used without a restart.
+fn watch_keys(keys: &[Arc<SigningKeyFile>], interval: Duration) -> JoinHandle<()> {
+    if keys.is_empty() {
+        return tokio::spawn(async {});
+    }
+    let keys = keys.to_vec();
+    let paths = keys.iter().map(|key| key.path().to_owned()).collect();
+    reload::watch_files(paths, interval, move || {
+        for key in &keys {
+            key.reload();
+        }
+    })
 }
 
 fn watch_tls(tls: &Arc<TlsStore>, interval: Duration) -> JoinHandle<()> {

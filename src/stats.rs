@@ -112,6 +112,23 @@ fn describe() {
         "tokenbroker_caller_share_rejections_total",
         "Auth0 reads refused because the caller had spent its share of the Auth0 budget"
     );
+    describe_counter!(
+        "tokenbroker_signing_key_reloads_total",
+        "Reloads of the client assertion and Token Vault subject keys, by setting and outcome"
+    );
+    describe_counter!(
+        "tokenbroker_token_vault_exchanges_total",
+        "Token Vault exchanges by connection and outcome: ok, no_token_set, refused, unavailable, error"
+    );
+    describe_histogram!(
+        "tokenbroker_token_vault_exchange_duration_seconds",
+        Unit::Seconds,
+        "Token Vault exchange latency by connection"
+    );
+    describe_counter!(
+        "tokenbroker_token_not_stored_total",
+        "TOKEN_NOT_STORED refusals of identities whose connection Token Vault may have taken over, by connection (other: a name too long or odd to be a label)"
+    );
     crate::fleet::describe_metrics();
 }
 
@@ -304,4 +321,59 @@ pub fn idp_refresh(connection: &str, outcome: &'static str, elapsed: Option<Dura
 /// to refresh it, refused (TOKEN_EXPIRED).
 pub fn token_refused_as_expired() {
     counter!("tokenbroker_tokens_refused_expired_total").increment(1);
+}
+
+/// One reload of a signing key file (`AUTH0_CLIENT_ASSERTION_KEY_FILE`,
+/// `AUTH0_TOKEN_VAULT_SUBJECT_KEY_FILE`): `success` or `failure`.
+pub fn signing_key_reload(setting: &'static str, success: bool) {
+    counter!("tokenbroker_signing_key_reloads_total", "setting" => setting, "outcome" => outcome(success)).increment(1);
+}
+
+/// One Token Vault exchange, by connection and outcome (a fixed vocabulary:
+/// `ok`, `no_token_set`, `refused`, `unavailable`, `error`), with the time
+/// Auth0 took. `connection` is a name the connections file lists as
+/// `source = "token-vault"`, never caller input: the label's values stay few.
+pub fn token_vault_exchange(connection: &str, outcome: &'static str, elapsed: Duration) {
+    counter!("tokenbroker_token_vault_exchanges_total", "connection" => connection.to_owned(), "outcome" => outcome).increment(1);
+    histogram!("tokenbroker_token_vault_exchange_duration_seconds", "connection" => connection.to_owned())
+        .record(elapsed.as_secs_f64());
+}
+
+/// A TOKEN_NOT_STORED whose connection Token Vault may have taken over (the
+/// silent switch). The connection comes from an Auth0 profile, not from the
+/// operator, so the label is capped: only names a connection can have
+/// (at most 64 characters of `[A-Za-z0-9_.-]`) are kept, any other is `other`.
+pub fn token_not_stored(connection: &str) {
+    counter!("tokenbroker_token_not_stored_total", "connection" => connection_label(connection))
+        .increment(1);
+}
+
+/// `connection` when it is a plausible connection name, else `other`.
+fn connection_label(connection: &str) -> String {
+    let plausible = !connection.is_empty()
+        && connection.len() <= 64
+        && connection
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'-'));
+    if plausible {
+        connection.to_owned()
+    } else {
+        "other".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_labels_are_capped_to_plausible_names() {
+        assert_eq!(connection_label("google-oauth2"), "google-oauth2");
+        assert_eq!(connection_label("Corp_SSO.v2"), "Corp_SSO.v2");
+        assert_eq!(connection_label(&"a".repeat(64)), "a".repeat(64));
+        assert_eq!(connection_label(&"a".repeat(65)), "other");
+        assert_eq!(connection_label("evil\nlabel"), "other");
+        assert_eq!(connection_label("spaced name"), "other");
+        assert_eq!(connection_label(""), "other");
+    }
 }

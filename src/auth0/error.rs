@@ -7,6 +7,7 @@ use reqwest::header::HeaderMap;
 use serde::Deserialize;
 
 use super::body::BodyError;
+use super::keys::SignError;
 
 /// A failed call to Auth0. Messages never contain a token or the client secret.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -54,6 +55,27 @@ pub enum Auth0Error {
     },
     #[error("the broker's own Auth0 rate limit is exhausted")]
     Throttled { retry_after: Duration },
+    /// The broker could not sign a client assertion or subject token.
+    #[error(transparent)]
+    Signing(#[from] SignError),
+    /// A Token Vault exchange needs a key to sign its subject token, and
+    /// none is configured.
+    #[error("no key signs Token Vault subject tokens: set AUTH0_CLIENT_ASSERTION_KEY_FILE or AUTH0_TOKEN_VAULT_SUBJECT_KEY_FILE")]
+    NoSubjectKey,
+    /// Token Vault holds no usable token set for the user and connection:
+    /// none was stored, or Auth0 could not refresh it at the IdP.
+    #[error("Token Vault has no usable token for this user and connection ({code})")]
+    NoTokenSet { code: String },
+    /// Auth0 refused the broker's Token Vault exchange itself (client
+    /// authentication, grant, Privileged Worker settings): an operator's problem.
+    #[error(
+        "Auth0 refused the broker's Token Vault exchange (HTTP {status} {code}: {description})"
+    )]
+    ExchangeRefused {
+        status: u16,
+        code: String,
+        description: String,
+    },
 }
 
 impl Auth0Error {

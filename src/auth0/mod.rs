@@ -1,14 +1,19 @@
 //! Everything about the Auth0 tenant, and the only module that speaks HTTP:
 //! the Management API session (`session.rs`: the client-credentials grant's
 //! token, reused and renewed), users' identities (`users.rs`), the tenant's
-//! signing keys (`jwks.rs`) and the `/oauth/token` grants (`token.rs`). Every
+//! signing keys (`jwks.rs`) and the `/oauth/token` grants (`token.rs`: client
+//! credentials and the Token Vault exchange), authenticated with the client
+//! secret or a `private_key_jwt` client assertion (`assertion.rs`, signed
+//! with the keys of `keys.rs`). Every
 //! request takes the one send path of `send.rs` (size cap, metrics, error
 //! mapping into [`Auth0Error`]); Management API requests also pass the
 //! outbound limits and retries of `outbound.rs`.
 
+mod assertion;
 pub(crate) mod body;
 mod error;
 mod jwks;
+mod keys;
 mod model;
 mod outbound;
 mod send;
@@ -25,17 +30,33 @@ pub use outbound::{
 pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Default bound on one whole call to Auth0, retries included.
 pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub use assertion::{SUBJECT_AUDIT_CONTEXT, SUBJECT_TOKEN_TYP};
 pub use jwks::JwksSource;
+pub use keys::{KeyFileError, SignError, SigningKeyFile};
 pub use model::{Identity, UserIdentities, IDP_TOKENS_SCOPE};
 pub use outbound::{OutboundLimits, SharedAdmission, SharedBudget};
+pub use token::{ExchangedToken, VaultRequest};
 
 use model::ManagementToken;
 use outbound::Outbound;
 use session::ManagementSession;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::SecretString;
+
+/// How the broker proves to Auth0 that it is its application, on every
+/// `/oauth/token` call.
+#[derive(Debug, Clone)]
+pub enum ClientCredential {
+    /// `client_secret_post`: the application's shared secret (`Debug`
+    /// prints `[REDACTED]`).
+    Secret(SecretString),
+    /// `private_key_jwt`: a new RS256 client assertion for every request,
+    /// signed with this key, so the broker holds no secret Auth0 also knows.
+    AssertionKey(Arc<SigningKeyFile>),
+}
 
 /// Where and how the broker reaches Auth0.
 #[derive(Debug, Clone)]
@@ -46,8 +67,11 @@ pub struct Auth0Settings {
     pub audience: String,
     /// The broker's Machine-to-Machine application, for the client-credentials grant.
     pub client_id: String,
-    /// Kept secret in memory: `Debug` prints `[REDACTED]`.
-    pub client_secret: SecretString,
+    /// The client secret or the client assertion key.
+    pub credential: ClientCredential,
+    /// Signs Token Vault subject tokens (`AUTH0_TOKEN_VAULT_SUBJECT_KEY_FILE`);
+    /// `None`: the client assertion key signs them, if there is one.
+    pub token_vault_subject_key: Option<Arc<SigningKeyFile>>,
     /// Bounds opening a connection, so an unreachable tenant fails fast.
     pub connect_timeout: Duration,
     /// Bounds one whole call to an Auth0 endpoint, retries included, so a hanging tenant
@@ -55,16 +79,44 @@ pub struct Auth0Settings {
     pub request_timeout: Duration,
 }
 
+impl Auth0Settings {
+    /// The key files to watch for rotation: each one once.
+    pub fn key_files(&self) -> Vec<Arc<SigningKeyFile>> {
+        let assertion = match &self.credential {
+            ClientCredential::AssertionKey(key) => Some(key.clone()),
+            ClientCredential::Secret(_) => None,
+        };
+        assertion
+            .into_iter()
+            .chain(self.token_vault_subject_key.clone())
+            .collect()
+    }
+
+    /// The key that signs Token Vault subject tokens: the dedicated one,
+    /// else the client assertion key.
+    fn subject_key(&self) -> Option<&Arc<SigningKeyFile>> {
+        self.token_vault_subject_key
+            .as_ref()
+            .or(match &self.credential {
+                ClientCredential::AssertionKey(key) => Some(key),
+                ClientCredential::Secret(_) => None,
+            })
+    }
+}
+
 /// Talks to one Auth0 tenant with the broker's Machine-to-Machine credentials.
+/// Clones share everything (connection pool, outbound limits, Management
+/// session): the identity store and the Token Vault use one client.
+#[derive(Clone)]
 pub struct Auth0Client {
     /// One connection pool (rustls) for every endpoint, the JWKS included.
     http: reqwest::Client,
     /// The tenant's URLs and the broker's credentials.
     settings: Auth0Settings,
     /// Rate limit, in-flight bound and retries for every Management API request.
-    outbound: Outbound,
+    outbound: Arc<Outbound>,
     /// The Management token the users endpoint is read with.
-    session: ManagementSession,
+    session: Arc<ManagementSession>,
     /// Which connections' refresh tokens are kept from the profile.
     keeps_refresh_token: RefreshTokenFilter,
 }
@@ -94,9 +146,9 @@ impl Auth0Client {
             .map_err(Auth0Error::from_transport)?;
         Ok(Self {
             http,
-            outbound: Outbound::new(limits, settings.request_timeout),
+            outbound: Arc::new(Outbound::new(limits, settings.request_timeout)),
             settings,
-            session: ManagementSession::new(),
+            session: Arc::new(ManagementSession::new()),
             keeps_refresh_token: std::sync::Arc::new(|_: &str| false),
         })
     }
@@ -110,10 +162,13 @@ impl Auth0Client {
 
     /// The same client, with every Management API request also taking a
     /// slot of `budget` (a fleet's one Auth0 budget); its own rate limit
-    /// then only decides while `budget` is unavailable.
+    /// then only decides while `budget` is unavailable. Call it before the
+    /// client is cloned: clones share the gate, and one already shared is
+    /// replaced by a new gate of the same limits for this client only.
     pub fn with_shared_budget(self, budget: std::sync::Arc<dyn SharedBudget>) -> Self {
+        let outbound = Arc::try_unwrap(self.outbound).unwrap_or_else(|shared| shared.same_limits());
         Self {
-            outbound: self.outbound.with_shared_budget(budget),
+            outbound: Arc::new(outbound.with_shared_budget(budget)),
             ..self
         }
     }
@@ -132,7 +187,8 @@ mod tests {
             base_url: "http://127.0.0.1:9".to_owned(),
             audience: "http://127.0.0.1:9/api/v2/".to_owned(),
             client_id: "id".to_owned(),
-            client_secret: SecretString::from("secret"),
+            credential: ClientCredential::Secret(SecretString::from("secret")),
+            token_vault_subject_key: None,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
         })

@@ -115,6 +115,15 @@ impl Outbound {
         }
     }
 
+    /// A new gate with the same limits, call timeout and shared budget (its
+    /// own limiter and in-flight bound start afresh).
+    pub fn same_limits(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            ..Self::new(self.limits, self.call_timeout)
+        }
+    }
+
     /// The same gate, asking `shared` for each request's slot first (the
     /// fleet's one budget), and its own limiter only when `shared` is
     /// unavailable.

@@ -30,9 +30,23 @@ impl Auth0Client {
         mut request: impl FnMut() -> RequestBuilder,
         map_error: ErrorMapping,
     ) -> Result<T, Auth0Error> {
+        self.try_call_json(endpoint, deadline, || Ok(request()), map_error)
+            .await
+    }
+
+    /// [`Self::call_json`] for requests whose building can fail (a JWT to
+    /// sign per attempt): such an attempt fails without being sent.
+    pub(super) async fn try_call_json<T: DeserializeOwned>(
+        &self,
+        endpoint: &'static str,
+        deadline: Option<Deadline>,
+        mut request: impl FnMut() -> Result<RequestBuilder, Auth0Error>,
+        map_error: ErrorMapping,
+    ) -> Result<T, Auth0Error> {
         self.outbound
             .call(endpoint, deadline, || {
-                send_json(request(), endpoint, map_error)
+                let request = request();
+                async move { send_json(request?, endpoint, map_error).await }
             })
             .await
     }

@@ -13,11 +13,13 @@ pub use common::CommonArgs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
 use url::Url;
 
-use crate::auth0::Auth0Settings;
+use crate::auth0::{Auth0Settings, ClientCredential, KeyFileError, SigningKeyFile};
 use crate::server::{BrokerSettings, ServeConfig};
 use crate::tls::TlsFiles;
 
@@ -67,6 +69,24 @@ pub struct ServeArgs {
     /// File holding the client secret (a Kubernetes secret mount); surrounding whitespace is ignored.
     #[arg(long, env = "AUTH0_CLIENT_SECRET_FILE")]
     pub auth0_client_secret_file: Option<PathBuf>,
+
+    /// PEM RSA private key (PKCS#8 or PKCS#1) for private_key_jwt: every /oauth/token call carries a new
+    /// client assertion signed with it instead of a client secret. Reloaded when the file changes.
+    #[arg(long, env = "AUTH0_CLIENT_ASSERTION_KEY_FILE")]
+    pub auth0_client_assertion_key_file: Option<PathBuf>,
+
+    /// The `kid` Auth0 gave the registered public key, sent in every client assertion (optional).
+    #[arg(long, env = "AUTH0_CLIENT_ASSERTION_KEY_ID")]
+    pub auth0_client_assertion_key_id: Option<String>,
+
+    /// PEM RSA private key that signs Token Vault subject tokens, when not the client assertion key.
+    #[arg(long, env = "AUTH0_TOKEN_VAULT_SUBJECT_KEY_FILE")]
+    pub auth0_token_vault_subject_key_file: Option<PathBuf>,
+
+    /// The `kid` of the Privileged Worker public key, sent in every subject token (optional; with
+    /// no subject key file the client assertion key's id is sent).
+    #[arg(long, env = "AUTH0_TOKEN_VAULT_SUBJECT_KEY_ID")]
+    pub auth0_token_vault_subject_key_id: Option<String>,
 
     /// Management API audience; default `{base}/api/v2/`. Set it when AUTH0_DOMAIN is a custom domain.
     #[arg(long, env = "AUTH0_AUDIENCE")]
@@ -138,6 +158,17 @@ pub enum ConfigError {
     },
     #[error("the Auth0 client secret is empty")]
     EmptySecret,
+    #[error("give either a client secret (AUTH0_CLIENT_SECRET or AUTH0_CLIENT_SECRET_FILE) or AUTH0_CLIENT_ASSERTION_KEY_FILE, not both: with a client assertion key the broker holds no secret")]
+    SecretAndAssertionKey,
+    #[error("give one of AUTH0_CLIENT_SECRET , AUTH0_CLIENT_SECRET_FILE or AUTH0_CLIENT_ASSERTION_KEY_FILE: the broker authenticates to Auth0 with a client secret or a private_key_jwt assertion key")]
+    NoClientCredential,
+    #[error("{id} needs {file}: it names the key that file holds")]
+    KeyIdWithoutKey {
+        id: &'static str,
+        file: &'static str,
+    },
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
     #[error("TOKENBROKER_USER_CACHE_CAPACITY must be at least 1")]
     ZeroCapacity,
     #[error("{name} must be more than zero")]
@@ -167,10 +198,8 @@ impl ServeArgs {
         if self.auth0_client_id.trim().is_empty() {
             return Err(ConfigError::EmptyClientId);
         }
-        let client_secret = read_client_secret(
-            self.auth0_client_secret.as_deref(),
-            self.auth0_client_secret_file.as_deref(),
-        )?;
+        let credential = self.client_credential()?;
+        let token_vault_subject_key = self.token_vault_subject_key()?;
         let id_token = self
             .common
             .id_token_settings(&base_url, &self.auth0_id_token_audiences);
@@ -178,7 +207,8 @@ impl ServeArgs {
             base_url,
             audience,
             client_id: self.auth0_client_id.trim().to_owned(),
-            client_secret,
+            credential,
+            token_vault_subject_key,
             connect_timeout: *self.common.auth0_connect_timeout,
             request_timeout: *self.common.auth0_timeout,
         };
@@ -209,6 +239,58 @@ impl ServeArgs {
                 fleet: self.common.fleet_settings()?,
             },
         })
+    }
+}
+
+impl ServeArgs {
+    /// The client secret, or the client assertion key (read and checked
+    /// now): exactly one of them.
+    fn client_credential(&self) -> Result<ClientCredential, ConfigError> {
+        let secret_given =
+            self.auth0_client_secret.is_some() || self.auth0_client_secret_file.is_some();
+        match (&self.auth0_client_assertion_key_file, secret_given) {
+            (Some(_), true) => Err(ConfigError::SecretAndAssertionKey),
+            (None, false) => Err(ConfigError::NoClientCredential),
+            (Some(path), false) => Ok(ClientCredential::AssertionKey(Arc::new(
+                SigningKeyFile::open(
+                    "AUTH0_CLIENT_ASSERTION_KEY_FILE",
+                    path,
+                    self.auth0_client_assertion_key_id.clone(),
+                )?,
+            ))),
+            (None, true) => {
+                if self.auth0_client_assertion_key_id.is_some() {
+                    return Err(ConfigError::KeyIdWithoutKey {
+                        id: "AUTH0_CLIENT_ASSERTION_KEY_ID",
+                        file: "AUTH0_CLIENT_ASSERTION_KEY_FILE",
+                    });
+                }
+                Ok(ClientCredential::Secret(read_client_secret(
+                    self.auth0_client_secret.as_deref(),
+                    self.auth0_client_secret_file.as_deref(),
+                )?))
+            }
+        }
+    }
+
+    /// The key that signs Token Vault subject tokens when it is not the
+    /// client assertion key.
+    fn token_vault_subject_key(&self) -> Result<Option<Arc<SigningKeyFile>>, ConfigError> {
+        let Some(path) = &self.auth0_token_vault_subject_key_file else {
+            if self.auth0_token_vault_subject_key_id.is_some() {
+                return Err(ConfigError::KeyIdWithoutKey {
+                    id: "AUTH0_TOKEN_VAULT_SUBJECT_KEY_ID",
+                    file: "AUTH0_TOKEN_VAULT_SUBJECT_KEY_FILE",
+                });
+            }
+            return Ok(None);
+        };
+        let key = SigningKeyFile::open(
+            "AUTH0_TOKEN_VAULT_SUBJECT_KEY_FILE",
+            path,
+            self.auth0_token_vault_subject_key_id.clone(),
+        )?;
+        Ok(Some(Arc::new(key)))
     }
 }
 
@@ -321,6 +403,91 @@ mod tests {
             read_client_secret(None, None),
             Err(ConfigError::SecretSource { given: "neither" })
         ));
+    }
+
+    /// `serve` arguments with these extra flags (domain, client id, TLS files
+    /// and --allow-any-caller given).
+    fn serve_args(extra: &[&str]) -> ServeArgs {
+        let base = [
+            "tokenbroker",
+            "serve",
+            "--auth0-domain=tenant.example",
+            "--auth0-client-id=client",
+            "--tls-cert=/c",
+            "--tls-key=/k",
+            "--client-ca=/ca",
+            "--allow-any-caller",
+        ];
+        let argv = base.iter().chain(extra).copied();
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Serve(args) => *args,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn key_file(dir: &tempfile::TempDir) -> String {
+        let path = dir.path().join("assertion.pem");
+        std::fs::write(&path, crate::emulator::keys::CLIENT_ASSERTION_KEY_2).unwrap();
+        path.display().to_string()
+    }
+
+    #[test]
+    fn an_assertion_key_replaces_the_secret_and_both_or_neither_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = format!("--auth0-client-assertion-key-file={}", key_file(&dir));
+        let credential = serve_args(&[&key, "--auth0-client-assertion-key-id=kid-1"])
+            .client_credential()
+            .unwrap();
+        let ClientCredential::AssertionKey(key_file) = credential else {
+            panic!("{credential:?}")
+        };
+        assert_eq!(key_file.key_id(), Some("kid-1"));
+        let both = serve_args(&[&key, "--auth0-client-secret=s"])
+            .client_credential()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            both.contains("AUTH0_CLIENT_SECRET")
+                && both.contains("AUTH0_CLIENT_ASSERTION_KEY_FILE"),
+            "{both}"
+        );
+        let neither = serve_args(&[]).client_credential().unwrap_err().to_string();
+        for setting in [
+            "AUTH0_CLIENT_SECRET ",
+            "AUTH0_CLIENT_SECRET_FILE",
+            "AUTH0_CLIENT_ASSERTION_KEY_FILE",
+        ] {
+            assert!(neither.contains(setting), "{neither}");
+        }
+    }
+
+    #[test]
+    fn a_bad_key_file_or_a_lone_key_id_fails_at_start_naming_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.pem");
+        std::fs::write(&bad, "not a key").unwrap();
+        let error = serve_args(&[&format!(
+            "--auth0-token-vault-subject-key-file={}",
+            bad.display()
+        )])
+        .token_vault_subject_key()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.starts_with("AUTH0_TOKEN_VAULT_SUBJECT_KEY_FILE "),
+            "{error}"
+        );
+        let lone = serve_args(&[
+            "--auth0-client-secret=s",
+            "--auth0-client-assertion-key-id=k",
+        ])
+        .client_credential()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            lone.starts_with("AUTH0_CLIENT_ASSERTION_KEY_ID needs"),
+            "{lone}"
+        );
     }
 
     #[test]

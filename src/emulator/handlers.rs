@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 
 use super::idp::IdpGrant;
 use super::state::{Grant, Shared, TokenCheck};
+use super::vault::{VaultGrant, VaultRefusal};
 use super::{Endpoint, Fault};
 
 /// Scope that lets a Management token read user profiles.
@@ -31,6 +32,15 @@ const SCOPE_READ_USERS: &str = "read:users";
 const SCOPE_READ_IDP_TOKENS: &str = "read:user_idp_tokens";
 /// Identity fields Auth0 hides from tokens without [`SCOPE_READ_IDP_TOKENS`].
 const IDP_SECRET_FIELDS: [&str; 3] = ["access_token", "access_token_secret", "refresh_token"];
+/// The Token Vault grant type.
+const TOKEN_VAULT_GRANT: &str =
+    "urn:auth0:params:oauth:grant-type:token-exchange:federated-connection-access-token";
+/// `subject_token_type` of a Privileged Worker exchange.
+const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// `requested_token_type` of a Privileged Worker exchange for an access token.
+const TOKEN_VAULT_ACCESS_TOKEN: &str = "http://auth0.com/oauth/token-type/token-vault-access-token";
+/// `client_assertion_type` of `private_key_jwt`.
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// Value of `x-ratelimit-limit` on emulated 429 answers.
 const RATE_LIMIT: u64 = 50;
 
@@ -73,16 +83,24 @@ async fn other(State(state): AppState) -> Response {
 // POST /oauth/token
 // ---------------------------------------------------------------------------------------------
 
-/// Body of a client-credentials request; deliberately not `Debug` (it holds the secret).
+/// Body of a `/oauth/token` request, any grant; deliberately not `Debug` (it holds the
+/// secret, the client assertion and the subject token).
 #[derive(Deserialize, Default)]
 struct TokenRequest {
     grant_type: Option<String>,
     client_id: Option<String>,
     client_secret: Option<String>,
+    client_assertion_type: Option<String>,
+    client_assertion: Option<String>,
     audience: Option<String>,
+    subject_token: Option<String>,
+    subject_token_type: Option<String>,
+    requested_token_type: Option<String>,
+    connection: Option<String>,
+    login_hint: Option<String>,
 }
 
-/// The client-credentials grant.
+/// `/oauth/token`: the client-credentials grant and the Token Vault exchange.
 async fn token(State(state): AppState, headers: HeaderMap, body: Bytes) -> Response {
     state.count(Some(Endpoint::Token));
     if let Some(response) = take_fault(&state, Endpoint::Token).await {
@@ -92,10 +110,130 @@ async fn token(State(state): AppState, headers: HeaderMap, body: Bytes) -> Respo
         Ok(request) => request,
         Err(reject) => return reject.into_response(),
     };
-    match check_token_request(&state, &request) {
-        Ok(()) => grant_response(state.issue_token()),
-        Err(reject) => reject.into_response(),
+    if request.grant_type.as_deref() == Some(TOKEN_VAULT_GRANT) {
+        state.count(Some(Endpoint::TokenExchange));
+        if let Some(response) = take_fault(&state, Endpoint::TokenExchange).await {
+            return response;
+        }
     }
+    grant(&state, &request).unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Checks grant type, client authentication, then what the grant asks, in Auth0's order.
+fn grant(state: &Shared, request: &TokenRequest) -> Result<Response, Reject> {
+    match request.grant_type.as_deref().unwrap_or_default() {
+        "client_credentials" => {
+            authenticate_client(state, request)?;
+            check_audience(state, request.audience.as_deref())?;
+            Ok(grant_response(state.issue_token()))
+        }
+        TOKEN_VAULT_GRANT => {
+            authenticate_client(state, request)?;
+            token_vault_grant(state, request).map(vault_response)
+        }
+        grant_type => {
+            let message = format!("Unsupported grant type: {grant_type}");
+            Err(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                &message,
+            ))
+        }
+    }
+}
+
+/// The client's secret, or once keys are registered its client assertion (and then
+/// only that, as Auth0 once an application's credentials are keys).
+fn authenticate_client(state: &Shared, request: &TokenRequest) -> Result<(), Reject> {
+    let client_id = request.client_id.as_deref();
+    if !state.uses_private_key_jwt() {
+        let secret = request.client_secret.as_deref().unwrap_or_default();
+        if request.client_assertion.is_some()
+            || !state.client_matches(client_id.unwrap_or_default(), secret)
+        {
+            return Err(oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "access_denied",
+                "Unauthorized",
+            ));
+        }
+        return Ok(());
+    }
+    let Some(assertion) = request.client_assertion.as_deref() else {
+        let message =
+            "This client authenticates with private_key_jwt: a client_assertion is required";
+        return Err(oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            message,
+        ));
+    };
+    if request.client_assertion_type.as_deref() != Some(JWT_BEARER) {
+        let message = format!("client_assertion_type must be {JWT_BEARER}");
+        return Err(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &message,
+        ));
+    }
+    state
+        .accept_client_assertion(client_id, assertion)
+        .map_err(|why| oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", why))
+}
+
+/// The Privileged Worker exchange: the subject token, the parameters, then the user's
+/// identity and token set.
+fn token_vault_grant(state: &Shared, request: &TokenRequest) -> Result<VaultGrant, Reject> {
+    let invalid = |message: &str| oauth_error(StatusCode::BAD_REQUEST, "invalid_request", message);
+    if request.subject_token_type.as_deref() != Some(JWT_TOKEN_TYPE) {
+        return Err(invalid(
+            "subject_token_type must be urn:ietf:params:oauth:token-type:jwt",
+        ));
+    }
+    if request.requested_token_type.as_deref() != Some(TOKEN_VAULT_ACCESS_TOKEN) {
+        return Err(invalid(
+            "requested_token_type must be http://auth0.com/oauth/token-type/token-vault-access-token",
+        ));
+    }
+    let Some(connection) = request.connection.as_deref() else {
+        return Err(invalid("Missing required parameter: connection"));
+    };
+    let subject_token = request.subject_token.as_deref().unwrap_or_default();
+    let user_id = state
+        .accept_subject_token(subject_token)
+        .map_err(|why| oauth_error(StatusCode::UNAUTHORIZED, "invalid_grant", why))?;
+    let no_identity = VaultRefusal::NotFound;
+    if !state.has_identity(&user_id, connection, request.login_hint.as_deref()) {
+        return Err(vault_refusal(no_identity));
+    }
+    state
+        .exchange_token_set(&user_id, connection)
+        .map_err(vault_refusal)
+}
+
+fn vault_refusal(refusal: VaultRefusal) -> Reject {
+    let message = match refusal {
+        VaultRefusal::NotFound => "No token set was found for the user and connection",
+        VaultRefusal::RefreshFailed => "The refresh of the federated connection's token failed",
+    };
+    oauth_error(StatusCode::UNAUTHORIZED, refusal.code(), message)
+}
+
+fn vault_response(grant: VaultGrant) -> Response {
+    let mut body = token_body(&grant.access_token, grant.expires_in, grant.scope);
+    body["issued_token_type"] =
+        Value::from("http://auth0.com/oauth/token-type/federated-connection-access-token");
+    (StatusCode::OK, Json(body)).into_response()
+}
+
+/// The fields every successful token answer has, Auth0's and the IdP's alike.
+fn token_body(access_token: &str, expires_in: u64, scope: &str) -> Value {
+    json!({
+        "access_token": access_token,
+        "expires_in": expires_in,
+        "scope": scope,
+        "token_type": "Bearer",
+    })
 }
 
 /// Reads a form or JSON body, as Auth0 accepts both.
@@ -129,29 +267,6 @@ fn media_type(headers: &HeaderMap) -> Option<String> {
     Some(media.to_ascii_lowercase())
 }
 
-/// Checks grant type, client credentials and audience, in Auth0's order.
-fn check_token_request(state: &Shared, request: &TokenRequest) -> Result<(), Reject> {
-    let grant_type = request.grant_type.as_deref().unwrap_or_default();
-    if grant_type != "client_credentials" {
-        let message = format!("Unsupported grant type: {grant_type}");
-        return Err(oauth_error(
-            StatusCode::BAD_REQUEST,
-            "unsupported_grant_type",
-            &message,
-        ));
-    }
-    let client_id = request.client_id.as_deref().unwrap_or_default();
-    let client_secret = request.client_secret.as_deref().unwrap_or_default();
-    if !state.client_matches(client_id, client_secret) {
-        return Err(oauth_error(
-            StatusCode::UNAUTHORIZED,
-            "access_denied",
-            "Unauthorized",
-        ));
-    }
-    check_audience(state, request.audience.as_deref())
-}
-
 fn check_audience(state: &Shared, audience: Option<&str>) -> Result<(), Reject> {
     let message = match audience {
         Some(audience) if audience == state.audience() => return Ok(()),
@@ -167,12 +282,7 @@ fn check_audience(state: &Shared, audience: Option<&str>) -> Result<(), Reject> 
 }
 
 fn grant_response(grant: Grant) -> Response {
-    let body = json!({
-        "access_token": grant.access_token,
-        "expires_in": grant.expires_in,
-        "scope": grant.scope,
-        "token_type": "Bearer",
-    });
+    let body = token_body(&grant.access_token, grant.expires_in, &grant.scope);
     (StatusCode::OK, Json(body)).into_response()
 }
 
@@ -409,12 +519,7 @@ fn refresh_grant(state: &Shared, request: &RefreshRequest) -> Result<IdpGrant, R
 }
 
 fn refresh_response(grant: IdpGrant) -> Response {
-    let mut body = json!({
-        "access_token": grant.access_token,
-        "expires_in": grant.expires_in,
-        "scope": grant.scope,
-        "token_type": "Bearer",
-    });
+    let mut body = token_body(&grant.access_token, grant.expires_in, grant.scope);
     if let Some(refresh_token) = grant.refresh_token {
         body["refresh_token"] = Value::from(refresh_token);
     }
@@ -473,7 +578,7 @@ fn status_fault(endpoint: Endpoint, code: u16) -> Response {
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let reason = reason(status);
     match endpoint {
-        Endpoint::Token | Endpoint::IdpToken => {
+        Endpoint::Token | Endpoint::TokenExchange | Endpoint::IdpToken => {
             oauth_error(status, oauth_error_code(status), reason).into_response()
         }
         Endpoint::Users | Endpoint::Jwks => management_error(status, reason, None).into_response(),

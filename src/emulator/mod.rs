@@ -3,7 +3,11 @@
 //! `tokenbroker dev` and the integration tests need an Auth0 tenant without an Auth0 account.
 //! This module serves the part of Auth0 the broker uses, over plain HTTP/1.1 on loopback:
 //!
-//! * `POST /oauth/token` — the client-credentials grant (form or JSON body);
+//! * `POST /oauth/token` — the client-credentials grant and the Token Vault exchange
+//!   (Privileged Worker: a subject JWT the client signs), form or JSON body, the client
+//!   authenticated by its secret or, once keys are registered
+//!   ([`Emulator::set_client_assertion_keys`]), by a `private_key_jwt` client assertion
+//!   (signature, `iss`/`sub`/`aud`/`exp`, `jti` replay refused);
 //! * `GET /api/v2/users/{id}` — one user profile, with Auth0's scope rules (IdP tokens are
 //!   silently omitted without `read:user_idp_tokens`) and `fields`/`include_fields`;
 //! * `GET /.well-known/jwks.json` — the public keys that verify the ID tokens it issues;
@@ -13,6 +17,9 @@
 //!   revoke them, rotate them and set the lifetime of the tokens it issues;
 //! * anything else — a counted 404, so tests can prove a user id such as `../clients` never
 //!   reaches another endpoint.
+//!
+//! Token Vault: one token set per user and connection (seeded for [`seed::VAULT_USER`]),
+//! expiring and refreshed on exchange, with knobs for "no token set" and "refresh failed".
 //!
 //! It starts with the users of [`seed`]. Tests steer it through [`Emulator`]: expire or revoke
 //! Management tokens, change scope, add latency, queue [`Fault`]s, and read call counters and
@@ -25,12 +32,15 @@
 //! the first and publishing only it; [`Emulator::rotate_signing_key`] and
 //! [`Emulator::revoke_previous_signing_key`] walk through an Auth0 key rotation.
 
+mod assertions;
 mod handlers;
 mod id_tokens;
 mod idp;
+pub mod keys;
 pub mod seed;
 mod signing;
 mod state;
+mod vault;
 
 #[cfg(test)]
 mod tests;
@@ -111,6 +121,9 @@ pub enum Endpoint {
     Jwks,
     /// `POST /idp/google/token`, the emulated IdP's token endpoint.
     IdpToken,
+    /// `POST /oauth/token` with the Token Vault grant: faults aimed here hit only
+    /// exchanges (after the [`Endpoint::Token`] queue), not the Management token grant.
+    TokenExchange,
 }
 
 /// A misbehaviour to inject, so tests can exercise the broker's error handling.
@@ -155,6 +168,9 @@ pub struct CallCounts {
     /// Calls to the IdP's token endpoint, whatever their answer: proves refreshes are shared
     /// and remembered.
     pub idp_token: u64,
+    /// Token Vault exchanges (`/oauth/token` with the Token Vault grant, also counted in
+    /// `token`), whatever their answer: proves exchanges are shared and kept.
+    pub token_exchange: u64,
     /// Calls to any other path or method (all answered 404).
     pub other: u64,
 }
@@ -185,7 +201,7 @@ impl Emulator {
             .audience
             .clone()
             .unwrap_or_else(|| format!("{base_url}/api/v2/"));
-        let state = Arc::new(Shared::new(config, audience, seed::users()));
+        let state = Arc::new(Shared::new(config, &base_url, audience, seed::users()));
         let (stop, stopped) = oneshot::channel::<()>();
         let app = handlers::router(state.clone());
         let task = tokio::spawn(async move {
@@ -259,6 +275,51 @@ impl Emulator {
     /// ([`seed::GOOGLE_EXPIRES_IN`] at start).
     pub fn set_idp_expires_in(&self, seconds: u64) {
         self.state.set_idp_expires_in(seconds);
+    }
+
+    /// Registers these public keys (`BEGIN PUBLIC KEY` PEMs) as the client's
+    /// `private_key_jwt` credentials, replacing any before: from now on the client must
+    /// authenticate with a client assertion one of them verifies, and its secret is
+    /// refused. None: back to the client secret.
+    pub fn set_client_assertion_keys(&self, public_keys: &[&str]) -> Result<(), String> {
+        self.state.set_assertion_keys(parse_keys(public_keys)?);
+        Ok(())
+    }
+
+    /// Registers these public keys as the client's Token Vault Privileged Worker
+    /// credentials (what verifies its subject tokens), replacing any before.
+    pub fn set_token_vault_subject_keys(&self, public_keys: &[&str]) -> Result<(), String> {
+        self.state.set_subject_keys(parse_keys(public_keys)?);
+        Ok(())
+    }
+
+    /// Stores a new Token Vault token set for `user_id` and `connection` whose access token
+    /// lives `expires_in` seconds from now; returns that token.
+    pub fn put_token_vault_set(&self, user_id: &str, connection: &str, expires_in: u64) -> String {
+        self.state.put_token_set(user_id, connection, expires_in)
+    }
+
+    /// Deletes the token set: exchanges answer `federated_connection_refresh_token_not_found`.
+    pub fn remove_token_vault_set(&self, user_id: &str, connection: &str) {
+        self.state.remove_token_set(user_id, connection);
+    }
+
+    /// Makes the set's access token expired: the next exchange refreshes it.
+    pub fn expire_token_vault_set(&self, user_id: &str, connection: &str) {
+        self.state.expire_token_set(user_id, connection);
+    }
+
+    /// Makes refreshes of the set at the IdP fail (or work again): an exchange of an
+    /// expired token answers `federated_connection_refresh_token_flow_failed`.
+    pub fn fail_token_vault_refresh(&self, user_id: &str, connection: &str, fails: bool) {
+        self.state
+            .set_token_set_refresh_fails(user_id, connection, fails);
+    }
+
+    /// Sets the lifetime of the tokens Token Vault refreshes from now on
+    /// ([`seed::GOOGLE_EXPIRES_IN`] at start).
+    pub fn set_token_vault_expires_in(&self, seconds: u64) {
+        self.state.set_vault_expires_in(seconds);
     }
 
     /// The `aud` of the ID tokens it issues.
@@ -412,6 +473,14 @@ impl std::fmt::Debug for Emulator {
             .field("addr", &self.addr)
             .finish_non_exhaustive()
     }
+}
+
+/// Public key PEMs as the tenant registers them.
+fn parse_keys(public_keys: &[&str]) -> Result<Vec<assertions::RegisteredKey>, String> {
+    public_keys
+        .iter()
+        .map(|pem| assertions::RegisteredKey::from_pem(pem))
+        .collect()
 }
 
 /// The address clients should dial: a wildcard bind is reached over loopback.

@@ -113,12 +113,35 @@ pub const NO_EXPIRY_GOOGLE_ACCESS_TOKEN: &str = "ya29.emulated_no_expiry_google_
 /// Refresh token of [`NO_EXPIRY_GOOGLE_USER`]; the IdP honours it.
 pub const NO_EXPIRY_GOOGLE_REFRESH_TOKEN: &str = "1//emulated_no_expiry_google_refresh_token_0014";
 
-/// Every access token, access token secret and refresh token planted on the seeded users,
-/// and the emulated IdP's client secret.
+/// A Google user of a connection with Token Vault on: Auth0 keeps no token on the profile
+/// (the identity carries none), its tokens are in Token Vault.
+pub const VAULT_USER: &str = "google-oauth2|108000000000000000021";
+/// The Google user id of [`VAULT_USER`] at the IdP: the exchange's `login_hint`.
+pub const VAULT_IDP_USER_ID: &str = "108000000000000000021";
+/// The Auth0 connection of [`VAULT_USER`]'s identity, with Token Vault on.
+pub const TOKEN_VAULT_CONNECTION: &str = "google-vault";
+/// The access token the emulated Token Vault holds for [`VAULT_USER`] at start, fresh for
+/// [`GOOGLE_EXPIRES_IN`] seconds.
+pub const VAULT_ACCESS_TOKEN: &str = "ya29.emulated_token_vault_access_token_0021";
+
+/// A GitHub user whose connection switched to Token Vault without the broker knowing: the
+/// identity comes back without a token although the Management token may read them.
+pub const SWITCHED_USER: &str = "github|2468013";
+
+/// Every access token, access token secret and refresh token planted on the seeded users
+/// (and in the emulated Token Vault), the emulated IdP's client secret, and a line of the
+/// body of each fixture key the broker signs its client assertions and subject tokens with.
 ///
 /// Tests search logs and error messages for these strings to prove nothing leaks.
 pub fn planted_secrets() -> Vec<&'static str> {
-    vec![
+    let key_bodies = [
+        super::keys::CLIENT_ASSERTION_KEY_1,
+        super::keys::CLIENT_ASSERTION_KEY_2,
+        super::keys::CLIENT_ASSERTION_KEY_3,
+    ]
+    .into_iter()
+    .filter_map(|pem| pem.lines().nth(1));
+    let mut planted = vec![
         GITHUB_ACCESS_TOKEN,
         GOOGLE_ACCESS_TOKEN,
         GOOGLE_REFRESH_TOKEN,
@@ -138,7 +161,10 @@ pub fn planted_secrets() -> Vec<&'static str> {
         NO_EXPIRY_GOOGLE_ACCESS_TOKEN,
         NO_EXPIRY_GOOGLE_REFRESH_TOKEN,
         IDP_CLIENT_SECRET,
-    ]
+        VAULT_ACCESS_TOKEN,
+    ];
+    planted.extend(key_bodies);
+    planted
 }
 
 /// The refresh tokens the emulated IdP honours at start.
@@ -170,6 +196,8 @@ pub fn user_ids() -> Vec<&'static str> {
         STALE_GOOGLE_USER,
         REVOKED_GOOGLE_USER,
         NO_EXPIRY_GOOGLE_USER,
+        VAULT_USER,
+        SWITCHED_USER,
     ]
 }
 
@@ -208,9 +236,11 @@ pub fn users_at(now: SystemTime) -> Vec<Value> {
         ),
         no_expiry_user(),
     ];
+    let vaulted = vec![vault_user(), switched_user()];
     let fresh = logged_in(fresh, now, FRESH_LOGIN_AGO);
     let stale = logged_in(stale, now, STALE_LOGIN_AGO);
-    fresh.into_iter().chain(stale).collect()
+    let vaulted = logged_in(vaulted, now, FRESH_LOGIN_AGO);
+    fresh.into_iter().chain(stale).chain(vaulted).collect()
 }
 
 /// `users` with `last_login` set to `ago` before `now`, written as Auth0 writes times
@@ -372,4 +402,37 @@ fn no_expiry_user() -> Value {
         identity.remove("expires_in");
     }
     user
+}
+
+/// [`VAULT_USER`]: one Google identity of [`TOKEN_VAULT_CONNECTION`], without tokens.
+fn vault_user() -> Value {
+    let identity = json!({
+        "provider": "google-oauth2",
+        "connection": TOKEN_VAULT_CONNECTION,
+        "user_id": VAULT_IDP_USER_ID,
+        "isSocial": true,
+    });
+    profile(
+        VAULT_USER,
+        "vault@example.com",
+        "Vera Vault",
+        vec![identity],
+    )
+}
+
+/// [`SWITCHED_USER`]: a GitHub identity without a token, as Auth0 returns it once Token
+/// Vault is on for the connection.
+fn switched_user() -> Value {
+    let identity = json!({
+        "provider": "github",
+        "connection": "github",
+        "user_id": 2_468_013,
+        "isSocial": true,
+    });
+    profile(
+        SWITCHED_USER,
+        "switch@example.com",
+        "Swit Ched",
+        vec![identity],
+    )
 }

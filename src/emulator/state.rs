@@ -14,8 +14,11 @@ use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
+use super::assertions::{ClientJwts, Expected, RegisteredKey};
+use super::handlers::epoch_secs;
 use super::idp::{IdpGrant, IdpState};
 use super::signing::{self, KEY_COUNT};
+use super::vault::{VaultGrant, VaultRefusal, VaultState};
 use super::{CallCounts, EmulatorConfig, Endpoint, Fault};
 
 /// Length of the random part of an issued token.
@@ -63,6 +66,10 @@ struct Inner {
     published_keys: Vec<usize>,
     /// The emulated IdP's refresh tokens and knobs.
     idp: IdpState,
+    /// The client's registered public keys and the `jti`s it used.
+    jwts: ClientJwts,
+    /// The emulated Token Vault's token sets.
+    vault: VaultState,
 }
 
 /// State shared by the HTTP handlers and the [`super::Emulator`] handle.
@@ -70,6 +77,8 @@ pub(crate) struct Shared {
     client_id: String,
     client_secret: SecretString,
     audience: String,
+    /// `aud` of client assertions and subject tokens: `{base_url}/`.
+    jwt_audience: String,
     id_token_audience: String,
     /// The OAuth client the emulated IdP's token endpoint accepts.
     idp_client_id: String,
@@ -84,7 +93,12 @@ impl Shared {
     /// Builds the state for the tenant `config` describes, with the Management API
     /// `audience` and these users. It signs ID tokens with the first fixture key and
     /// publishes only that one; its IdP honours the seeded refresh tokens.
-    pub(crate) fn new(config: EmulatorConfig, audience: String, users: Vec<Value>) -> Self {
+    pub(crate) fn new(
+        config: EmulatorConfig,
+        base_url: &str,
+        audience: String,
+        users: Vec<Value>,
+    ) -> Self {
         let inner = Inner {
             token_lifetime: config.token_lifetime,
             scope: config.scope,
@@ -98,11 +112,14 @@ impl Shared {
             signing_key: 0,
             published_keys: vec![0],
             idp: IdpState::seeded(),
+            jwts: ClientJwts::default(),
+            vault: VaultState::seeded(),
         };
         let shared = Shared {
             client_id: config.client_id,
             client_secret: config.client_secret,
             audience,
+            jwt_audience: format!("{base_url}/"),
             id_token_audience: config.id_token_audience,
             idp_client_id: config.idp_client_id,
             idp_client_secret: config.idp_client_secret,
@@ -176,6 +193,103 @@ impl Shared {
 
     pub(crate) fn set_idp_expires_in(&self, seconds: u64) {
         self.lock().idp.set_expires_in(seconds);
+    }
+
+    /// Whether the client authenticates with `private_key_jwt` (keys registered) rather
+    /// than its secret, as an Auth0 application does once its credentials are keys.
+    pub(crate) fn uses_private_key_jwt(&self) -> bool {
+        !self.lock().jwts.assertion_keys.is_empty()
+    }
+
+    /// Replaces the keys that verify client assertions; none: back to the secret.
+    pub(crate) fn set_assertion_keys(&self, keys: Vec<RegisteredKey>) {
+        self.lock().jwts.assertion_keys = keys;
+    }
+
+    /// Replaces the keys that verify Privileged Worker subject tokens.
+    pub(crate) fn set_subject_keys(&self, keys: Vec<RegisteredKey>) {
+        self.lock().jwts.subject_keys = keys;
+    }
+
+    /// Accepts `assertion` as `client_id`'s authentication, or says why not.
+    pub(crate) fn accept_client_assertion(
+        &self,
+        client_id: Option<&str>,
+        assertion: &str,
+    ) -> Result<(), &'static str> {
+        if client_id.is_some_and(|given| given != self.client_id) {
+            return Err("client_id does not match the assertion");
+        }
+        let expected = self.expected();
+        self.lock().jwts.accept_assertion(assertion, &expected)
+    }
+
+    /// The user a Privileged Worker subject token names, or why it is refused.
+    pub(crate) fn accept_subject_token(&self, subject_token: &str) -> Result<String, &'static str> {
+        let expected = self.expected();
+        self.lock().jwts.accept_subject(subject_token, &expected)
+    }
+
+    fn expected(&self) -> Expected<'_> {
+        Expected {
+            client_id: &self.client_id,
+            audience: &self.jwt_audience,
+            now: epoch_secs(),
+        }
+    }
+
+    /// Whether `user_id` has an identity of `connection` (whose IdP user id is
+    /// `login_hint`, when one is given).
+    pub(crate) fn has_identity(
+        &self,
+        user_id: &str,
+        connection: &str,
+        login_hint: Option<&str>,
+    ) -> bool {
+        let Some(user) = self.user(user_id) else {
+            return false;
+        };
+        let identities = user["identities"].as_array().cloned().unwrap_or_default();
+        identities.iter().any(|identity| {
+            let idp_user_id = match &identity["user_id"] {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            identity["connection"] == connection
+                && login_hint.is_none_or(|hint| hint == idp_user_id)
+        })
+    }
+
+    /// The Token Vault exchange of the user's token set for `connection`.
+    pub(crate) fn exchange_token_set(
+        &self,
+        user_id: &str,
+        connection: &str,
+    ) -> Result<VaultGrant, VaultRefusal> {
+        self.lock().vault.exchange(user_id, connection)
+    }
+
+    /// Stores a new token set; returns its access token.
+    pub(crate) fn put_token_set(&self, user_id: &str, connection: &str, expires_in: u64) -> String {
+        self.lock().vault.put(user_id, connection, expires_in)
+    }
+
+    pub(crate) fn remove_token_set(&self, user_id: &str, connection: &str) {
+        self.lock().vault.remove(user_id, connection);
+    }
+
+    pub(crate) fn expire_token_set(&self, user_id: &str, connection: &str) {
+        self.lock().vault.expire(user_id, connection);
+    }
+
+    pub(crate) fn set_token_set_refresh_fails(&self, user_id: &str, connection: &str, fails: bool) {
+        self.lock()
+            .vault
+            .set_refresh_fails(user_id, connection, fails);
+    }
+
+    pub(crate) fn set_vault_expires_in(&self, seconds: u64) {
+        self.lock().vault.set_expires_in(seconds);
     }
 
     /// Issues and remembers a new Management token with the current lifetime and scope.
@@ -285,6 +399,7 @@ impl Shared {
             Some(Endpoint::Users) => &mut inner.counts.users,
             Some(Endpoint::Jwks) => &mut inner.counts.jwks,
             Some(Endpoint::IdpToken) => &mut inner.counts.idp_token,
+            Some(Endpoint::TokenExchange) => &mut inner.counts.token_exchange,
             None => &mut inner.counts.other,
         };
         *counter += 1;

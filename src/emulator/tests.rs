@@ -251,6 +251,7 @@ async fn unknown_user_is_404_and_path_tricks_hit_fallback() {
             jwks: 0,
             other: 4,
             idp_token: 0,
+            token_exchange: 0,
         }
     );
     assert_eq!(emu.seen_paths().len(), 6);
@@ -326,6 +327,7 @@ async fn raw_dot_dot_path_reaches_only_the_fallback() {
             jwks: 0,
             other: 1,
             idp_token: 0,
+            token_exchange: 0,
         }
     );
     assert_eq!(
@@ -602,6 +604,7 @@ async fn idp_refresh_issues_a_new_google_token_on_every_call() {
         emu.calls(),
         CallCounts {
             idp_token: 3,
+            token_exchange: 0,
             ..CallCounts::default()
         }
     );
@@ -686,6 +689,7 @@ async fn idp_refuses_another_client_a_grant_type_and_a_missing_token() {
         emu.calls(),
         CallCounts {
             idp_token: 4,
+            token_exchange: 0,
             ..CallCounts::default()
         }
     );
@@ -785,4 +789,165 @@ fn every_seeded_refresh_token_and_the_idp_secret_are_planted_secrets() {
     for secret in seeded {
         assert!(planted.contains(&secret), "{secret}");
     }
+}
+
+// ---- Token Vault (Privileged Worker) ----------------------------------------------------------
+
+/// A subject token for `user_id` signed with the first fixture client key, with `header`
+/// and `change` applied.
+fn subject_token(
+    emu: &Emulator,
+    user_id: &str,
+    header: jsonwebtoken::Header,
+    change: impl FnOnce(&mut Value),
+) -> String {
+    let now = super::handlers::epoch_secs();
+    let mut claims = json!({
+        "iss": CLIENT_ID,
+        "sub": user_id,
+        "aud": format!("{}/", emu.base_url()),
+        "iat": now,
+        "exp": now + 60,
+        "jti": format!("jti-{}", rand::random::<u64>()),
+        "audit_context": "emulator test",
+    });
+    change(&mut claims);
+    let key =
+        jsonwebtoken::EncodingKey::from_rsa_pem(super::keys::CLIENT_ASSERTION_KEY_1.as_bytes())
+            .expect("fixture key");
+    jsonwebtoken::encode(&header, &claims, &key).expect("signs")
+}
+
+fn vault_header() -> jsonwebtoken::Header {
+    jsonwebtoken::Header {
+        typ: Some("token-vault-req+jwt".to_owned()),
+        ..jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256)
+    }
+}
+
+/// An emulator whose client's Privileged Worker key is the first fixture key (its
+/// client still authenticates with the secret).
+async fn vault_emulator() -> Emulator {
+    let emu = emulator().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("key.pem");
+    std::fs::write(&path, super::keys::CLIENT_ASSERTION_KEY_1).expect("write key");
+    let public = crate::auth0::SigningKeyFile::open("K", &path, None)
+        .expect("fixture key")
+        .public_key_pem();
+    emu.set_token_vault_subject_keys(&[&public])
+        .expect("key registers");
+    emu
+}
+
+/// Posts a Token Vault exchange of `subject_token` for the vault connection; returns the
+/// status and body.
+async fn exchange(emu: &Emulator, subject_token: &str, login_hint: &str) -> (StatusCode, Value) {
+    let body = serde_urlencoded::to_string([
+        (
+            "grant_type",
+            "urn:auth0:params:oauth:grant-type:token-exchange:federated-connection-access-token",
+        ),
+        ("client_id", CLIENT_ID),
+        ("client_secret", CLIENT_SECRET),
+        ("subject_token", subject_token),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        (
+            "requested_token_type",
+            "http://auth0.com/oauth/token-type/token-vault-access-token",
+        ),
+        ("connection", seed::TOKEN_VAULT_CONNECTION),
+        ("login_hint", login_hint),
+    ])
+    .expect("form encodes");
+    let response = post_form(emu, body).await;
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_privileged_worker_exchange_hands_out_the_token_set() {
+    let emu = vault_emulator().await;
+    let token = subject_token(&emu, seed::VAULT_USER, vault_header(), |_| {});
+    let (status, body) = exchange(&emu, &token, seed::VAULT_IDP_USER_ID).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["access_token"], seed::VAULT_ACCESS_TOKEN);
+    assert_eq!(body["scope"], seed::IDP_SCOPE);
+    assert!(body["expires_in"]
+        .as_u64()
+        .is_some_and(|secs| secs <= seed::GOOGLE_EXPIRES_IN));
+    assert_eq!(
+        body["issued_token_type"],
+        "http://auth0.com/oauth/token-type/federated-connection-access-token"
+    );
+    assert_eq!(emu.calls().token_exchange, 1);
+    let (status, body) = exchange(&emu, &token, seed::VAULT_IDP_USER_ID).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "a replayed jti: {body}");
+    assert_eq!(body["error"], "invalid_grant");
+}
+
+#[tokio::test]
+async fn subject_tokens_outside_auth0s_rules_are_refused() {
+    let emu = vault_emulator().await;
+    let untyped = subject_token(
+        &emu,
+        seed::VAULT_USER,
+        jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        |_| {},
+    );
+    let old = subject_token(&emu, seed::VAULT_USER, vault_header(), |claims| {
+        claims["iat"] = (super::handlers::epoch_secs() - 61).into();
+    });
+    let no_context = subject_token(&emu, seed::VAULT_USER, vault_header(), |claims| {
+        claims
+            .as_object_mut()
+            .expect("object")
+            .remove("audit_context");
+    });
+    let wrong_aud = subject_token(&emu, seed::VAULT_USER, vault_header(), |claims| {
+        claims["aud"] = emu.base_url().into();
+    });
+    for (what, token) in [
+        ("typ not token-vault-req+jwt", untyped),
+        ("older than 60 s", old),
+        ("no audit_context", no_context),
+        ("aud without the slash", wrong_aud),
+    ] {
+        let (status, body) = exchange(&emu, &token, seed::VAULT_IDP_USER_ID).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+        assert_eq!(body["error"], "invalid_grant", "{what}");
+    }
+}
+
+#[tokio::test]
+async fn token_sets_that_are_missing_or_fail_to_refresh_are_refused_with_auth0s_codes() {
+    let emu = vault_emulator().await;
+    let fresh = |emu: &Emulator| subject_token(emu, seed::VAULT_USER, vault_header(), |_| {});
+    let (status, body) = exchange(&emu, &fresh(&emu), "another-google-account").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        body["error"],
+        "federated_connection_refresh_token_not_found"
+    );
+    emu.expire_token_vault_set(seed::VAULT_USER, seed::TOKEN_VAULT_CONNECTION);
+    emu.fail_token_vault_refresh(seed::VAULT_USER, seed::TOKEN_VAULT_CONNECTION, true);
+    let (_, body) = exchange(&emu, &fresh(&emu), seed::VAULT_IDP_USER_ID).await;
+    assert_eq!(
+        body["error"],
+        "federated_connection_refresh_token_flow_failed"
+    );
+    emu.fail_token_vault_refresh(seed::VAULT_USER, seed::TOKEN_VAULT_CONNECTION, false);
+    emu.set_token_vault_expires_in(120);
+    let (status, body) = exchange(&emu, &fresh(&emu), seed::VAULT_IDP_USER_ID).await;
+    assert_eq!(status, StatusCode::OK, "refreshed: {body}");
+    assert_ne!(body["access_token"], seed::VAULT_ACCESS_TOKEN);
+    assert!(body["expires_in"]
+        .as_u64()
+        .is_some_and(|secs| (118..=120).contains(&secs)));
+    emu.remove_token_vault_set(seed::VAULT_USER, seed::TOKEN_VAULT_CONNECTION);
+    let (_, body) = exchange(&emu, &fresh(&emu), seed::VAULT_IDP_USER_ID).await;
+    assert_eq!(
+        body["error"],
+        "federated_connection_refresh_token_not_found"
+    );
 }

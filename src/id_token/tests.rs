@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use secrecy::SecretString;
 
 use super::{IdTokenError, IdTokenSettings, IdTokenVerifier};
-use crate::auth0::{Auth0Client, Auth0Settings};
+use crate::auth0::{Auth0Client, Auth0Settings, ClientCredential};
 use crate::emulator::{
     seed, Audience, Emulator, EmulatorConfig, Endpoint, Fault, IdTokenSpec, KidHeader, Signing,
 };
@@ -30,7 +30,8 @@ fn verifier_with(settings: IdTokenSettings) -> IdTokenVerifier {
         base_url: settings.issuer_base_url.clone(),
         audience: format!("{}/api/v2/", settings.issuer_base_url),
         client_id: "test-client".to_owned(),
-        client_secret: SecretString::from("test-secret"),
+        credential: ClientCredential::Secret(SecretString::from("test-secret")),
+        token_vault_subject_key: None,
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(10),
     })

@@ -27,8 +27,9 @@ mod request;
 #[cfg(test)]
 mod tests;
 
+pub use crate::kept::TokenKey;
 pub use error::{IdpError, IdpSetupError};
-pub use refresher::{IdpRefresher, IdpSettings, Refreshed, TokenKey};
+pub use refresher::{IdpRefresher, IdpSettings, Refreshed};
 pub use request::RefreshedToken;
 
 use secrecy::SecretString;

@@ -14,12 +14,10 @@
 //! user who reconnected has a new one), without keeping the token.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use moka::sync::Cache;
-use moka::Expiry;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 
@@ -27,6 +25,7 @@ use super::gate::Gate;
 use super::request::{self, RefreshedToken};
 use super::{IdpClient, IdpError, IdpSetupError};
 use crate::auth0::OutboundLimits;
+use crate::kept::{self, Expires, Forgetting, TokenKey, UntilExpiry};
 use crate::logsafe::capped;
 use crate::stats;
 
@@ -65,16 +64,6 @@ impl Default for IdpSettings {
             invalid_grant_memory: Duration::from_secs(30),
         }
     }
-}
-
-/// Whose token, from which connection.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TokenKey {
-    /// The Auth0 user id.
-    pub user_id: String,
-    /// The Auth0 connection: a name from the connections file, never caller
-    /// input, since it labels metrics and names a rate limit of its own.
-    pub connection: String,
 }
 
 /// A token the IdP issued on refresh, as the refresher hands it out.
@@ -131,35 +120,10 @@ struct Need<'a> {
     deadline: Option<Instant>,
 }
 
-/// A refreshed token is dropped when it expires, not after a fixed TTL.
-struct UntilExpiry;
-
-impl Expiry<TokenKey, Arc<Refreshed>> for UntilExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &TokenKey,
-        token: &Arc<Refreshed>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(time_left(token))
+impl Expires for Refreshed {
+    fn expires_at(&self) -> SystemTime {
+        self.expires_at
     }
-
-    fn expire_after_update(
-        &self,
-        _key: &TokenKey,
-        token: &Arc<Refreshed>,
-        _updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(time_left(token))
-    }
-}
-
-fn time_left(token: &Refreshed) -> Duration {
-    token
-        .expires_at
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO)
 }
 
 /// Refreshes users' IdP tokens and keeps what it learns. Share it behind an
@@ -176,14 +140,8 @@ pub struct IdpRefresher {
     refused: Cache<TokenKey, Fingerprint>,
     /// Refreshes under way, only while they are: single flight, not a cache.
     flights: moka::future::Cache<FlightKey, Arc<Result<Arc<Refreshed>, IdpError>>>,
-    /// Logical clock ordering refreshes and `forget_user` calls.
-    ticks: AtomicU64,
-    /// Tick of the latest `forget_user`: refreshes that began after it skip
-    /// the lookup in `forgotten`.
-    last_forget: AtomicU64,
-    /// Tick of each user's latest `forget_user`, kept while a refresh that
-    /// began before it may still land.
-    forgotten: Cache<String, u64>,
+    /// `forget_user` calls, so a refresh landing after one keeps nothing.
+    forgetting: Forgetting,
 }
 
 impl IdpRefresher {
@@ -212,12 +170,10 @@ impl IdpRefresher {
                 .time_to_live(settings.invalid_grant_memory)
                 .build(),
             flights: moka::future::Cache::new(capacity),
-            ticks: AtomicU64::new(1),
-            last_forget: AtomicU64::new(0),
-            forgotten: Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(settings.call_timeout.saturating_mul(2) + FORGET_MARGIN)
-                .build(),
+            forgetting: Forgetting::new(
+                capacity,
+                settings.call_timeout.saturating_mul(2) + FORGET_MARGIN,
+            ),
             settings,
         })
     }
@@ -260,10 +216,8 @@ impl IdpRefresher {
     /// the user keeps nothing when it lands.
     pub fn forget_user(&self, user_id: &str) {
         // Marked before dropping: a refresh landing meanwhile either sees the
-        // mark or put its entry in before the drops below (see `keep`).
-        let at = self.tick();
-        self.forgotten.insert(user_id.to_owned(), at);
-        self.last_forget.fetch_max(at, Ordering::SeqCst);
+        // mark or put its entry in before the drops below (see `Forgetting::keep`).
+        self.forgetting.forget(user_id);
         for connection in self.connections() {
             let key = TokenKey {
                 user_id: user_id.to_owned(),
@@ -278,8 +232,7 @@ impl IdpRefresher {
     /// The kept token of `key` if it lives longer than `min_valid_for`.
     fn usable(&self, key: &TokenKey, min_valid_for: Duration) -> Option<Arc<Refreshed>> {
         let token = self.tokens.get(key)?;
-        let needed_until = SystemTime::now().checked_add(min_valid_for)?;
-        (token.expires_at > needed_until).then_some(token)
+        kept::lives_for(token.expires_at, min_valid_for).then_some(token)
     }
 
     /// Whether the IdP refused this very refresh token lately; counted when so.
@@ -326,7 +279,7 @@ impl IdpRefresher {
 
     /// Asks the IdP, within the connection's gate, and keeps what it says.
     async fn refresh(&self, need: &Need<'_>) -> Result<Arc<Refreshed>, IdpError> {
-        let started = self.tick();
+        let started = self.forgetting.tick();
         let rotation = self
             .rotations
             .get(need.key)
@@ -361,15 +314,16 @@ impl IdpRefresher {
                 origin: need.origin,
                 current,
             };
-            self.keep(&self.rotations, need.key, Arc::new(rotation), started);
+            self.forgetting
+                .keep(&self.rotations, need.key, Arc::new(rotation), started);
         }
         let token = Arc::new(fresh.token);
-        self.keep(&self.tokens, need.key, token.clone(), started);
-        tracing::debug!(
-            user_id = &*capped(&need.key.user_id),
-            connection = need.key.connection.as_str(),
-            expires_in_secs = time_left(&token).as_secs(),
-            "IdP token refreshed"
+        self.forgetting.keep_token(
+            &self.tokens,
+            need.key,
+            token.clone(),
+            started,
+            "IdP refresh",
         );
         token
     }
@@ -388,7 +342,8 @@ impl IdpRefresher {
         if error == IdpError::InvalidGrant {
             // A refused rotated token ends its chain: next time, Auth0's.
             self.rotations.invalidate(need.key);
-            self.keep(&self.refused, need.key, need.origin, started);
+            self.forgetting
+                .keep(&self.refused, need.key, need.origin, started);
             tracing::info!(
                 user_id,
                 connection,
@@ -398,31 +353,6 @@ impl IdpRefresher {
             tracing::warn!(%error, user_id, connection, "IdP refresh failed");
         }
         error
-    }
-
-    /// Puts what a refresh begun at `started` learnt into `cache`, unless the
-    /// user was forgotten since. Inserted first and checked after: a
-    /// `forget_user` racing it either drops the entry or is seen here.
-    fn keep<V>(&self, cache: &Cache<TokenKey, V>, key: &TokenKey, value: V, started: u64)
-    where
-        V: Clone + Send + Sync + 'static,
-    {
-        cache.insert(key.clone(), value);
-        if self.forgotten_since(&key.user_id, started) {
-            cache.invalidate(key);
-        }
-    }
-
-    /// Whether `forget_user(user_id)` was called after logical time `started`.
-    fn forgotten_since(&self, user_id: &str, started: u64) -> bool {
-        if self.last_forget.load(Ordering::SeqCst) < started {
-            return false;
-        }
-        self.forgotten.get(user_id).is_some_and(|at| at > started)
-    }
-
-    fn tick(&self) -> u64 {
-        self.ticks.fetch_add(1, Ordering::SeqCst)
     }
 
     /// The gate of `connection`, made on first use.

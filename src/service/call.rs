@@ -109,12 +109,18 @@ impl CallContext {
     }
 
     /// What a release of this RPC needs of a token: to live `min_valid_for`,
-    /// with IdP calls given up before the caller's deadline.
-    pub(super) fn need(&self, min_valid_for: Duration) -> super::fresh::Need {
+    /// with IdP and Auth0 calls given up before the caller's deadline, and
+    /// paid from `share`.
+    pub(super) fn need<'a>(
+        &self,
+        min_valid_for: Duration,
+        share: crate::budget::CallerShare<'a>,
+    ) -> super::fresh::Need<'a> {
         super::fresh::Need {
             min_valid_for,
             deadline: self.auth0_deadline(),
             started: std::time::SystemTime::now() - self.started.elapsed(),
+            share,
         }
     }
 

@@ -1,9 +1,10 @@
 //! A token that works for as long as the caller needs, or the reason there is
-//! none: the profile's token when it is known to live past `min_valid_for`
-//! (or its expiry is unknown), else a token refreshed at the IdP for
-//! connections the connections file marks `refresh = "idp"`, else
-//! TOKEN_EXPIRED. A token known to expire sooner is never released as if it
-//! were fine.
+//! none. For connections the connections file marks `source = "token-vault"`:
+//! the token Auth0 Token Vault holds (`vault`). For the others: the profile's
+//! token when it is known to live past `min_valid_for` (or its expiry is
+//! unknown), else a token refreshed at the IdP for connections marked
+//! `refresh = "idp"`, else TOKEN_EXPIRED. A token known to expire sooner is
+//! never released as if it were fine.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -11,12 +12,15 @@ use std::time::{Duration, SystemTime};
 use secrecy::ExposeSecret;
 use tokio::time::Instant as Deadline;
 
-use crate::auth0::{Identity, UserIdentities};
-use crate::connections::{ConnectionsStore, RefreshRule};
+use crate::auth0::{Auth0Client, Identity, UserIdentities};
+use crate::budget::CallerShare;
+use crate::connections::{ConnectionSource, ConnectionsStore, RefreshRule};
 use crate::error::BrokerError;
-use crate::idp::{IdpError, IdpRefresher, Refreshed, TokenKey};
+use crate::idp::{IdpError, IdpRefresher, TokenKey};
 use crate::proto::{IdpToken, TokenSource, UnavailableToken};
+use crate::selection;
 use crate::stats;
+use crate::vault::{TokenVault, VaultNeed, VaultSettings};
 
 /// The longest `min_valid_for` honoured. A caller asking for more gets this:
 /// IdPs issue tokens of about an hour, and asking past their lifetime would
@@ -57,32 +61,57 @@ pub enum FreshnessError {
 }
 
 impl FreshnessSettings {
-    /// Reads the connections file (a bad one fails at start, with its line)
-    /// and builds the refresher.
-    pub fn open(&self) -> Result<Freshness, FreshnessError> {
+    /// Reads the connections file: a bad one fails at start, with its line.
+    /// Read before the rest, as the Auth0 client keeps refresh tokens by it
+    /// ([`refresh_token_filter`]).
+    pub fn open_connections(&self) -> Result<Arc<ConnectionsStore>, FreshnessError> {
+        Ok(Arc::new(ConnectionsStore::open(
+            self.connections.as_deref(),
+        )?))
+    }
+
+    /// Builds the refresher, and the Token Vault on `auth0` (whose calls
+    /// give up after `auth0_timeout`).
+    pub fn open(
+        &self,
+        connections: Arc<ConnectionsStore>,
+        auth0: Auth0Client,
+        auth0_timeout: Duration,
+    ) -> Result<Freshness, FreshnessError> {
+        let vault = VaultSettings {
+            capacity: self.idp.capacity,
+            forget_memory: auth0_timeout.saturating_mul(2) + Duration::from_secs(60),
+        };
         Ok(Freshness {
-            connections: Arc::new(ConnectionsStore::open(self.connections.as_deref())?),
+            connections,
             refresher: Arc::new(IdpRefresher::new(self.idp)?),
+            vault: Arc::new(TokenVault::new(auth0, vault)),
             default_min_validity: self.default_min_validity,
         })
     }
 }
 
-/// What makes tokens usable: the connections' refresh rules and the refresher.
+/// What makes tokens usable: the connections' sources and refresh rules,
+/// the IdP refresher and the Token Vault.
 #[derive(Clone)]
 pub struct Freshness {
     pub connections: Arc<ConnectionsStore>,
     pub refresher: Arc<IdpRefresher>,
+    /// Tokens of `source = "token-vault"` connections.
+    pub vault: Arc<TokenVault>,
     /// `min_valid_for` of requests that set none.
     pub default_min_validity: Duration,
 }
 
-/// One release's view of time: how long tokens must live, until when IdP
-/// calls may run, and when the RPC began (to tell cached refreshes).
-pub(super) struct Need {
+/// One release's view of time and budget: how long tokens must live, until
+/// when IdP and Auth0 calls may run, when the RPC began (to tell kept
+/// tokens) and the caller's share of the Auth0 budget (a Token Vault
+/// exchange is an Auth0 call).
+pub(super) struct Need<'a> {
     pub(super) min_valid_for: Duration,
     pub(super) deadline: Option<Deadline>,
     pub(super) started: SystemTime,
+    pub(super) share: CallerShare<'a>,
 }
 
 impl Freshness {
@@ -101,8 +130,12 @@ impl Freshness {
         identity: &Identity,
         user: &UserIdentities,
         from_cache: bool,
-        need: &Need,
+        need: &Need<'_>,
     ) -> Result<IdpToken, BrokerError> {
+        if self.from_token_vault(&identity.connection) {
+            // Boxed, as below: only Token Vault connections wait for it.
+            return Box::pin(self.exchanged(identity, user, need)).await;
+        }
         if let Some(token) = usable_profile_token(identity, user, from_cache, need) {
             return Ok(token);
         }
@@ -111,13 +144,52 @@ impl Freshness {
         Box::pin(self.refreshed_or_refused(identity, user, need)).await
     }
 
+    /// Whether the connections file (as it is now) says `connection`'s tokens
+    /// come from Token Vault.
+    pub fn from_token_vault(&self, connection: &str) -> bool {
+        self.connections.current().rule_for(connection).source == ConnectionSource::TokenVault
+    }
+
+    /// The token Token Vault holds for `identity`, kept or exchanged now.
+    async fn exchanged(
+        &self,
+        identity: &Identity,
+        user: &UserIdentities,
+        need: &Need<'_>,
+    ) -> Result<IdpToken, BrokerError> {
+        let key = TokenKey {
+            user_id: user.user_id.clone(),
+            connection: identity.connection.clone(),
+        };
+        let vault_need = VaultNeed {
+            key: &key,
+            provider: &identity.provider,
+            idp_user_id: &identity.idp_user_id,
+            min_valid_for: need.min_valid_for,
+            deadline: need.deadline,
+            share: need.share,
+        };
+        let token = self.vault.token(&vault_need).await?;
+        Ok(exact_token(
+            identity,
+            ExactToken {
+                access_token: &token.access_token,
+                issued_at: token.issued_at,
+                expires_at: token.expires_at,
+                scopes: &token.scopes,
+                source: TokenSource::TokenVault,
+            },
+            need,
+        ))
+    }
+
     /// A token refreshed at the IdP when the connection allows it, else the
     /// reason there is none.
     async fn refreshed_or_refused(
         &self,
         identity: &Identity,
         user: &UserIdentities,
-        need: &Need,
+        need: &Need<'_>,
     ) -> Result<IdpToken, BrokerError> {
         let rule = self
             .connections
@@ -141,12 +213,19 @@ impl Freshness {
                     )
                     .await
                     .map_err(|error| refresh_error(error, identity))?;
-                Ok(refreshed_token(identity, &refreshed, need))
+                Ok(exact_token(
+                    identity,
+                    ExactToken {
+                        access_token: &refreshed.access_token,
+                        issued_at: refreshed.issued_at,
+                        expires_at: refreshed.expires_at,
+                        scopes: &refreshed.scopes,
+                        source: TokenSource::IdpRefresh,
+                    },
+                    need,
+                ))
             }
-            _ if identity.access_token.is_none() => Err(BrokerError::NoToken {
-                wanted: format!("the {} identity", identity.provider),
-                scope_missing: !user.idp_tokens_readable,
-            }),
+            _ if identity.access_token.is_none() => Err(selection::missing_token(identity, user)),
             _ => {
                 stats::token_refused_as_expired();
                 Err(BrokerError::TokenExpired {
@@ -163,7 +242,7 @@ impl Freshness {
         identities: impl Iterator<Item = &'a Identity>,
         user: &UserIdentities,
         from_cache: bool,
-        need: &Need,
+        need: &Need<'_>,
     ) -> (Vec<IdpToken>, Vec<UnavailableToken>) {
         let mut tokens = Vec::new();
         let mut unavailable = Vec::new();
@@ -180,23 +259,26 @@ impl Freshness {
         (tokens, unavailable)
     }
 
-    /// Which connections' refresh tokens the profile read must keep: those
-    /// the connections file (as it is when the profile is read) refreshes at
-    /// the IdP.
-    pub fn refresh_token_filter(&self) -> crate::auth0::RefreshTokenFilter {
-        let connections = self.connections.clone();
-        Arc::new(move |connection: &str| {
-            matches!(
-                connections.current().rule_for(connection).refresh,
-                RefreshRule::Idp(_)
-            )
-        })
-    }
-
-    /// Drops what the refresher holds for the user (InvalidateUser, `bypass_cache`).
+    /// Drops what the refresher and the Token Vault hold for the user
+    /// (InvalidateUser, `bypass_cache`).
     pub(super) fn forget_user(&self, user_id: &str) {
         self.refresher.forget_user(user_id);
+        self.vault.forget_user(user_id);
     }
+}
+
+/// Which connections' refresh tokens the profile read must keep: those
+/// `connections` (as it is when the profile is read) refreshes at the IdP.
+pub fn refresh_token_filter(
+    connections: &Arc<ConnectionsStore>,
+) -> crate::auth0::RefreshTokenFilter {
+    let connections = connections.clone();
+    Arc::new(move |connection: &str| {
+        matches!(
+            connections.current().rule_for(connection).refresh,
+            RefreshRule::Idp(_)
+        )
+    })
 }
 
 /// The profile's token when it lives long enough: the path of most releases,
@@ -205,7 +287,7 @@ pub(super) fn usable_profile_token(
     identity: &Identity,
     user: &UserIdentities,
     from_cache: bool,
-    need: &Need,
+    need: &Need<'_>,
 ) -> Option<IdpToken> {
     (identity.access_token.is_some() && lives_long_enough(identity.expires_at, need))
         .then(|| profile_token(identity, user, from_cache))
@@ -213,8 +295,8 @@ pub(super) fn usable_profile_token(
 
 /// Whether a token expiring at `expires_at` still lives `min_valid_for`; an
 /// unknown expiry counts as long enough (nothing says otherwise).
-fn lives_long_enough(expires_at: Option<SystemTime>, need: &Need) -> bool {
-    expires_at.is_none_or(|at| at > SystemTime::now() + need.min_valid_for)
+fn lives_long_enough(expires_at: Option<SystemTime>, need: &Need<'_>) -> bool {
+    expires_at.is_none_or(|at| crate::kept::lives_for(at, need.min_valid_for))
 }
 
 fn refresh_error(error: IdpError, identity: &Identity) -> BrokerError {
@@ -264,19 +346,30 @@ fn profile_token(identity: &Identity, user: &UserIdentities, from_cache: bool) -
     }
 }
 
-/// A token the IdP issued on refresh; its expiry is exact.
-fn refreshed_token(identity: &Identity, refreshed: &Refreshed, need: &Need) -> IdpToken {
+/// A token with an exact expiry: refreshed at the IdP, or from Token Vault.
+struct ExactToken<'a> {
+    access_token: &'a secrecy::SecretString,
+    /// When the request that got it was sent: its issue time at the latest.
+    issued_at: SystemTime,
+    expires_at: SystemTime,
+    scopes: &'a [String],
+    source: TokenSource,
+}
+
+/// The proto token of `identity` for an exactly expiring `token`; from
+/// cache when it was got before this RPC began.
+fn exact_token(identity: &Identity, token: ExactToken<'_>, need: &Need<'_>) -> IdpToken {
     IdpToken {
         provider: identity.provider.clone(),
         connection: identity.connection.clone(),
         idp_user_id: identity.idp_user_id.clone(),
-        access_token: refreshed.access_token.expose_secret().to_owned(),
+        access_token: token.access_token.expose_secret().to_owned(),
         access_token_secret: String::new(),
-        expires_at: Some(prost_types::Timestamp::from(refreshed.expires_at)),
-        fetched_at: Some(prost_types::Timestamp::from(refreshed.issued_at)),
-        from_cache: refreshed.issued_at < need.started,
-        source: TokenSource::IdpRefresh.into(),
-        scopes: refreshed.scopes.clone(),
+        expires_at: Some(prost_types::Timestamp::from(token.expires_at)),
+        fetched_at: Some(prost_types::Timestamp::from(token.issued_at)),
+        from_cache: token.issued_at < need.started,
+        source: token.source.into(),
+        scopes: token.scopes.to_vec(),
     }
 }
 
@@ -284,16 +377,20 @@ fn refreshed_token(identity: &Identity, refreshed: &Refreshed, need: &Need) -> I
 mod tests {
     use super::*;
 
-    fn need(min: u64) -> Need {
-        Need {
+    #[test]
+    fn a_token_must_outlive_min_valid_for_and_an_unknown_expiry_passes() {
+        let budgets = crate::budget::CallerBudgets::new(crate::budget::ShareSettings {
+            rate_per_second: std::num::NonZeroU32::MIN,
+            burst: std::num::NonZeroU32::MIN,
+            share: 1.0,
+            max_wait: Duration::ZERO,
+        });
+        let need = |min: u64| Need {
             min_valid_for: Duration::from_secs(min),
             deadline: None,
             started: SystemTime::now(),
-        }
-    }
-
-    #[test]
-    fn a_token_must_outlive_min_valid_for_and_an_unknown_expiry_passes() {
+            share: CallerShare::of(&budgets, "test"),
+        };
         let in_ten_minutes = SystemTime::now() + Duration::from_secs(600);
         assert!(lives_long_enough(Some(in_ten_minutes), &need(60)));
         assert!(!lives_long_enough(Some(in_ten_minutes), &need(900)));

@@ -233,12 +233,22 @@ impl TokenBrokerService {
         if request.bypass_cache {
             self.fresh.forget_user(user_id.as_str());
         }
+        let allowed = |provider: &str| rule.allows_provider(provider);
+        let from_token_vault = |connection: &str| self.fresh.from_token_vault(connection);
+        let rules = selection::Rules {
+            allowed: &allowed,
+            from_token_vault: &from_token_vault,
+        };
         let identity =
-            selection::select(&user, selector, &|provider| rule.allows_provider(provider))?;
-        let need = call.need(self.fresh.min_valid_for(request.min_valid_for.as_ref()));
+            selection::select(&user, selector, &rules).inspect_err(count_silent_switch)?;
+        let need = call.need(
+            self.fresh.min_valid_for(request.min_valid_for.as_ref()),
+            share,
+        );
         self.fresh
             .usable_token(identity, &user, from_cache, &need)
             .await
+            .inspect_err(count_silent_switch)
     }
 
     async fn list_tokens(
@@ -251,18 +261,29 @@ impl TokenBrokerService {
         let user_id = self
             .user_for(&rule, &request.user_id, &request.id_token, binding)
             .await?;
+        let share = self.share_of(call);
         let Lookup { user, from_cache } = self
             .store
-            .lookup(&user_id, self.share_of(call), call.auth0_deadline())
+            .lookup(&user_id, share, call.auth0_deadline())
             .await?;
-        if !user.idp_tokens_readable && user.identities.iter().all(|i| !i.has_token()) {
+        let allowed = |provider: &str| rule.allows_provider(provider);
+        let from_token_vault = |connection: &str| self.fresh.from_token_vault(connection);
+        let rules = selection::Rules {
+            allowed: &allowed,
+            from_token_vault: &from_token_vault,
+        };
+        if !user.idp_tokens_readable && user.identities.iter().all(|i| !rules.has_token(i)) {
             return Err(BrokerError::NoToken {
                 wanted: "any of the user's identities".to_owned(),
                 scope_missing: true,
+                token_vault_hint: None,
             });
         }
-        let need = call.need(self.fresh.min_valid_for(request.min_valid_for.as_ref()));
-        let allowed = selection::with_tokens(&user)
+        let need = call.need(
+            self.fresh.min_valid_for(request.min_valid_for.as_ref()),
+            share,
+        );
+        let allowed = selection::with_tokens(&user, &rules)
             .filter(|identity| rule.allows_provider(&identity.provider));
         let (tokens, unavailable) = self
             .fresh
@@ -329,9 +350,22 @@ impl TokenBrokerService {
         Ok(())
     }
 
-    /// The caller's share of the Auth0 budget, spent only if the lookup has
-    /// to read Auth0. A caller without an id never gets this far.
+    /// The caller's share of the Auth0 budget, spent only if the lookup (or a
+    /// Token Vault exchange) has to call Auth0. A caller without an id never
+    /// gets this far.
     fn share_of<'a>(&'a self, call: &'a CallContext) -> CallerShare<'a> {
         CallerShare::of(&self.budgets, call.caller_name())
+    }
+}
+
+/// Counts a TOKEN_NOT_STORED whose connection Token Vault may have taken
+/// over, so an operator sees the silent switch per connection.
+fn count_silent_switch(error: &BrokerError) {
+    if let BrokerError::NoToken {
+        token_vault_hint: Some(connection),
+        ..
+    } = error
+    {
+        stats::token_not_stored(connection);
     }
 }

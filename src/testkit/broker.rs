@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::audit::AuditTrail;
-use crate::auth0::Auth0Settings;
+use crate::auth0::{Auth0Settings, ClientCredential};
 use crate::cache::IdentityStore;
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::server::{self, Broker, Listeners, RunSettings, ServerError};
@@ -51,7 +51,8 @@ impl Credentials<'_> {
             base_url,
             audience,
             client_id: self.client_id.to_owned(),
-            client_secret: self.client_secret.to_owned().into(),
+            credential: ClientCredential::Secret(self.client_secret.to_owned().into()),
+            token_vault_subject_key: None,
             connect_timeout: AUTH0_CONNECT_TIMEOUT,
             request_timeout: AUTH0_REQUEST_TIMEOUT,
         }

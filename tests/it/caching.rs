@@ -149,6 +149,7 @@ async fn cold_misses_for_one_user_share_one_auth0_call() {
             other: 0,
             jwks: 0,
             idp_token: 0,
+            token_exchange: 0,
         },
         "50 concurrent cold RPCs for one user made one /oauth/token and one /api/v2/users call"
     );
@@ -285,6 +286,7 @@ async fn expired_management_token_is_refetched_once_and_the_rpc_succeeds() {
             other: 0,
             jwks: 0,
             idp_token: 0,
+            token_exchange: 0,
         },
         "one rejected read, one new token, one retried read"
     );
@@ -342,6 +344,7 @@ async fn management_token_is_replaced_after_its_reuse_window_without_a_401() {
             other: 0,
             jwks: 0,
             idp_token: 0,
+            token_exchange: 0,
         }
     );
     broker.stop().await;

@@ -24,6 +24,7 @@ async fn refreshing_broker() -> TestBroker {
         connections: Some(TestConnections {
             refreshed_at_idp: vec![GOOGLE],
             not_refreshed: Vec::new(),
+            token_vault: Vec::new(),
         }),
         ..Options::default()
     })
@@ -294,6 +295,7 @@ async fn a_reloaded_connections_file_turns_refreshes_on_and_a_broken_one_is_igno
         connections: Some(TestConnections {
             refreshed_at_idp: Vec::new(),
             not_refreshed: vec![GOOGLE],
+            token_vault: Vec::new(),
         }),
         ..Options::default()
     })
@@ -308,6 +310,7 @@ async fn a_reloaded_connections_file_turns_refreshes_on_and_a_broken_one_is_igno
         &TestConnections {
             refreshed_at_idp: vec![GOOGLE],
             not_refreshed: Vec::new(),
+            token_vault: Vec::new(),
         },
         &broker.emulator,
     );

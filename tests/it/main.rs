@@ -17,3 +17,4 @@ mod resilience;
 mod security;
 mod status_codes;
 mod support;
+mod token_vault;

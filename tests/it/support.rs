@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokenbroker::audit::{AuditSettings, AuditTrail};
-use tokenbroker::auth0::{Auth0Settings, OutboundLimits};
+use tokenbroker::auth0::{Auth0Settings, ClientCredential, OutboundLimits, SigningKeyFile};
 use tokenbroker::cache::CacheSettings;
 use tokenbroker::cache::{DEFAULT_STALE_IF_ERROR, DEFAULT_USER_MAX_BYTES};
 use tokenbroker::emulator::{seed, Emulator, EmulatorConfig, Endpoint, Fault};
@@ -191,11 +191,13 @@ pub async fn send_raw(channel: Channel, method: &str, body: Vec<u8>) -> Status {
 }
 
 /// A connections file for a test: these connections refreshed at the
-/// emulator's IdP, the others listed with `refresh = "none"`.
+/// emulator's IdP, these listed with `refresh = "none"`, and these served
+/// by Token Vault (`source = "token-vault"`).
 #[derive(Clone, Default)]
 pub struct TestConnections {
     pub refreshed_at_idp: Vec<&'static str>,
     pub not_refreshed: Vec<&'static str>,
+    pub token_vault: Vec<&'static str>,
 }
 
 /// Writes `connections` as TOML at `path`, the IdP client secret beside it.
@@ -224,6 +226,11 @@ pub fn write_connections(
     for name in &connections.not_refreshed {
         text.push_str(&format!(
             "[[connection]]\nname = \"{name}\"\nrefresh = \"none\"\n\n"
+        ));
+    }
+    for name in &connections.token_vault {
+        text.push_str(&format!(
+            "[[connection]]\nname = \"{name}\"\nsource = \"token-vault\"\n\n"
         ));
     }
     write_file(path, &text, false).expect("write the connections file");
@@ -266,6 +273,10 @@ pub struct Options {
     pub id_token_min_refresh_interval: Option<Duration>,
     /// Redis and the cache key of a fleet (`tests/it/fleet.rs`); `None`: a broker alone.
     pub fleet: Option<tokenbroker::fleet::FleetSettings>,
+    /// A client assertion key (PEM): the broker authenticates with
+    /// `private_key_jwt` and no secret, and the emulator registers the key's
+    /// public half for client assertions and Token Vault subject tokens.
+    pub assertion_key: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -293,6 +304,7 @@ impl Default for Options {
             auth0_request_timeout: None,
             id_token_min_refresh_interval: None,
             fleet: None,
+            assertion_key: None,
             run: RunSettings {
                 shutdown_grace: Duration::from_secs(20),
                 reload_interval: Duration::from_millis(100),
@@ -300,6 +312,43 @@ impl Default for Options {
             },
         }
     }
+}
+
+/// Writes `pem` as the broker's client assertion key in the PKI's directory
+/// and registers its public half with `emulator`, for client assertions and
+/// Token Vault subject tokens.
+fn assertion_key(
+    pki: &TestPki,
+    emulator: &Emulator,
+    pem: &str,
+) -> (std::path::PathBuf, Arc<SigningKeyFile>) {
+    let path = pki.path("client-assertion.pem");
+    write_file(&path, pem, true).expect("write assertion key");
+    let key = SigningKeyFile::open("AUTH0_CLIENT_ASSERTION_KEY_FILE", &path, None)
+        .expect("assertion key reads");
+    register_assertion_key(emulator, &key.public_key_pem());
+    (path, Arc::new(key))
+}
+
+/// Registers `public_pem` with `emulator` as the client's `private_key_jwt`
+/// credential and as its Token Vault Privileged Worker key.
+pub fn register_assertion_key(emulator: &Emulator, public_pem: &str) {
+    emulator
+        .set_client_assertion_keys(&[public_pem])
+        .expect("emulator takes the key");
+    emulator
+        .set_token_vault_subject_keys(&[public_pem])
+        .expect("emulator takes the key");
+}
+
+/// The public half of `private_pem`, as a tenant registers it.
+pub fn public_key_pem(private_pem: &str) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("key.pem");
+    std::fs::write(&path, private_pem).expect("write key");
+    SigningKeyFile::open("TEST_KEY", &path, None)
+        .expect("a fixture key")
+        .public_key_pem()
 }
 
 /// A running broker, its emulator and the PKI around them.
@@ -321,6 +370,8 @@ pub struct TestBroker {
     /// The broker's audit trail, to reopen its file as SIGHUP would.
     pub audit: AuditTrail,
     pub client_cert: IssuedCertificate,
+    /// The client assertion key file, when the broker uses one.
+    pub assertion_key_path: Option<std::path::PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -355,10 +406,18 @@ impl TestBroker {
             .clone()
             .unwrap_or_else(|| emulator.base_url());
         let defaults = credentials.auth0_settings(base_url, emulator.audience());
+        let assertion_key = options
+            .assertion_key
+            .map(|pem| assertion_key(&pki, &emulator, pem));
+        let credential = match &assertion_key {
+            Some((_, key)) => ClientCredential::AssertionKey(key.clone()),
+            None => defaults.credential.clone(),
+        };
         let auth0 = Auth0Settings {
             request_timeout: options
                 .auth0_request_timeout
                 .unwrap_or(defaults.request_timeout),
+            credential,
             ..defaults
         };
         let id_token = (!options.id_token_audiences.is_empty()).then(|| {
@@ -419,6 +478,7 @@ impl TestBroker {
             policy_path,
             connections_path,
             client_cert,
+            assertion_key_path: assertion_key.map(|(path, _)| path),
             _dir: dir,
         }
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokenbroker::emulator::seed;
 use tokenbroker::testkit::Credentials;
 
-use super::{terminate, ServedBinary};
+use super::{terminate, ClientAuth, ServedBinary};
 use crate::support::{bounded, get_on, get_request};
 
 /// What the audited broker and its emulator agree on.
@@ -29,18 +29,19 @@ fn released_lines(path: &std::path::Path) -> usize {
 async fn sighup_after_a_rotation_reopens_the_audit_file_and_no_line_is_lost() {
     const CALLER_ID: &str = "spiffe://test.example/ns/it/sa/audit";
     let emulator = CREDENTIALS.start_emulator().await.expect("emulator starts");
-    let mut served = ServedBinary::start_auditing(
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("audit.log");
+    let rotated = dir.path().join("audit.log.1");
+    let mut served = ServedBinary::start_as(
         &emulator,
-        CREDENTIALS,
+        ClientAuth::Secret(CREDENTIALS),
         &[CALLER_ID],
         &format!("[[caller]]\nid = \"{CALLER_ID}\"\nproviders = [\"*\"]\n"),
         ("warn", "json"),
-        "audit.log",
+        &[("TOKENBROKER_AUDIT_LOG", log.to_str().expect("utf-8 path"))],
     );
     let cert = served.client_certs.pop().expect("cert");
     let client = served.connect_when_listening(&cert).await;
-    let log = served.pki.path("audit.log");
-    let rotated = served.pki.path("audit.log.1");
     let load = (0..4).map(|_| {
         let mut client = client.clone();
         tokio::spawn(async move {

@@ -1,12 +1,13 @@
 //! `tokenbroker dev`: its banner, the PKI it writes (and reuses), and the
-//! seeded token it serves with them.
+//! seeded tokens it serves with them (a profile token, and one from the
+//! emulated Token Vault, exchanged with the dev client assertion key).
 
 use std::path::Path;
 use std::process::Stdio;
 
 use tokenbroker::emulator::seed;
 use tokenbroker::pki::IssuedCertificate;
-use tokenbroker::proto::GetIdpTokenRequest;
+use tokenbroker::proto::{GetIdpTokenRequest, TokenSource};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use super::{
@@ -114,6 +115,24 @@ async fn run_dev_once(dir: &Path) -> String {
     .await
     .expect("the banner's ID token is accepted by the dev broker");
     assert_eq!(bound.access_token, seed::GITHUB_ACCESS_TOKEN);
+    assert!(
+        grpcurl_lines
+            .iter()
+            .any(|line| line.contains(seed::VAULT_USER)
+                && line.contains(seed::TOKEN_VAULT_CONNECTION)),
+        "the banner shows a Token Vault release:\n{banner}"
+    );
+    let vaulted = get_on(
+        &mut client,
+        GetIdpTokenRequest {
+            connection: seed::TOKEN_VAULT_CONNECTION.to_owned(),
+            ..get_request(seed::VAULT_USER, "")
+        },
+    )
+    .await
+    .expect("the dev broker exchanges at the emulated Token Vault, authenticated by its key");
+    assert_eq!(vaulted.access_token, seed::VAULT_ACCESS_TOKEN);
+    assert_eq!(vaulted.source, TokenSource::TokenVault as i32);
     drop(client);
 
     let status = terminate(&mut child).await;

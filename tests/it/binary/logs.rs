@@ -5,16 +5,17 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokenbroker::emulator::keys::CLIENT_ASSERTION_KEY_1;
 use tokenbroker::emulator::{seed, Emulator, Endpoint, Fault, IdTokenSpec, Signing};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::GetIdpTokenRequest;
 use tokenbroker::testkit::Credentials;
 use tonic::transport::Channel;
 
-use super::{terminate, ServedBinary};
+use super::{terminate, ClientAuth, ServedBinary};
 use crate::support::{
     bypass_request, get_on, get_request, invalidate_on, list_on, mtls_channel, mtls_client,
-    send_raw,
+    public_key_pem, register_assertion_key, send_raw, write_connections, TestConnections,
 };
 
 /// Every seeded user with each provider it has an identity for (or no token).
@@ -278,6 +279,122 @@ async fn logs_and_metrics_never_contain_a_token_or_the_client_secret() {
     assert!(
         fields.values().any(|value| value == "github"),
         "the audit event names the provider: {github_release}"
+    );
+}
+
+/// The base64url of `{"alg":"RS256"` that starts every JWT the broker signs
+/// (client assertions and Token Vault subject tokens alike).
+const SIGNED_JWT_PREFIX: &str = "eyJhbGciOiJSUzI1NiI";
+
+/// Runs the Token Vault and `private_key_jwt` paths of a served binary:
+/// releases (a planted token, a refreshed one), refusals (no token set,
+/// refused client, Auth0 failing), invalidation and the silent-switch hint.
+/// Returns the tokens released that no seed plants.
+async fn exercise_token_vault(
+    client: &mut TokenBrokerClient<Channel>,
+    emulator: &Emulator,
+) -> Vec<String> {
+    let vault = || get_request(seed::VAULT_USER, "google-oauth2");
+    let token = get_on(client, vault())
+        .await
+        .expect("a Token Vault release");
+    assert_eq!(token.access_token, seed::VAULT_ACCESS_TOKEN);
+    let _ = get_on(client, bypass_request(seed::VAULT_USER, "")).await;
+    let _ = list_on(client, seed::VAULT_USER).await;
+    emulator.expire_token_vault_set(seed::VAULT_USER, seed::TOKEN_VAULT_CONNECTION);
+    let _ = invalidate_on(client, seed::VAULT_USER).await;
+    let refreshed = get_on(client, vault())
+        .await
+        .expect("refreshed in the vault");
+    emulator.remove_token_vault_set(seed::VAULT_USER, seed::TOKEN_VAULT_CONNECTION);
+    let _ = invalidate_on(client, seed::VAULT_USER).await;
+    let _ = get_on(client, vault()).await.expect_err("no token set");
+    let put = emulator.put_token_vault_set(seed::VAULT_USER, seed::TOKEN_VAULT_CONNECTION, 600);
+    emulator.inject_faults(
+        Endpoint::TokenExchange,
+        vec![
+            Fault::Status(401),
+            Fault::Status(503),
+            Fault::Status(503),
+            Fault::Status(503),
+        ],
+    );
+    let _ = get_on(client, vault()).await.expect_err("client refused");
+    let _ = get_on(client, vault()).await.expect_err("Auth0 failing");
+    let released = get_on(client, vault()).await.expect("back to normal");
+    assert_eq!(released.access_token, put);
+    let _ = get_on(client, get_request(seed::SWITCHED_USER, "github"))
+        .await
+        .expect_err("the silent switch");
+    // A Management token got by a new client assertion.
+    emulator.revoke_management_tokens();
+    let _ = get_on(client, bypass_request(seed::GITHUB_USER, "github"))
+        .await
+        .expect("served");
+    vec![refreshed.access_token, put]
+}
+
+#[tokio::test]
+async fn token_vault_logs_never_contain_an_assertion_a_subject_token_the_key_or_a_token() {
+    const CALLER_ID: &str = "spiffe://test.example/ns/it/sa/vault-logs";
+    const CLIENT_ID: &str = "tokenbroker-vault-logs";
+    let credentials = Credentials {
+        client_id: CLIENT_ID,
+        client_secret: "vault-logs-secret-never-used",
+    };
+    let emulator = credentials.start_emulator().await.expect("emulator starts");
+    register_assertion_key(&emulator, &public_key_pem(CLIENT_ASSERTION_KEY_1));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let connections = dir.path().join("connections.toml");
+    let vault = TestConnections {
+        token_vault: vec![seed::TOKEN_VAULT_CONNECTION],
+        ..TestConnections::default()
+    };
+    write_connections(&connections, &vault, &emulator);
+    let connections = connections.display().to_string();
+    let mut served = ServedBinary::start_as(
+        &emulator,
+        ClientAuth::AssertionKey {
+            client_id: CLIENT_ID,
+            key_pem: CLIENT_ASSERTION_KEY_1,
+        },
+        &[CALLER_ID],
+        &format!(
+            "[[caller]]\nid = \"{CALLER_ID}\"\nproviders = [\"*\"]\ninvalidate = true\nbypass_cache = true\n"
+        ),
+        ("trace,h2=info,hyper=info,tower=info,rustls=info", "json"),
+        &[("TOKENBROKER_CONNECTIONS", &connections)],
+    );
+    let client_cert = served.client_certs.pop().expect("client cert");
+    let mut client = served.connect_when_listening(&client_cert).await;
+    let released = exercise_token_vault(&mut client, &emulator).await;
+    drop(client);
+    let metrics = scrape_metrics(served.metrics_addr).await;
+    let status = terminate(&mut served.child).await;
+    assert!(status.success(), "serve exits cleanly on SIGTERM: {status}");
+    emulator.shutdown().await;
+
+    let stdout = std::fs::read_to_string(&served.stdout_path).expect("read stdout");
+    let stderr = std::fs::read_to_string(&served.stderr_path).expect("read stderr");
+    let all = format!("{stdout}\n{stderr}\n{metrics}");
+    let leaked = seed::planted_secrets()
+        .into_iter()
+        .chain(released.iter().map(String::as_str))
+        .chain([SIGNED_JWT_PREFIX, "emu_mgmt_", "ya29.emu_vault_"]);
+    for secret in leaked {
+        assert!(!all.contains(secret), "leaked into the logs: {secret}");
+    }
+    assert!(
+        stdout.contains("refused the broker's Token Vault exchange"),
+        "the refused client is logged as an error"
+    );
+    assert!(
+        metrics.contains(r#"tokenbroker_token_not_stored_total{connection="github"} 1"#),
+        "the silent switch is counted per connection:\n{metrics}"
+    );
+    assert!(
+        metrics.contains("tokenbroker_token_vault_exchanges_total"),
+        "exchanges are counted:\n{metrics}"
     );
 }
 

@@ -92,6 +92,17 @@ async fn connect_when_listening(
     }
 }
 
+/// How a served binary authenticates to its emulator.
+enum ClientAuth<'a> {
+    /// A client secret file (`AUTH0_CLIENT_SECRET_FILE`).
+    Secret(Credentials<'a>),
+    /// `private_key_jwt` with this key (`AUTH0_CLIENT_ASSERTION_KEY_FILE`).
+    AssertionKey {
+        client_id: &'a str,
+        key_pem: &'a str,
+    },
+}
+
 /// `tokenbroker serve` as a child process against `emulator`, with a fresh
 /// PKI, a policy, JSON logs to files and a metrics port.
 struct ServedBinary {
@@ -135,28 +146,45 @@ impl ServedBinary {
         policy: &str,
         logging: (&str, &str),
     ) -> Self {
-        Self::start_auditing(emulator, credentials, caller_ids, policy, logging, "stdout")
+        Self::start_as(
+            emulator,
+            ClientAuth::Secret(credentials),
+            caller_ids,
+            policy,
+            logging,
+            &[],
+        )
     }
 
-    /// [`ServedBinary::start_logging`] with its audit lines sent to
-    /// `audit_log` (`TOKENBROKER_AUDIT_LOG`: `stdout` or a file name in the
-    /// binary's directory).
-    fn start_auditing(
+    /// [`ServedBinary::start_logging`] authenticating with `auth`, with
+    /// `extra` settings in its environment.
+    fn start_as(
         emulator: &Emulator,
-        credentials: Credentials<'_>,
+        auth: ClientAuth<'_>,
         caller_ids: &[&str],
         policy: &str,
         (rust_log, log_format): (&str, &str),
-        audit_log: &str,
+        extra: &[(&str, &str)],
     ) -> Self {
         let pki = TestPki::generate("binary test CA").expect("test PKI");
         let client_certs = caller_ids
             .iter()
             .map(|id| pki.issue_client(id).expect("client cert"))
             .collect();
-        let secret = pki.path("secret");
+        let (client_id, credential) = match auth {
+            ClientAuth::Secret(credentials) => {
+                let secret = pki.path("secret");
+                let text = format!("{}\n", credentials.client_secret);
+                write_file(&secret, &text, true).expect("write");
+                (credentials.client_id, ("AUTH0_CLIENT_SECRET_FILE", secret))
+            }
+            ClientAuth::AssertionKey { client_id, key_pem } => {
+                let key = pki.path("client-assertion.pem");
+                write_file(&key, key_pem, true).expect("write");
+                (client_id, ("AUTH0_CLIENT_ASSERTION_KEY_FILE", key))
+            }
+        };
         let policy_path = pki.path("policy.toml");
-        write_file(&secret, &format!("{}\n", credentials.client_secret), true).expect("write");
         write_file(&policy_path, policy, false).expect("write");
         // Google refreshed at the emulator's IdP, so refresh tokens and the
         // IdP client secret pass through the broker in every binary test.
@@ -166,13 +194,10 @@ impl ServedBinary {
             &crate::support::TestConnections {
                 refreshed_at_idp: vec!["google-oauth2"],
                 not_refreshed: Vec::new(),
+                token_vault: Vec::new(),
             },
             emulator,
         );
-        let audit_target = match audit_log {
-            "stdout" => "stdout".to_owned(),
-            file => pki.path(file).display().to_string(),
-        };
         let audit_key = pki.path("audit.key");
         write_file(&audit_key, AUDIT_KEY_BASE64, true).expect("write");
         let stdout_path = pki.path("stdout.log");
@@ -183,8 +208,8 @@ impl ServedBinary {
         command
             .env("TOKENBROKER_METRICS_LISTEN", metrics_addr.to_string())
             .env("AUTH0_DOMAIN", emulator.base_url())
-            .env("AUTH0_CLIENT_ID", credentials.client_id)
-            .env("AUTH0_CLIENT_SECRET_FILE", secret)
+            .env("AUTH0_CLIENT_ID", client_id)
+            .env(credential.0, credential.1)
             .env("AUTH0_ID_TOKEN_AUDIENCES", emulator.id_token_audience())
             .env("TOKENBROKER_LISTEN", addr.to_string())
             .env("TOKENBROKER_TLS_CERT", &pki.files.cert)
@@ -193,11 +218,11 @@ impl ServedBinary {
             .env("TOKENBROKER_POLICY", policy_path)
             .env("TOKENBROKER_CONNECTIONS", connections_path)
             .env("TOKENBROKER_AUDIT_KEY_FILE", audit_key)
-            .env("TOKENBROKER_AUDIT_LOG", audit_target)
             .env("TOKENBROKER_LOG_FORMAT", log_format)
             .env("RUST_LOG", rust_log)
             .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
             .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
+        command.envs(extra.iter().copied());
         let child = command.spawn().expect("spawn tokenbroker serve");
         Self {
             child,

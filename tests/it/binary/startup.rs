@@ -105,6 +105,7 @@ async fn bad_config_fails_at_start_with_one_line_naming_the_setting() {
     std::fs::write(&secret_file, "file-secret-value-3e9a\n").expect("write secret");
     let secret_file = secret_file.display().to_string();
     let missing_file = dir.path().join("no-such-secret").display().to_string();
+    let not_a_key = secret_file.clone();
 
     let cases = vec![
         BadStart::new(
@@ -123,7 +124,23 @@ async fn bad_config_fails_at_start_with_one_line_naming_the_setting() {
             "neither secret source",
             vec![],
             vec!["AUTH0_CLIENT_SECRET"],
-            &["AUTH0_CLIENT_SECRET ", "AUTH0_CLIENT_SECRET_FILE"],
+            &[
+                "AUTH0_CLIENT_SECRET ",
+                "AUTH0_CLIENT_SECRET_FILE",
+                "AUTH0_CLIENT_ASSERTION_KEY_FILE",
+            ],
+        ),
+        BadStart::new(
+            "a secret and a client assertion key",
+            vec![("AUTH0_CLIENT_ASSERTION_KEY_FILE", not_a_key.clone())],
+            vec![],
+            &["AUTH0_CLIENT_SECRET", "AUTH0_CLIENT_ASSERTION_KEY_FILE"],
+        ),
+        BadStart::new(
+            "a client assertion key file that holds no key",
+            vec![("AUTH0_CLIENT_ASSERTION_KEY_FILE", not_a_key.clone())],
+            vec!["AUTH0_CLIENT_SECRET"],
+            &["AUTH0_CLIENT_ASSERTION_KEY_FILE", "no PEM private key"],
         ),
         BadStart::new(
             "unreadable secret file",

@@ -1,0 +1,190 @@
+//! What the IdP refresher and the Token Vault keep per user and connection:
+//! tokens until they expire, and the memory of `forget_user` calls that makes
+//! a token landing after one keep nothing.
+//!
+//! Both fetch tokens on a caller's behalf and keep them for the next caller
+//! (`idp::IdpRefresher`, `vault::TokenVault`); both must drop everything of a
+//! user on InvalidateUser or `bypass_cache`, including what a fetch begun
+//! before it brings back afterwards. One implementation, so the two cannot
+//! drift apart.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use moka::sync::Cache;
+use moka::Expiry;
+
+/// Whose token, from which connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TokenKey {
+    /// The Auth0 user id.
+    pub user_id: String,
+    /// The Auth0 connection: a name from the connections file, never caller
+    /// input, since it labels metrics and names a rate limit of its own.
+    pub connection: String,
+}
+
+/// A token that stops working at a known time, so a cache can drop it then.
+pub trait Expires {
+    /// When it stops working.
+    fn expires_at(&self) -> SystemTime;
+}
+
+/// A kept token is dropped when it expires, not after a fixed TTL.
+pub struct UntilExpiry;
+
+impl<V: Expires> Expiry<TokenKey, std::sync::Arc<V>> for UntilExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &TokenKey,
+        token: &std::sync::Arc<V>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(time_left(token.expires_at()))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &TokenKey,
+        token: &std::sync::Arc<V>,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(time_left(token.expires_at()))
+    }
+}
+
+/// How long until `expires_at`; zero once it has passed.
+pub fn time_left(expires_at: SystemTime) -> Duration {
+    expires_at
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+}
+
+/// Whether a token expiring at `expires_at` still lives `min_valid_for`.
+pub fn lives_for(expires_at: SystemTime, min_valid_for: Duration) -> bool {
+    SystemTime::now()
+        .checked_add(min_valid_for)
+        .is_some_and(|needed_until| expires_at > needed_until)
+}
+
+/// A logical clock ordering fetches and `forget_user` calls, and each user's
+/// latest `forget_user` for as long as a fetch begun before it may land.
+pub struct Forgetting {
+    /// Logical clock ordering fetches and `forget_user` calls.
+    ticks: AtomicU64,
+    /// Tick of the latest `forget_user`: fetches that began after it skip
+    /// the lookup in `forgotten`.
+    last_forget: AtomicU64,
+    /// Tick of each user's latest `forget_user`.
+    forgotten: Cache<String, u64>,
+}
+
+impl Forgetting {
+    /// Remembers up to `capacity` users' `forget_user` for `memory`: longer
+    /// than any fetch may take, so every fetch begun before one has landed.
+    pub fn new(capacity: u64, memory: Duration) -> Self {
+        Self {
+            ticks: AtomicU64::new(1),
+            last_forget: AtomicU64::new(0),
+            forgotten: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(memory)
+                .build(),
+        }
+    }
+
+    /// The next logical time: take one when a fetch starts.
+    pub fn tick(&self) -> u64 {
+        self.ticks.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Marks `user_id` forgotten now. Call it before dropping the user's
+    /// entries: a fetch landing meanwhile either sees the mark or put its
+    /// entry in before the drops (see [`Self::keep`]).
+    pub fn forget(&self, user_id: &str) {
+        let at = self.tick();
+        self.forgotten.insert(user_id.to_owned(), at);
+        self.last_forget.fetch_max(at, Ordering::SeqCst);
+    }
+
+    /// Puts what a fetch begun at `started` learnt into `cache`, unless the
+    /// user was forgotten since. Inserted first and checked after: a
+    /// `forget` racing it either drops the entry or is seen here.
+    pub fn keep<V>(&self, cache: &Cache<TokenKey, V>, key: &TokenKey, value: V, started: u64)
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        cache.insert(key.clone(), value);
+        if self.forgotten_since(&key.user_id, started) {
+            cache.invalidate(key);
+        }
+    }
+
+    /// [`Self::keep`] for a token, logged at debug as kept (`what`: how it
+    /// was got), never the token itself.
+    pub fn keep_token<V>(
+        &self,
+        cache: &Cache<TokenKey, std::sync::Arc<V>>,
+        key: &TokenKey,
+        token: std::sync::Arc<V>,
+        started: u64,
+        what: &'static str,
+    ) where
+        V: Expires + Send + Sync + 'static,
+    {
+        let expires_in_secs = time_left(token.expires_at()).as_secs();
+        self.keep(cache, key, token, started);
+        tracing::debug!(
+            user_id = &*crate::logsafe::capped(&key.user_id),
+            connection = key.connection.as_str(),
+            expires_in_secs,
+            what,
+            "token kept"
+        );
+    }
+
+    /// Whether `forget(user_id)` was called after logical time `started`.
+    fn forgotten_since(&self, user_id: &str, started: u64) -> bool {
+        if self.last_forget.load(Ordering::SeqCst) < started {
+            return false;
+        }
+        self.forgotten.get(user_id).is_some_and(|at| at > started)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> TokenKey {
+        TokenKey {
+            user_id: "u".into(),
+            connection: "c".into(),
+        }
+    }
+
+    #[test]
+    fn a_fetch_begun_before_a_forget_keeps_nothing_and_one_after_keeps() {
+        let forgetting = Forgetting::new(10, Duration::from_secs(60));
+        let cache: Cache<TokenKey, u8> = Cache::new(10);
+        let before = forgetting.tick();
+        forgetting.forget("u");
+        forgetting.keep(&cache, &key(), 1, before);
+        assert_eq!(cache.get(&key()), None);
+        let after = forgetting.tick();
+        forgetting.keep(&cache, &key(), 2, after);
+        assert_eq!(cache.get(&key()), Some(2));
+    }
+
+    #[test]
+    fn a_token_must_outlive_what_is_asked() {
+        let in_ten_minutes = SystemTime::now() + Duration::from_secs(600);
+        assert!(lives_for(in_ten_minutes, Duration::from_secs(60)));
+        assert!(!lives_for(in_ten_minutes, Duration::from_secs(900)));
+        assert_eq!(
+            time_left(SystemTime::now() - Duration::from_secs(1)),
+            Duration::ZERO
+        );
+    }
+}

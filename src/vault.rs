@@ -1,0 +1,315 @@
+//! [`TokenVault`]: users' IdP tokens from Auth0 Token Vault, for the
+//! connections the connections file marks `source = "token-vault"`.
+//!
+//! Once Token Vault is on for a connection, Auth0 keeps its tokens there and
+//! no longer on the profile. The broker still reads the profile (which
+//! identities a user has), then exchanges a subject token it signs for the
+//! identity's IdP token (`auth0::Auth0Client::token_vault_exchange`, the
+//! Privileged Worker exchange). Here:
+//!
+//! * an exchanged token is kept per user and connection while it lives, and
+//!   served while it lives longer than the caller needs (`min_valid_for`);
+//! * concurrent needs of one user and connection share one exchange (moka's
+//!   single flight, as `idp::IdpRefresher` shares refreshes), paid from the
+//!   share of the Auth0 budget of the caller whose request runs it;
+//! * `forget_user` (InvalidateUser, `bypass_cache`) drops all of a user's
+//!   tokens, and an exchange landing after it keeps nothing.
+//!
+//! Auth0 hands out the token it holds while it is valid and refreshes it at
+//! the IdP only once it has expired, so an exchange cannot buy a longer-lived
+//! token: when the one Auth0 holds lives shorter than `min_valid_for`, the
+//! answer of one exchange is released all the same (the best there is).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use moka::sync::Cache;
+use secrecy::SecretString;
+use tokio::time::Instant;
+
+use crate::auth0::{Auth0Client, Auth0Error, ExchangedToken, VaultRequest};
+use crate::budget::CallerShare;
+use crate::error::BrokerError;
+use crate::kept::{self, Expires, Forgetting, TokenKey, UntilExpiry};
+use crate::logsafe::capped;
+use crate::stats;
+
+/// How many exchanged tokens are kept, and how long a `forget_user` is
+/// remembered.
+#[derive(Debug, Clone, Copy)]
+pub struct VaultSettings {
+    /// Users × connections whose tokens are kept at most.
+    pub capacity: u64,
+    /// Longer than any exchange may take (`--auth0-timeout`, twice, and a
+    /// margin): every exchange begun before a `forget_user` has landed by then.
+    pub forget_memory: Duration,
+}
+
+/// A token Token Vault handed out, as the vault keeps and serves it.
+pub struct VaultToken {
+    /// The IdP's access token; `Debug` prints `[REDACTED]`.
+    pub access_token: SecretString,
+    /// When the exchange that got it was sent: its issue time at the latest.
+    pub issued_at: SystemTime,
+    /// When it stops working: the issue time plus Auth0's `expires_in`.
+    pub expires_at: SystemTime,
+    /// The scopes Auth0 says it carries.
+    pub scopes: Vec<String>,
+}
+
+impl Expires for VaultToken {
+    fn expires_at(&self) -> SystemTime {
+        self.expires_at
+    }
+}
+
+impl From<ExchangedToken> for VaultToken {
+    fn from(token: ExchangedToken) -> Self {
+        Self {
+            expires_at: token.issued_at + token.lifetime,
+            access_token: token.access_token,
+            issued_at: token.issued_at,
+            scopes: token.scopes,
+        }
+    }
+}
+
+/// What one release needs of the vault.
+pub struct VaultNeed<'a> {
+    /// The user and the token-vault connection.
+    pub key: &'a TokenKey,
+    /// The identity's provider, for refusals.
+    pub provider: &'a str,
+    /// The identity's user id at the IdP: the exchange's `login_hint`.
+    pub idp_user_id: &'a str,
+    /// How long the token must still live.
+    pub min_valid_for: Duration,
+    /// When Auth0 calls made for this need must have given up.
+    pub deadline: Option<Instant>,
+    /// The caller's share of the Auth0 budget, spent if this need runs the exchange.
+    pub share: CallerShare<'a>,
+}
+
+/// The outcome of one exchange, shared by everyone who waited for it.
+type Outcome = Arc<Result<Arc<VaultToken>, BrokerError>>;
+
+/// Exchanges for Token Vault tokens and keeps them. Share it behind an
+/// `Arc`; every method takes `&self`.
+pub struct TokenVault {
+    /// Makes the exchanges (on the same outbound limits as every Auth0 call).
+    auth0: Auth0Client,
+    /// Exchanged tokens, kept until they expire.
+    tokens: Cache<TokenKey, Arc<VaultToken>>,
+    /// Exchanges under way, only while they are: single flight, not a cache.
+    flights: moka::future::Cache<TokenKey, Outcome>,
+    /// `forget_user` calls, so an exchange landing after one keeps nothing.
+    forgetting: Forgetting,
+    /// Every connection a token was ever kept for, which `forget_user`
+    /// walks: names from the connections file, so few.
+    connections: RwLock<HashSet<String>>,
+}
+
+impl TokenVault {
+    /// An empty vault exchanging through `auth0`.
+    pub fn new(auth0: Auth0Client, settings: VaultSettings) -> Self {
+        Self {
+            auth0,
+            tokens: Cache::builder()
+                .max_capacity(settings.capacity)
+                .expire_after(UntilExpiry)
+                .build(),
+            flights: moka::future::Cache::new(settings.capacity),
+            forgetting: Forgetting::new(settings.capacity, settings.forget_memory),
+            connections: RwLock::default(),
+        }
+    }
+
+    /// A token of `need.key` that lives longer than `need.min_valid_for`:
+    /// the one kept from an earlier exchange, else a new exchange's (even
+    /// when it lives shorter: Auth0 holds no better one). Concurrent needs
+    /// share one exchange.
+    pub async fn token(&self, need: &VaultNeed<'_>) -> Result<Arc<VaultToken>, BrokerError> {
+        if let Some(token) = self.usable(need.key, need.min_valid_for) {
+            return Ok(token);
+        }
+        match self.shared_exchange(need).await {
+            // Another caller's share ran out, not this one's: this caller
+            // tries once on its own, as cache reads do.
+            (Err(BrokerError::CallerShareSpent { .. }), false) => {
+                self.shared_exchange(need).await.0
+            }
+            (outcome, _) => outcome,
+        }
+    }
+
+    /// Drops every token kept for `user_id` (InvalidateUser, `bypass_cache`).
+    /// An exchange under way for the user keeps nothing when it lands.
+    pub fn forget_user(&self, user_id: &str) {
+        // Marked before dropping: an exchange landing meanwhile either sees
+        // the mark or put its entry in before the drops below.
+        self.forgetting.forget(user_id);
+        let connections = self
+            .connections
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for connection in connections {
+            self.tokens.invalidate(&TokenKey {
+                user_id: user_id.to_owned(),
+                connection,
+            });
+        }
+    }
+
+    /// The kept token of `key` if it lives longer than `min_valid_for`.
+    fn usable(&self, key: &TokenKey, min_valid_for: Duration) -> Option<Arc<VaultToken>> {
+        let token = self.tokens.get(key)?;
+        kept::lives_for(token.expires_at, min_valid_for).then_some(token)
+    }
+
+    /// One exchange for all who need `need.key` now, and whether this
+    /// caller's future ran it. If the future running it is dropped (its
+    /// caller's deadline), moka hands the exchange to a caller still waiting.
+    async fn shared_exchange(
+        &self,
+        need: &VaultNeed<'_>,
+    ) -> (Result<Arc<VaultToken>, BrokerError>, bool) {
+        let ran_here = AtomicBool::new(false);
+        let outcome = self
+            .flights
+            .get_with_by_ref(need.key, async {
+                ran_here.store(true, Ordering::Relaxed);
+                Arc::new(self.exchange_unless_done(need).await)
+            })
+            .await;
+        // Over, and its waiters have their answer: the next need looks at
+        // the kept token, not at this flight.
+        self.flights.invalidate(need.key).await;
+        (outcome.as_ref().clone(), ran_here.load(Ordering::Relaxed))
+    }
+
+    /// An exchange that ended just before this one started may have done its
+    /// work: a caller that missed the kept token joins no flight and would
+    /// otherwise exchange again.
+    async fn exchange_unless_done(
+        &self,
+        need: &VaultNeed<'_>,
+    ) -> Result<Arc<VaultToken>, BrokerError> {
+        if let Some(token) = self.usable(need.key, need.min_valid_for) {
+            return Ok(token);
+        }
+        need.share.spend(need.deadline).await?;
+        self.exchange(need).await
+    }
+
+    /// Asks Auth0, counts and logs the answer, and keeps a token.
+    async fn exchange(&self, need: &VaultNeed<'_>) -> Result<Arc<VaultToken>, BrokerError> {
+        let started = self.forgetting.tick();
+        let request = VaultRequest {
+            user_id: &need.key.user_id,
+            connection: &need.key.connection,
+            login_hint: need.idp_user_id,
+        };
+        let asked = Instant::now();
+        let result = self
+            .auth0
+            .token_vault_exchange(request, need.deadline)
+            .await;
+        let elapsed = asked.elapsed();
+        match result {
+            Ok(exchanged) => Ok(self.keep(need, exchanged, started, elapsed)),
+            Err(error) => Err(refusal(error, need, elapsed)),
+        }
+    }
+
+    /// Keeps a new token, unless the user was forgotten since `started`.
+    fn keep(
+        &self,
+        need: &VaultNeed<'_>,
+        exchanged: ExchangedToken,
+        started: u64,
+        elapsed: Duration,
+    ) -> Arc<VaultToken> {
+        stats::token_vault_exchange(&need.key.connection, "ok", elapsed);
+        self.note_connection(&need.key.connection);
+        let token = Arc::new(VaultToken::from(exchanged));
+        self.forgetting.keep_token(
+            &self.tokens,
+            need.key,
+            token.clone(),
+            started,
+            "Token Vault exchange",
+        );
+        token
+    }
+
+    fn note_connection(&self, connection: &str) {
+        let known = self
+            .connections
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(connection);
+        if !known {
+            self.connections
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(connection.to_owned());
+        }
+    }
+}
+
+impl std::fmt::Debug for TokenVault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenVault")
+            .field("tokens", &self.tokens.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a failed exchange tells the caller, counted and logged: a missing
+/// token set is the user's to mend (USER_MUST_RECONNECT), a refused client
+/// the operator's (BROKER_MISCONFIGURED, logged as an error with Auth0's
+/// code), the rest as for any Auth0 call.
+fn refusal(error: Auth0Error, need: &VaultNeed<'_>, elapsed: Duration) -> BrokerError {
+    let provider = need.provider.to_owned();
+    let connection = need.key.connection.clone();
+    let user_id = &*capped(&need.key.user_id);
+    let outcome = match &error {
+        Auth0Error::NoTokenSet { .. } => "no_token_set",
+        Auth0Error::ExchangeRefused { .. } | Auth0Error::NoSubjectKey => "refused",
+        error if error.is_transient() || matches!(error, Auth0Error::Throttled { .. }) => {
+            "unavailable"
+        }
+        _ => "error",
+    };
+    stats::token_vault_exchange(&connection, outcome, elapsed);
+    match error {
+        Auth0Error::NoTokenSet { code } => {
+            tracing::info!(
+                user_id,
+                connection,
+                code,
+                "Token Vault has no usable token: the user must connect the account again"
+            );
+            BrokerError::TokenVaultEmpty {
+                provider,
+                connection,
+                code,
+            }
+        }
+        Auth0Error::ExchangeRefused { .. } | Auth0Error::NoSubjectKey => {
+            tracing::error!(%error, connection, "Auth0 refused the broker's Token Vault exchange: fix the broker's Auth0 application or key settings");
+            BrokerError::TokenVaultMisconfigured {
+                provider,
+                connection,
+                detail: error.to_string(),
+            }
+        }
+        other => {
+            tracing::warn!(error = %other, user_id, connection, "Token Vault exchange failed");
+            BrokerError::from(other)
+        }
+    }
+}
