@@ -101,6 +101,9 @@ async fn main() -> ExitCode {
         connection: args.connection.clone(),
         bypass_cache: false,
         id_token: args.id_token.clone(),
+        // Unset: the broker's --min-token-validity decides how long the
+        // token must still live.
+        min_valid_for: None,
     };
     let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
     let mut attempt = 0;
