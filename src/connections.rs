@@ -30,6 +30,7 @@ use toml::Spanned;
 
 use crate::idp::IdpClient;
 use crate::policy::line_of;
+use crate::reload::{FileStore, ReloadableFile};
 
 /// Where the broker reads a connection's tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -286,68 +287,38 @@ fn read_secret(path: &Path) -> Result<SecretString, String> {
     Ok(SecretString::from(secret.to_owned()))
 }
 
-/// The connections in force, swapped atomically on reload so an RPC always
-/// sees one whole file.
-pub struct ConnectionsStore {
-    current: arc_swap::ArcSwap<Connections>,
-    /// `None` without `--connections`: nothing to reload.
-    path: Option<PathBuf>,
-}
+impl ReloadableFile for Connections {
+    type Error = ConnectionsError;
 
-impl ConnectionsStore {
-    /// Loads the connections file, or lists no connection when `path` is `None`.
-    pub fn open(path: Option<&Path>) -> Result<Self, ConnectionsError> {
-        let connections = match path {
-            Some(path) => Connections::load(path)?,
-            None => Connections::empty(),
-        };
-        Ok(Self {
-            current: arc_swap::ArcSwap::from_pointee(connections),
-            path: path.map(Path::to_owned),
-        })
+    /// Reads the file and its secret files.
+    fn load(path: &Path) -> Result<Self, ConnectionsError> {
+        Connections::load(path)
     }
 
-    /// A store holding `connections`, for tests and `dev`.
-    pub fn fixed(connections: Connections) -> Self {
-        Self {
-            current: arc_swap::ArcSwap::from_pointee(connections),
-            path: None,
-        }
+    /// Without `--connections`: no connection listed.
+    fn without_file() -> Self {
+        Connections::empty()
     }
 
-    /// The connections in force now, for the length of a statement: a guard,
-    /// not an `Arc` clone, for the reason `PolicyStore::current` gives.
-    pub fn current(&self) -> arc_swap::Guard<Arc<Connections>> {
-        self.current.load()
+    fn reloaded(&self, path: &Path) {
+        tracing::info!(
+            path = %path.display(),
+            connections = self.listed(),
+            refreshed_at_idp = self.refreshed_at_idp(),
+            "connections reloaded"
+        );
+        crate::stats::connections_reload(true);
     }
 
-    /// The file the connections come from, if any.
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
-    }
-
-    /// Re-reads the file (and its secret files); a bad new file keeps the old
-    /// connections and logs an error.
-    pub fn reload(&self) {
-        let Some(path) = &self.path else { return };
-        match Connections::load(path) {
-            Ok(connections) => {
-                tracing::info!(
-                    path = %path.display(),
-                    connections = connections.listed(),
-                    refreshed_at_idp = connections.refreshed_at_idp(),
-                    "connections reloaded"
-                );
-                self.current.store(Arc::new(connections));
-                crate::stats::connections_reload(true);
-            }
-            Err(error) => {
-                crate::stats::connections_reload(false);
-                tracing::error!(%error, "connections not reloaded: keeping the previous ones");
-            }
-        }
+    fn not_reloaded(error: &ConnectionsError) {
+        crate::stats::connections_reload(false);
+        tracing::error!(%error, "connections not reloaded: keeping the previous ones");
     }
 }
+
+/// The connections in force (see [`FileStore`]); without `--connections`
+/// none is listed and nothing is reloaded.
+pub type ConnectionsStore = FileStore<Connections>;
 
 #[cfg(test)]
 mod tests {

@@ -24,6 +24,7 @@ use serde::Deserialize;
 use crate::caller;
 use crate::error::BrokerError;
 use crate::logsafe::capped;
+use crate::reload::{FileStore, ReloadableFile};
 
 /// Providers value that means "every provider".
 const ALL_PROVIDERS: &str = "*";
@@ -223,63 +224,32 @@ pub(crate) fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-/// The policy in force, swapped atomically on reload so an RPC always sees
-/// one whole policy.
-pub struct PolicyStore {
-    current: arc_swap::ArcSwap<Policy>,
-    /// `None` with `--allow-any-caller`: nothing to reload.
-    path: Option<PathBuf>,
-}
+impl ReloadableFile for Policy {
+    type Error = PolicyError;
 
-impl PolicyStore {
-    /// Loads the policy file, or allows any caller when `path` is `None`.
-    pub fn open(path: Option<&Path>) -> Result<Self, PolicyError> {
-        let policy = match path {
-            Some(path) => Policy::load(path)?,
-            None => Policy::allow_any(),
-        };
-        Ok(Self {
-            current: arc_swap::ArcSwap::from_pointee(policy),
-            path: path.map(Path::to_owned),
-        })
+    fn load(path: &Path) -> Result<Self, PolicyError> {
+        Policy::load(path)
     }
 
-    /// A store holding `policy`, for tests and `dev`.
-    pub fn fixed(policy: Policy) -> Self {
-        Self {
-            current: arc_swap::ArcSwap::from_pointee(policy),
-            path: None,
-        }
+    /// No policy file: `--allow-any-caller`.
+    fn without_file() -> Self {
+        Policy::allow_any()
     }
 
-    /// The policy in force now, for the length of a statement. A guard, not
-    /// an `Arc` clone: `load_full` would bump one reference count that every
-    /// RPC on every core shares.
-    pub fn current(&self) -> arc_swap::Guard<Arc<Policy>> {
-        self.current.load()
+    fn reloaded(&self, path: &Path) {
+        tracing::info!(path = %path.display(), callers = self.listed_callers(), "policy reloaded");
+        crate::stats::policy_reload(true);
     }
 
-    /// The file the policy comes from, if any.
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
-    }
-
-    /// Re-reads the file; a bad new file keeps the old policy and logs an error.
-    pub fn reload(&self) {
-        let Some(path) = &self.path else { return };
-        match Policy::load(path) {
-            Ok(policy) => {
-                tracing::info!(path = %path.display(), callers = policy.listed_callers(), "policy reloaded");
-                self.current.store(Arc::new(policy));
-                crate::stats::policy_reload(true);
-            }
-            Err(error) => {
-                crate::stats::policy_reload(false);
-                tracing::error!(%error, "policy not reloaded: keeping the previous policy");
-            }
-        }
+    fn not_reloaded(error: &PolicyError) {
+        crate::stats::policy_reload(false);
+        tracing::error!(%error, "policy not reloaded: keeping the previous policy");
     }
 }
+
+/// The policy in force (see [`FileStore`]); with `--allow-any-caller`
+/// there is no file and nothing to reload.
+pub type PolicyStore = FileStore<Policy>;
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,8 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -64,6 +65,90 @@ pub fn on_hangup(mut action: impl FnMut() + Send + 'static) -> JoinHandle<()> {
             action();
         }
     })
+}
+
+/// A file the operator edits while the broker runs (the policy, the
+/// connections file): how to read it, what stands in for it when none is
+/// given, and what to say when it is reloaded.
+pub trait ReloadableFile: Send + Sync + 'static {
+    /// Why the file was refused (names the file and line).
+    type Error: std::fmt::Display;
+    /// Reads and checks the file.
+    fn load(path: &Path) -> Result<Self, Self::Error>
+    where
+        Self: Sized;
+    /// What is in force without a file.
+    fn without_file() -> Self
+    where
+        Self: Sized;
+    /// Logs and counts a successful reload of `self` from `path`.
+    fn reloaded(&self, path: &Path);
+    /// Logs and counts a refused reload (the previous contents stay).
+    fn not_reloaded(error: &Self::Error);
+}
+
+/// A [`ReloadableFile`] in force, swapped atomically on reload so an RPC
+/// always sees one whole file; a bad new file keeps the old contents.
+pub struct FileStore<T> {
+    current: arc_swap::ArcSwap<T>,
+    /// `None` when no file was given: nothing to reload.
+    path: Option<PathBuf>,
+}
+
+impl<T: ReloadableFile> FileStore<T> {
+    /// Loads the file, or [`ReloadableFile::without_file`] when `path` is `None`.
+    pub fn open(path: Option<&Path>) -> Result<Self, T::Error> {
+        let contents = match path {
+            Some(path) => T::load(path)?,
+            None => T::without_file(),
+        };
+        Ok(Self {
+            current: arc_swap::ArcSwap::from_pointee(contents),
+            path: path.map(Path::to_owned),
+        })
+    }
+
+    /// A store holding `contents`, for tests and `dev`.
+    pub fn fixed(contents: T) -> Self {
+        Self {
+            current: arc_swap::ArcSwap::from_pointee(contents),
+            path: None,
+        }
+    }
+
+    /// The contents in force now, for the length of a statement. A guard,
+    /// not an `Arc` clone: `load_full` would bump one reference count that
+    /// every RPC on every core shares.
+    pub fn current(&self) -> arc_swap::Guard<Arc<T>> {
+        self.current.load()
+    }
+
+    /// The file the contents come from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Re-reads the file; a bad new file keeps the old contents.
+    pub fn reload(&self) {
+        let Some(path) = &self.path else { return };
+        match T::load(path) {
+            Ok(contents) => {
+                contents.reloaded(path);
+                self.current.store(Arc::new(contents));
+            }
+            Err(error) => T::not_reloaded(&error),
+        }
+    }
+
+    /// Reloads `store` when its file changes (or on SIGHUP); does nothing
+    /// without a file.
+    pub fn watch(store: &Arc<Self>, interval: Duration) -> JoinHandle<()> {
+        let Some(path) = store.path() else {
+            return tokio::spawn(async {});
+        };
+        let store = store.clone();
+        watch_files(vec![path.to_owned()], interval, move || store.reload())
+    }
 }
 
 #[cfg(unix)]

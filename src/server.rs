@@ -319,8 +319,8 @@ pub async fn run(
         .await;
     let background = vec![
         tokio::spawn(become_ready(broker.store.clone(), health_reporter.clone())),
-        watch_policy(&broker.policy, settings.reload_interval),
-        watch_connections(&broker.fresh.connections, settings.reload_interval),
+        PolicyStore::watch(&broker.policy, settings.reload_interval),
+        ConnectionsStore::watch(&broker.fresh.connections, settings.reload_interval),
         watch_tls(&broker.tls, settings.reload_interval),
         watch_keys(&broker.key_files, settings.reload_interval),
         tokio::spawn(report_cache_size(broker.store.clone())),
@@ -450,24 +450,6 @@ fn announce(listeners: &Listeners, broker: &Broker) {
         ),
         Some(callers) => tracing::info!(callers, "caller policy loaded"),
     }
-}
-
-fn watch_policy(policy: &Arc<PolicyStore>, interval: Duration) -> JoinHandle<()> {
-    let Some(path) = policy.path() else {
-        return tokio::spawn(async {});
-    };
-    let policy_for_reload = policy.clone();
-    reload::watch_files(vec![path.to_owned()], interval, move || {
-        policy_for_reload.reload()
-    })
-}
-
-fn watch_connections(connections: &Arc<ConnectionsStore>, interval: Duration) -> JoinHandle<()> {
-    let Some(path) = connections.path() else {
-        return tokio::spawn(async {});
-    };
-    let store = connections.clone();
-    reload::watch_files(vec![path.to_owned()], interval, move || store.reload())
 }
 
 fn reopen_audit_on_hangup(audit: &AuditTrail) -> JoinHandle<()> {
