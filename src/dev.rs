@@ -55,7 +55,7 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()> + Send) -> Re
     let run_settings = args.common.run_settings()?;
     let resilience = args.common.resilience_settings()?;
     if let Some(addr) = args.common.metrics_listen {
-        crate::stats::install_exporter(addr).map_err(ServerError::from)?;
+        server::install_metrics(addr)?;
     }
     let pki = DevPki::load_or_create(&args.dir)?;
     // The emulator's client also has a secret, but refuses it once the key is

@@ -255,6 +255,14 @@ pub struct Listeners {
     pub health: Option<TcpListener>,
 }
 
+/// Serves Prometheus metrics on `addr`, every metric described, the fleet's
+/// too (wired here so `stats` needs nothing of the modules that count).
+pub fn install_metrics(addr: SocketAddr) -> Result<(), ServerError> {
+    crate::stats::install_exporter(addr)?;
+    crate::fleet::describe_metrics();
+    Ok(())
+}
+
 /// Opens policy, TLS and Auth0 client from `config`, binds the listeners and
 /// serves until `shutdown`.
 pub async fn serve(
@@ -262,7 +270,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     if let Some(addr) = config.metrics_listen {
-        crate::stats::install_exporter(addr)?;
+        install_metrics(addr)?;
     }
     let broker = Broker::new(
         config.broker,

@@ -129,7 +129,6 @@ fn describe() {
         "tokenbroker_token_not_stored_total",
         "TOKEN_NOT_STORED refusals of identities whose connection Token Vault may have taken over, by connection (other: a name too long or odd to be a label)"
     );
-    crate::fleet::describe_metrics();
 }
 
 /// One refused RPC, by its ErrorInfo reason (a fixed vocabulary).
