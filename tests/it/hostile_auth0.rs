@@ -23,17 +23,6 @@ const SENT_BOUND: u64 = 16 * 1024 * 1024;
 /// not what is measured (the bytes sent are), this only catches a hang.
 const QUICK: Duration = Duration::from_secs(5);
 
-/// A broker whose Management token is fetched and whose counters are zero.
-async fn warm(options: Options) -> TestBroker {
-    let broker = TestBroker::start_with(options).await;
-    broker
-        .get(seed::TWITTER_USER, "twitter")
-        .await
-        .expect("warm-up");
-    broker.emulator.reset_counters();
-    broker
-}
-
 /// A GitHub token request naming its user only through a genuine ID token.
 fn signed_in_request(broker: &TestBroker) -> GetIdpTokenRequest {
     GetIdpTokenRequest {
@@ -61,7 +50,7 @@ fn assert_not_buffered(broker: &TestBroker) {
 
 #[tokio::test]
 async fn oversized_users_body_is_unavailable_and_not_buffered() {
-    let broker = warm(Options::default()).await;
+    let broker = TestBroker::start_warm(Options::default()).await;
     broker.emulator.inject_faults(
         Endpoint::Users,
         vec![Fault::HugeBody {
@@ -84,7 +73,7 @@ async fn oversized_users_body_is_unavailable_and_not_buffered() {
 
 #[tokio::test]
 async fn oversized_users_body_announced_by_content_length_is_refused_before_reading() {
-    let broker = warm(Options::default()).await;
+    let broker = TestBroker::start_warm(Options::default()).await;
     broker.emulator.inject_faults(
         Endpoint::Users,
         vec![Fault::HugeBody {
@@ -100,7 +89,7 @@ async fn oversized_users_body_announced_by_content_length_is_refused_before_read
 
 #[tokio::test]
 async fn oversized_management_token_body_is_unavailable_and_not_buffered() {
-    let broker = warm(Options::default()).await;
+    let broker = TestBroker::start_warm(Options::default()).await;
     // The cached Management token is refused, so the broker must fetch a new one.
     broker.emulator.expire_management_tokens();
     broker.emulator.inject_faults(
@@ -140,7 +129,7 @@ async fn oversized_jwks_body_is_unavailable_and_not_buffered() {
 
 #[tokio::test]
 async fn a_hanging_auth0_is_given_up_on_after_the_auth0_timeout_retries_included() {
-    let broker = warm(Options {
+    let broker = TestBroker::start_warm(Options {
         auth0_request_timeout: Some(Duration::from_secs(1)),
         outbound: OutboundLimits {
             max_attempts: 3,

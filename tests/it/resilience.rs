@@ -24,17 +24,6 @@ fn limits(rate: u32, burst: u32, max_wait: Duration) -> OutboundLimits {
     }
 }
 
-/// A broker whose Management token is already fetched and whose counters are zero.
-async fn warm(options: Options) -> TestBroker {
-    let broker = TestBroker::start_with(options).await;
-    broker
-        .get(seed::TWITTER_USER, "twitter")
-        .await
-        .expect("warm-up");
-    broker.emulator.reset_counters();
-    broker
-}
-
 fn short_ttl(user_ttl: Duration, stale_if_error: Duration) -> Options {
     Options {
         cache: CacheSettings {
@@ -50,7 +39,7 @@ fn short_ttl(user_ttl: Duration, stale_if_error: Duration) -> Options {
 
 #[tokio::test]
 async fn server_errors_are_retried_until_auth0_answers() {
-    let broker = warm(Options::default()).await;
+    let broker = TestBroker::start_warm(Options::default()).await;
     broker.emulator.inject_faults(
         Endpoint::Users,
         vec![Fault::Status(503), Fault::Status(502)],
@@ -67,7 +56,7 @@ async fn server_errors_are_retried_until_auth0_answers() {
 /// One 429 on the users endpoint, then success: the broker must sit out the
 /// delay the 429 asked for (at least ~1 s here) and retry exactly once.
 async fn assert_rate_limit_waited_out(fault: Fault) {
-    let broker = warm(Options::default()).await;
+    let broker = TestBroker::start_warm(Options::default()).await;
     broker.emulator.inject_faults(Endpoint::Users, vec![fault]);
     let started = Instant::now();
     broker
@@ -103,7 +92,7 @@ async fn ratelimit_reset_is_waited_out_when_there_is_no_retry_after() {
 
 #[tokio::test]
 async fn exhausted_retries_are_unavailable_with_the_delay_auth0_asked_for() {
-    let broker = warm(Options::default()).await;
+    let broker = TestBroker::start_warm(Options::default()).await;
     let rate_limited = Fault::RateLimited {
         retry_after: Some(1),
         reset_in_secs: 1,
@@ -125,7 +114,7 @@ async fn exhausted_retries_are_unavailable_with_the_delay_auth0_asked_for() {
 
 #[tokio::test]
 async fn no_retry_is_started_that_would_outlive_the_callers_deadline() {
-    let broker = warm(Options::default()).await;
+    let broker = TestBroker::start_warm(Options::default()).await;
     broker.emulator.inject_faults(
         Endpoint::Users,
         vec![Fault::RateLimited {
@@ -166,7 +155,7 @@ async fn a_burst_of_cold_users_never_exceeds_the_rate_limit() {
     const USERS: usize = 100;
     const RATE: u32 = 10;
     const BURST: u32 = 10;
-    let broker = warm(rate_limited(RATE, BURST)).await;
+    let broker = TestBroker::start_warm(rate_limited(RATE, BURST)).await;
     let users: Vec<String> = (0..USERS)
         .map(|index| {
             let (user_id, user) = synthetic_user(index);
@@ -203,7 +192,7 @@ async fn a_burst_of_cold_users_never_exceeds_the_rate_limit() {
 
 #[tokio::test]
 async fn cache_hits_do_not_wait_behind_a_saturated_rate_limit() {
-    let broker = warm(Options {
+    let broker = TestBroker::start_warm(Options {
         outbound: limits(1, 1, Duration::from_secs(10)),
         ..Options::default()
     })

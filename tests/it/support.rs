@@ -483,6 +483,18 @@ impl TestBroker {
         }
     }
 
+    /// [`TestBroker::start_with`], then one RPC (so the Management token is
+    /// in hand) and the emulator's counters reset: a test counts only its own calls.
+    pub async fn start_warm(options: Options) -> Self {
+        let broker = Self::start_with(options).await;
+        broker
+            .get(seed::TWITTER_USER, "twitter")
+            .await
+            .expect("warm-up");
+        broker.emulator.reset_counters();
+        broker
+    }
+
     /// A client with the default certificate from the broker's client CA.
     pub async fn client(&self) -> TokenBrokerClient<Channel> {
         self.client_with(Some(&self.client_cert), &self.ca.cert_pem)
