@@ -78,6 +78,8 @@ pub struct Forgetting {
     last_forget: AtomicU64,
     /// Tick of each user's latest `forget_user`.
     forgotten: Cache<String, u64>,
+    /// Tick of the latest [`Forgetting::forget_all`].
+    forgot_all: AtomicU64,
 }
 
 impl Forgetting {
@@ -91,6 +93,7 @@ impl Forgetting {
                 .max_capacity(capacity)
                 .time_to_live(memory)
                 .build(),
+            forgot_all: AtomicU64::new(0),
         }
     }
 
@@ -105,6 +108,14 @@ impl Forgetting {
     pub fn forget(&self, user_id: &str) {
         let at = self.tick();
         self.forgotten.insert(user_id.to_owned(), at);
+        self.last_forget.fetch_max(at, Ordering::SeqCst);
+    }
+
+    /// Marks every user forgotten now (a fleet replica that may have missed
+    /// invalidations); call it before dropping every entry.
+    pub fn forget_all(&self) {
+        let at = self.tick();
+        self.forgot_all.fetch_max(at, Ordering::SeqCst);
         self.last_forget.fetch_max(at, Ordering::SeqCst);
     }
 
@@ -149,6 +160,9 @@ impl Forgetting {
         if self.last_forget.load(Ordering::SeqCst) < started {
             return false;
         }
+        if self.forgot_all.load(Ordering::SeqCst) > started {
+            return true;
+        }
         self.forgotten.get(user_id).is_some_and(|at| at > started)
     }
 }
@@ -170,6 +184,19 @@ mod tests {
         let cache: Cache<TokenKey, u8> = Cache::new(10);
         let before = forgetting.tick();
         forgetting.forget("u");
+        forgetting.keep(&cache, &key(), 1, before);
+        assert_eq!(cache.get(&key()), None);
+        let after = forgetting.tick();
+        forgetting.keep(&cache, &key(), 2, after);
+        assert_eq!(cache.get(&key()), Some(2));
+    }
+
+    #[test]
+    fn a_fetch_begun_before_forget_all_keeps_nothing() {
+        let forgetting = Forgetting::new(10, Duration::from_secs(60));
+        let cache: Cache<TokenKey, u8> = Cache::new(10);
+        let before = forgetting.tick();
+        forgetting.forget_all();
         forgetting.keep(&cache, &key(), 1, before);
         assert_eq!(cache.get(&key()), None);
         let after = forgetting.tick();

@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -23,7 +23,7 @@ use crate::auth0::{Auth0Client, Auth0Error, Auth0Settings, OutboundLimits, Signi
 use crate::budget::{CallerBudgets, ShareSettings};
 use crate::cache::{CacheSettings, IdentityStore};
 use crate::connections::ConnectionsStore;
-use crate::fleet::{Fleet, FleetError, FleetSettings};
+use crate::fleet::{Fleet, FleetError, FleetSettings, LocalTier};
 use crate::id_token::{IdTokenSettings, IdTokenVerifier};
 use crate::listener::{self, ConnectionLimits};
 use crate::policy::{PolicyError, PolicyStore};
@@ -208,14 +208,20 @@ impl Broker {
             auth0 = auth0.with_shared_budget(fleet.budget(limits.rate_per_second, limits.burst));
         }
         // One client for the store and the Token Vault: one gate, one budget.
-        let fresh = freshness.open(connections, auth0.clone(), auth0_timeout)?;
+        let fresh = freshness.open(connections, auth0.clone(), auth0_timeout, fleet.clone())?;
         let id_tokens = id_token.map(|settings| IdTokenVerifier::new(settings, &auth0));
         let store = Arc::new(
             IdentityStore::new(auth0, cache)
                 .with_stale_if_error(resilience.stale_if_error)
-                .with_fleet(fleet),
+                .with_fleet(fleet.clone()),
         );
-        store.join_fleet();
+        if let Some(fleet) = &fleet {
+            fleet.watch(vec![
+                Arc::downgrade(&store) as Weak<dyn LocalTier>,
+                Arc::downgrade(&fresh.refresher) as Weak<dyn LocalTier>,
+                Arc::downgrade(&fresh.vault) as Weak<dyn LocalTier>,
+            ]);
+        }
         Ok(Self {
             store,
             policy: Arc::new(policy),

@@ -13,7 +13,10 @@
 //!   single flight, as `idp::IdpRefresher` shares refreshes), paid from the
 //!   share of the Auth0 budget of the caller whose request runs it;
 //! * `forget_user` (InvalidateUser, `bypass_cache`) drops all of a user's
-//!   tokens, and an exchange landing after it keeps nothing.
+//!   tokens, and an exchange landing after it keeps nothing;
+//! * in a fleet (`--redis-url`) exchanged tokens are shared and one replica
+//!   exchanges for all (`fleet::tokens`); an invalidation on any replica
+//!   drops them here.
 //!
 //! Auth0 hands out the token it holds while it is valid and refreshes it at
 //! the IdP only once it has expired, so an exchange cannot buy a longer-lived
@@ -32,9 +35,14 @@ use tokio::time::Instant;
 use crate::auth0::{Auth0Client, Auth0Error, ExchangedToken, VaultRequest};
 use crate::budget::CallerShare;
 use crate::error::BrokerError;
+use crate::fleet::{Fleet, LocalTier, SharedToken, TokenClaim, TokenKind, TokenNeed};
 use crate::kept::{self, Expires, Forgetting, TokenKey, UntilExpiry};
 use crate::logsafe::capped;
 use crate::stats;
+use crate::user_id::UserId;
+
+/// How much longer than the longest exchange a fleet-wide exchange lock lives.
+const LOCK_MARGIN: Duration = Duration::from_secs(1);
 
 /// How many exchanged tokens are kept, and how long a `forget_user` is
 /// remembered.
@@ -45,6 +53,9 @@ pub struct VaultSettings {
     /// Longer than any exchange may take (`--auth0-timeout`, twice, and a
     /// margin): every exchange begun before a `forget_user` has landed by then.
     pub forget_memory: Duration,
+    /// The longest one exchange may take (`--auth0-timeout`): the life of
+    /// its fleet-wide lock, plus a margin.
+    pub exchange_timeout: Duration,
 }
 
 /// A token Token Vault handed out, as the vault keeps and serves it.
@@ -109,6 +120,10 @@ pub struct TokenVault {
     /// Every connection a token was ever kept for, which `forget_user`
     /// walks: names from the connections file, so few.
     connections: RwLock<HashSet<String>>,
+    /// The fleet sharing exchanged tokens (`None`: alone).
+    fleet: Option<Arc<Fleet>>,
+    /// Life of an exchange's fleet-wide lock.
+    lock_life: Duration,
 }
 
 impl TokenVault {
@@ -123,7 +138,15 @@ impl TokenVault {
             flights: moka::future::Cache::new(settings.capacity),
             forgetting: Forgetting::new(settings.capacity, settings.forget_memory),
             connections: RwLock::default(),
+            fleet: None,
+            lock_life: settings.exchange_timeout + LOCK_MARGIN,
         }
+    }
+
+    /// The same vault sharing its tokens with a fleet (`None`: alone).
+    pub fn with_fleet(mut self, fleet: Option<Arc<Fleet>>) -> Self {
+        self.fleet = fleet;
+        self
     }
 
     /// A token of `need.key` that lives longer than `need.min_valid_for`:
@@ -200,8 +223,69 @@ impl TokenVault {
         if let Some(token) = self.usable(need.key, need.min_valid_for) {
             return Ok(token);
         }
+        match &self.fleet {
+            Some(fleet) => self.exchange_in_fleet(fleet, need).await,
+            None => self.spend_and_exchange(need).await,
+        }
+    }
+
+    /// The fleet's token if it serves, else this replica's exchange under
+    /// the token's fleet-wide lock, shared when done; else (Redis failing)
+    /// an exchange of its own.
+    async fn exchange_in_fleet(
+        &self,
+        fleet: &Fleet,
+        need: &VaultNeed<'_>,
+    ) -> Result<Arc<VaultToken>, BrokerError> {
+        let started = self.forgetting.tick();
+        let claim = fleet
+            .claim_token(&TokenNeed {
+                kind: TokenKind::TokenVault,
+                user_id: &need.key.user_id,
+                connection: &need.key.connection,
+                min_valid_for: need.min_valid_for,
+                lock_life: self.lock_life,
+                deadline: need.deadline,
+            })
+            .await;
+        match claim {
+            TokenClaim::Found(shared) => Ok(self.keep_shared(need, shared, started)),
+            TokenClaim::Holder(fill) => {
+                let result = self.spend_and_exchange(need).await;
+                match &result {
+                    Ok(token) => fill.fill(&shared_token(token), None).await,
+                    Err(_) => fill.release().await,
+                }
+                result
+            }
+            TokenClaim::Unshared => self.spend_and_exchange(need).await,
+            TokenClaim::Busy => Err(BrokerError::DeadlineExceeded),
+        }
+    }
+
+    /// One exchange, paid from the caller's share of the Auth0 budget.
+    async fn spend_and_exchange(&self, need: &VaultNeed<'_>) -> Result<Arc<VaultToken>, BrokerError> {
         need.share.spend(need.deadline).await?;
         self.exchange(need).await
+    }
+
+    /// Keeps a token another replica exchanged, as if exchanged here.
+    fn keep_shared(&self, need: &VaultNeed<'_>, shared: SharedToken, started: u64) -> Arc<VaultToken> {
+        self.note_connection(&need.key.connection);
+        let token = Arc::new(VaultToken {
+            access_token: shared.access_token,
+            issued_at: shared.issued_at,
+            expires_at: shared.expires_at,
+            scopes: shared.scopes,
+        });
+        self.forgetting.keep_token(
+            &self.tokens,
+            need.key,
+            token.clone(),
+            started,
+            "shared by the fleet",
+        );
+        token
     }
 
     /// Asks Auth0, counts and logs the answer, and keeps a token.
@@ -257,6 +341,28 @@ impl TokenVault {
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(connection.to_owned());
         }
+    }
+}
+
+/// An exchanged token as the fleet shares it.
+fn shared_token(token: &VaultToken) -> SharedToken {
+    SharedToken {
+        access_token: token.access_token.clone(),
+        issued_at: token.issued_at,
+        expires_at: token.expires_at,
+        scopes: token.scopes.clone(),
+    }
+}
+
+/// What another replica's invalidation makes this one drop.
+impl LocalTier for TokenVault {
+    fn forget(&self, user_id: &UserId) {
+        self.forget_user(user_id.as_str());
+    }
+
+    fn forget_all(&self) {
+        self.forgetting.forget_all();
+        self.tokens.invalidate_all();
     }
 }
 

@@ -2,7 +2,7 @@
 //! the fleet-wide single flight around the Auth0 read, and what the
 //! invalidation channel makes this replica forget. A hit never comes here.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use tokio::time::Instant as Deadline;
 
@@ -14,20 +14,12 @@ use crate::fleet::{Claim, FillGuard, Fleet, LocalTier, SharedEntry};
 use crate::user_id::UserId;
 
 impl IdentityStore {
-    /// The same store over a fleet's shared tier (`None`: alone). Call
-    /// [`IdentityStore::join_fleet`] once the store is in its `Arc`.
+    /// The same store over a fleet's shared tier (`None`: alone). The
+    /// fleet's invalidations reach it once it is watched
+    /// (`fleet::Fleet::watch`, by `server::Broker::new`).
     pub fn with_fleet(mut self, fleet: Option<Arc<Fleet>>) -> Self {
         self.fleet = fleet;
         self
-    }
-
-    /// Starts following the fleet's invalidations (nothing alone). The
-    /// follower holds the store weakly: it stops when the store goes.
-    pub fn join_fleet(self: &Arc<Self>) {
-        if let Some(fleet) = &self.fleet {
-            let local: Weak<dyn LocalTier> = Arc::downgrade(self) as Weak<dyn LocalTier>;
-            fleet.watch(local);
-        }
     }
 
     /// Whether the store reads through a fleet in shared mode now.

@@ -21,7 +21,7 @@ use crate::auth0::UserIdentities;
 use crate::user_id::UserId;
 
 /// How often a waiting replica looks for the holder's value.
-const POLL_INTERVAL: Duration = Duration::from_millis(25);
+pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(25);
 
 /// What a claim gives the replica that missed.
 pub enum Claim {
@@ -113,8 +113,11 @@ impl Fleet {
         let mut script = TAKE_OVER.key(&slot.value);
         script
             .key(&slot.lock)
+            .key(&slot.kept)
+            .key(&slot.generation)
             .arg(&core.channel)
             .arg(message)
+            .arg(millis(super::GENERATION_LIFE))
             .arg(&token)
             .arg(millis(core.lock_ttl));
         if core.link.run::<i64>("take_over", &script).await.is_none() {
@@ -196,27 +199,32 @@ impl Drop for FillGuard {
 }
 
 async fn release(core: &Core, slot: &UserSlot, token: &str) {
-    let mut script = RELEASE.key(&slot.lock);
+    release_lock(core, &slot.lock, token).await;
+}
+
+/// Frees `lock` if `token` still holds it (compare and delete).
+pub(super) async fn release_lock(core: &Core, lock: &str, token: &str) {
+    let mut script = RELEASE.key(lock);
     script.arg(token);
     let _: Option<i64> = core.link.run("release", &script).await;
 }
 
 /// When a waiting replica stops waiting: its deadline, and never longer than
 /// a lock lives (by then a dead holder's lock has expired and been taken).
-fn wait_limit(lock_ttl: Duration, deadline: Option<Instant>) -> Instant {
+pub(super) fn wait_limit(lock_ttl: Duration, deadline: Option<Instant>) -> Instant {
     let by_lock = Instant::now() + lock_ttl + POLL_INTERVAL * 2;
     deadline.map_or(by_lock, |deadline| deadline.min(by_lock))
 }
 
 /// A random lock token: proves the lock is this read's when freeing it.
-fn lock_token() -> String {
+pub(super) fn lock_token() -> String {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
     hex::encode(bytes)
 }
 
 /// Whole milliseconds, at least 1 (Redis refuses `PX 0`).
-fn millis(duration: Duration) -> u64 {
+pub(super) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .max(1)

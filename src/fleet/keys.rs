@@ -30,14 +30,37 @@ const NAMING_LABEL: &[u8] = b"tokenbroker fleet v1: key names";
 /// Prefix of every Redis key the broker writes, so an operator can tell them apart.
 pub(super) const KEY_PREFIX: &str = "tokenbroker:";
 
-/// Where one user's shared state lives in Redis. Both names carry the same
-/// hash tag, so they hash to one slot (scripts touch both).
+/// Where one user's shared state lives in Redis. Every name carries the
+/// same hash tag, so they hash to one slot (scripts touch several).
 #[derive(Debug, Clone)]
 pub(super) struct UserSlot {
     /// The sealed identities.
     pub(super) value: String,
     /// The fleet-wide single-flight lock of the user's Auth0 read.
     pub(super) lock: String,
+    /// A hash of the user's kept tokens (refreshed at the IdP, exchanged at
+    /// Token Vault), one field per kind and connection.
+    pub(super) kept: String,
+    /// Counts the user's invalidations: a kept token is stored only if none
+    /// came since its fetch began.
+    pub(super) generation: String,
+}
+
+/// Where one kept token of a user (one kind, one connection) lives: the
+/// user's hashes and a lock of its own.
+#[derive(Debug, Clone)]
+pub(super) struct TokenSlot {
+    /// The user's slot (its `kept` hash and `generation`).
+    pub(super) user: UserSlot,
+    /// This token's field in `user.kept`: kind and connection hash.
+    pub(super) field: String,
+    /// The fleet-wide single-flight lock of this token's fetch.
+    pub(super) lock: String,
+    /// A hash of the user's rotated refresh tokens, one field per
+    /// connection; kept across invalidations (see `tokens.rs`).
+    pub(super) rotations: String,
+    /// This connection's field in `rotations`.
+    pub(super) rotation_field: String,
 }
 
 /// The subkeys derived from the cache key file.
@@ -64,11 +87,37 @@ impl FleetKeys {
 
     /// The user's keys: a hash of the user id, never the id.
     pub(super) fn slot(&self, user_id: &UserId) -> UserSlot {
-        let tag = hmac::sign(&self.naming, user_id.as_str().as_bytes());
-        let name = hex::encode(tag.as_ref());
+        self.slot_named(&self.name(user_id.as_str().as_bytes()))
+    }
+
+    /// Where the token of `kind` (`idp`, `vault`) from `connection` is kept
+    /// for `user_id`; the connection is hashed too, so key names say nothing
+    /// of who uses what.
+    pub(super) fn token_slot(&self, user_id: &str, kind: &str, connection: &str) -> TokenSlot {
+        let name = self.name(user_id.as_bytes());
+        let mut labelled = b"connection:".to_vec();
+        labelled.extend_from_slice(connection.as_bytes());
+        let connection = &self.name(&labelled)[..32];
+        TokenSlot {
+            user: self.slot_named(&name),
+            field: format!("{kind}:{connection}"),
+            lock: format!("{KEY_PREFIX}kl:{{{name}}}:{kind}:{connection}"),
+            rotations: format!("{KEY_PREFIX}r:{{{name}}}"),
+            rotation_field: connection.to_owned(),
+        }
+    }
+
+    /// Hex of the naming HMAC of `bytes`.
+    fn name(&self, bytes: &[u8]) -> String {
+        hex::encode(hmac::sign(&self.naming, bytes).as_ref())
+    }
+
+    fn slot_named(&self, name: &str) -> UserSlot {
         UserSlot {
             value: format!("{KEY_PREFIX}u:{{{name}}}"),
             lock: format!("{KEY_PREFIX}l:{{{name}}}"),
+            kept: format!("{KEY_PREFIX}k:{{{name}}}"),
+            generation: format!("{KEY_PREFIX}g:{{{name}}}"),
         }
     }
 
@@ -157,5 +206,14 @@ mod tests {
         assert_eq!(slot.value.replace(":u:", ":l:"), slot.lock);
         assert_ne!(keys(2).slot(&user).value, slot.value);
         assert_eq!(keys(1).slot(&user).value, slot.value, "stable");
+        let token = keys(1).token_slot(user.as_str(), "idp", "google-oauth2");
+        for name in [&token.lock, &token.rotations, &token.user.kept] {
+            assert!(name.contains(&slot.value["tokenbroker:u:".len()..]), "one hash slot: {name}");
+            assert!(!name.contains("google"), "{name}");
+        }
+        assert!(!token.field.contains("google"), "{}", token.field);
+        let other = keys(1).token_slot(user.as_str(), "idp", "github");
+        assert_ne!(token.field, other.field);
+        assert_ne!(token.lock, other.lock);
     }
 }

@@ -10,8 +10,12 @@ pub fn describe() {
         "Shared-tier lookups after a local miss, by outcome: hit, miss (this replica reads Auth0), undecryptable (another key: a miss)"
     );
     describe_counter!(
+        "tokenbroker_fleet_token_lookups_total",
+        "Shared-tier lookups of kept tokens (kind: idp refreshes, vault exchanges) after a local miss, by outcome: hit, miss (this replica fetches), undecryptable"
+    );
+    describe_counter!(
         "tokenbroker_fleet_lock_waits_total",
-        "Reads that waited for another replica's Auth0 read of the same user"
+        "Reads, refreshes and exchanges that waited for another replica's of the same user (and connection)"
     );
     describe_counter!(
         "tokenbroker_fleet_lock_wait_timeouts_total",
@@ -41,6 +45,11 @@ pub fn describe() {
 
 pub(super) fn shared_lookup(outcome: &'static str) {
     counter!("tokenbroker_fleet_lookups_total", "outcome" => outcome).increment(1);
+}
+
+pub(super) fn token_lookup(kind: &'static str, outcome: &'static str) {
+    counter!("tokenbroker_fleet_token_lookups_total", "kind" => kind, "outcome" => outcome)
+        .increment(1);
 }
 
 pub(super) fn lock_wait() {

@@ -28,10 +28,12 @@ mod keys;
 mod link;
 mod metrics;
 mod scripts;
+mod tokens;
 mod watch;
 mod wire;
 
 pub use flight::{Claim, FillGuard};
+pub use tokens::{SharedRotation, SharedToken, TokenClaim, TokenFill, TokenKind, TokenNeed};
 pub use metrics::describe as describe_metrics;
 
 use std::num::NonZeroU32;
@@ -47,6 +49,7 @@ use tokio::task::JoinHandle;
 use crate::auth0::{SharedBudget, UserIdentities};
 use crate::keyfile::{read_key_file, KeyFileError};
 use crate::user_id::UserId;
+use flight::millis;
 use keys::{FleetKeys, UserSlot, KEY_PREFIX};
 use link::Link;
 
@@ -57,6 +60,10 @@ pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(100);
 /// Default life of a single-flight lock: how long others wait for a replica
 /// that died mid-read before one of them reads Auth0 itself.
 pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(5);
+
+/// How long a user's invalidation count lives after its last invalidation:
+/// far longer than any fetch it must stop from storing (a lock's life).
+const GENERATION_LIFE: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Invalidations kept for replay while Redis is unreachable; beyond it they
 /// are dropped (counted and logged), and only the TTL bounds the old entries.
@@ -106,9 +113,9 @@ pub struct SharedEntry {
     pub fresh_for: Duration,
 }
 
-/// The replica's own cache, as the invalidation channel sees it: the fleet
-/// tells it what to forget. (The cache implements it; the fleet never
-/// imports the cache.)
+/// What a replica keeps, as the invalidation channel sees it: the fleet
+/// tells it what to forget. (The cache, the IdP refresher and the Token
+/// Vault implement it; the fleet imports none of them.)
 pub trait LocalTier: Send + Sync {
     /// Another replica invalidated the user: stop serving what is held.
     fn forget(&self, user_id: &UserId);
@@ -180,10 +187,12 @@ impl Fleet {
         Arc::new(budget::FleetBudget::new(self.core.clone(), rate, burst))
     }
 
-    /// Starts following the invalidation channel for `local` (until the
-    /// fleet is dropped). Shared mode begins once subscribed.
-    pub fn watch(&self, local: Weak<dyn LocalTier>) {
-        let task = tokio::spawn(watch::follow_channel(self.core.clone(), local));
+    /// Starts following the invalidation channel for `tiers` (the identity
+    /// cache, the IdP refresher, the Token Vault: everything that keeps what
+    /// an invalidation must drop), until the fleet is dropped or no tier is
+    /// left. Shared mode begins once subscribed.
+    pub fn watch(&self, tiers: Vec<Weak<dyn LocalTier>>) {
+        let task = tokio::spawn(watch::follow_channel(self.core.clone(), tiers));
         if let Ok(mut watcher) = self.watcher.lock() {
             if let Some(previous) = watcher.replace(task) {
                 previous.abort();
@@ -195,19 +204,7 @@ impl Fleet {
     /// lock) and tells every replica. If Redis cannot be reached the
     /// invalidation is kept and sent when it is back.
     pub async fn invalidate(&self, user_id: &UserId) {
-        let slot = self.core.keys.slot(user_id);
-        let Some(message) = self.core.invalidation(user_id) else {
-            return;
-        };
-        let mut script = scripts::INVALIDATE.key(&slot.value);
-        script.key(&slot.lock).arg(&self.core.channel).arg(message);
-        if self
-            .core
-            .link
-            .run::<i64>("invalidate", &script)
-            .await
-            .is_some()
-        {
+        if self.core.send_invalidation(user_id).await {
             metrics::invalidation_sent();
         } else {
             self.core.keep_for_later(user_id);
@@ -263,18 +260,29 @@ impl Core {
             "sending the invalidations kept during the Redis outage"
         );
         for user_id in waiting {
-            let slot = self.keys.slot(&user_id);
-            let Some(message) = self.invalidation(&user_id) else {
-                continue;
-            };
-            let mut script = scripts::INVALIDATE.key(&slot.value);
-            script.key(&slot.lock).arg(&self.channel).arg(message);
-            if self.link.run::<i64>("invalidate", &script).await.is_some() {
+            if self.send_invalidation(&user_id).await {
                 metrics::invalidation_sent();
             } else {
                 self.keep_for_later(&user_id);
             }
         }
+    }
+
+    /// Runs [`scripts::INVALIDATE`] for `user_id`; whether Redis took it.
+    async fn send_invalidation(&self, user_id: &UserId) -> bool {
+        let Some(message) = self.invalidation(user_id) else {
+            return true;
+        };
+        let slot = self.keys.slot(user_id);
+        let mut script = scripts::INVALIDATE.key(&slot.value);
+        script
+            .key(&slot.lock)
+            .key(&slot.kept)
+            .key(&slot.generation)
+            .arg(&self.channel)
+            .arg(message)
+            .arg(millis(GENERATION_LIFE));
+        self.link.run::<i64>("invalidate", &script).await.is_some()
     }
 
     /// The user's slot (value and lock keys).

@@ -57,13 +57,18 @@ return 0
     )
 });
 
-/// Forgets the user fleet-wide: deletes the value and the lock (so a read
-/// under way cannot store what it read), and tells every replica.
-/// KEYS: value, lock. ARGV: channel, sealed message.
+/// Forgets the user fleet-wide: deletes the value, the lock (so a read
+/// under way cannot store what it read) and the kept tokens, counts the
+/// invalidation (so a token fetch under way cannot store either), and tells
+/// every replica.
+/// KEYS: value, lock, kept tokens, generation. ARGV: channel, sealed
+/// message, generation life (ms).
 pub(super) static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('INCR', KEYS[4])
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
 ",
@@ -72,13 +77,70 @@ return 1
 
 /// [`INVALIDATE`], then takes the lock for this replica's fresh read
 /// (`bypass_cache`), so that others wait for it rather than read Auth0 too.
-/// KEYS: value, lock. ARGV: channel, sealed message, lock token, lock TTL (ms).
+/// KEYS: value, lock, kept tokens, generation. ARGV: channel, sealed
+/// message, generation life (ms), lock token, lock TTL (ms).
 pub(super) static TAKE_OVER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-redis.call('DEL', KEYS[1])
-redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('INCR', KEYS[4])
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
+",
+    )
+});
+
+/// A kept token's claim: like [`CLAIM`], with the user's invalidation count
+/// (to store the fetched token only if no invalidation came since) and the
+/// connection's rotated refresh token.
+/// KEYS: kept tokens, token lock, generation, rotations. ARGV: token field,
+/// rotation field, lock token, lock TTL (ms), "1" to skip the value.
+/// Returns {1, value, generation, rotation}, {2, false, generation,
+/// rotation} (the lock is ours) or {0, false, generation, false}.
+pub(super) static CLAIM_TOKEN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local generation = redis.call('GET', KEYS[3]) or '0'
+local rotation = redis.call('HGET', KEYS[4], ARGV[2])
+if ARGV[5] ~= '1' then
+  local value = redis.call('HGET', KEYS[1], ARGV[1])
+  if value then return {1, value, generation, rotation} end
+end
+if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4]) then
+  return {2, false, generation, rotation}
+end
+return {0, false, generation, false}
+",
+    )
+});
+
+/// Stores a fetched token and frees its lock. The rotated refresh token
+/// first and whatever happened since: the IdP has retired the one before
+/// it, so it is the only one that still works. The token only while the lock
+/// is ours and no invalidation came since the claim; the user's hash lives
+/// as long as its longest-lived token.
+/// KEYS: kept tokens, token lock, generation, rotations. ARGV: token field,
+/// rotation field, lock token, generation at the claim, sealed token, its
+/// life (ms), sealed rotation ('' for none), rotation life (ms).
+/// Returns 1 when the token was stored.
+pub(super) static FILL_TOKEN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[4], ARGV[2], ARGV[7])
+  redis.call('PEXPIRE', KEYS[4], ARGV[8])
+end
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
+redis.call('DEL', KEYS[2])
+if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[4] then return 0 end
+local life = tonumber(ARGV[6])
+if life <= 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
+if redis.call('PTTL', KEYS[1]) < life then
+  redis.call('PEXPIRE', KEYS[1], life)
+end
 return 1
 ",
     )

@@ -39,11 +39,34 @@ enum Invalidation {
     User(UserId),
 }
 
-/// Follows the channel for as long as `local` lives, resubscribing after
+/// The tiers an invalidation reaches, held weakly: the watcher stops when
+/// they are gone.
+struct Tiers(Vec<Weak<dyn LocalTier>>);
+
+impl Tiers {
+    fn alive(&self) -> bool {
+        self.0.iter().any(|tier| tier.strong_count() > 0)
+    }
+
+    fn forget(&self, user_id: &UserId) {
+        for tier in self.0.iter().filter_map(Weak::upgrade) {
+            tier.forget(user_id);
+        }
+    }
+
+    fn forget_all(&self) {
+        for tier in self.0.iter().filter_map(Weak::upgrade) {
+            tier.forget_all();
+        }
+    }
+}
+
+/// Follows the channel for as long as a tier lives, resubscribing after
 /// every loss.
-pub(super) async fn follow_channel(core: Arc<Core>, local: Weak<dyn LocalTier>) {
+pub(super) async fn follow_channel(core: Arc<Core>, tiers: Vec<Weak<dyn LocalTier>>) {
+    let local = Tiers(tiers);
     let mut backoff = MIN_BACKOFF;
-    while local.strong_count() > 0 {
+    while local.alive() {
         match subscribe(&core).await {
             Ok((sink, stream)) => {
                 backoff = MIN_BACKOFF;
@@ -70,13 +93,11 @@ async fn subscribe(core: &Core) -> Result<(PubSubSink, PubSubStream), String> {
 /// up whenever Redis answers again.
 async fn follow(
     core: &Core,
-    local: &Weak<dyn LocalTier>,
+    local: &Tiers,
     mut sink: PubSubSink,
     mut stream: PubSubStream,
 ) {
-    if let Some(local) = local.upgrade() {
-        local.forget_all();
-    }
+    local.forget_all();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut ticks: u32 = 0;
@@ -90,7 +111,7 @@ async fn follow(
                 receive(core, local, message.get_payload_bytes());
             }
             _ = ticker.tick() => {
-                if local.strong_count() == 0 {
+                if !local.alive() {
                     return;
                 }
                 ticks = ticks.wrapping_add(1);
@@ -123,10 +144,7 @@ async fn ping(sink: &mut PubSubSink) -> bool {
 /// Applies one message: forgets the user it names; a message that does not
 /// open (another key) names nobody this replica can tell, so it forgets
 /// everything.
-fn receive(core: &Core, local: &Weak<dyn LocalTier>, payload: &[u8]) {
-    let Some(local) = local.upgrade() else {
-        return;
-    };
+fn receive(core: &Core, local: &Tiers, payload: &[u8]) {
     match core.read_invalidation(payload) {
         Some(Invalidation::Own) => {}
         Some(Invalidation::User(user_id)) => {

@@ -154,12 +154,12 @@ fn instant_of(at: SystemTime, now: SystemTime) -> Instant {
     instant_now.checked_sub(age).unwrap_or(instant_now)
 }
 
-fn unix_ns(at: SystemTime) -> u64 {
+pub(super) fn unix_ns(at: SystemTime) -> u64 {
     let since_epoch = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     u64::try_from(since_epoch.as_nanos()).unwrap_or(u64::MAX)
 }
 
-fn from_unix_ns(ns: u64) -> SystemTime {
+pub(super) fn from_unix_ns(ns: u64) -> SystemTime {
     UNIX_EPOCH
         .checked_add(Duration::from_nanos(ns))
         .unwrap_or(UNIX_EPOCH)

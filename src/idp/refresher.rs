@@ -9,6 +9,12 @@
 //! * `invalid_grant` is remembered for a while, so a burst of requests for a
 //!   user who must reconnect asks the IdP once.
 //!
+//! * In a fleet (`--redis-url`) refreshed tokens and rotated refresh tokens
+//!   are shared, and one replica refreshes a user's token for all
+//!   (`fleet::tokens`); InvalidateUser from any replica drops them here.
+//!   Rotations survive invalidations: they are no token to serve, and the
+//!   refresh token they replaced is retired at the IdP.
+//!
 //! What the broker knows of a caller's refresh token is its SHA-256: enough to
 //! tell whether a rotation or a refusal is about the token Auth0 holds now (a
 //! user who reconnected has a new one), without keeping the token.
@@ -25,15 +31,21 @@ use super::gate::Gate;
 use super::request::{self, RefreshedToken};
 use super::{IdpClient, IdpError, IdpSetupError};
 use crate::auth0::OutboundLimits;
+use crate::fleet::{
+    Fleet, LocalTier, SharedRotation, SharedToken, TokenClaim, TokenKind, TokenNeed,
+};
 use crate::kept::{self, Expires, Forgetting, TokenKey, UntilExpiry};
 use crate::logsafe::capped;
 use crate::stats;
+use crate::user_id::UserId;
 
 /// Outcome label of a refusal repeated from memory, without asking the IdP.
 const REMEMBERED_REFUSAL: &str = "invalid_grant_remembered";
 /// How long past the longest refresh a `forget_user` is remembered: long
 /// enough for every refresh that began before it to have landed.
 const FORGET_MARGIN: Duration = Duration::from_secs(60);
+/// How much longer than the longest refresh a fleet-wide refresh lock lives.
+const LOCK_MARGIN: Duration = Duration::from_secs(1);
 
 /// Limits and sizes of the refresher.
 #[derive(Debug, Clone, Copy)]
@@ -100,6 +112,26 @@ struct Rotation {
     /// another one has a new grant, which the rotation is not about.
     origin: Fingerprint,
     current: SecretString,
+    /// When the refresh that got it was sent: of two, the newer is in use.
+    rotated_at: SystemTime,
+}
+
+impl Rotation {
+    fn from_shared(shared: &SharedRotation) -> Self {
+        Self {
+            origin: Fingerprint(shared.origin),
+            current: shared.current.clone(),
+            rotated_at: shared.rotated_at,
+        }
+    }
+
+    fn to_shared(&self) -> SharedRotation {
+        SharedRotation {
+            origin: self.origin.0,
+            current: self.current.clone(),
+            rotated_at: self.rotated_at,
+        }
+    }
 }
 
 /// A refresh under way; callers passing different refresh tokens for one key
@@ -142,6 +174,8 @@ pub struct IdpRefresher {
     flights: moka::future::Cache<FlightKey, Arc<Result<Arc<Refreshed>, IdpError>>>,
     /// `forget_user` calls, so a refresh landing after one keeps nothing.
     forgetting: Forgetting,
+    /// The fleet sharing refreshed tokens and rotations (`None`: alone).
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl IdpRefresher {
@@ -175,7 +209,15 @@ impl IdpRefresher {
                 settings.call_timeout.saturating_mul(2) + FORGET_MARGIN,
             ),
             settings,
+            fleet: None,
         })
+    }
+
+    /// The same refresher sharing its tokens and rotations with a fleet
+    /// (`None`: alone).
+    pub fn with_fleet(mut self, fleet: Option<Arc<Fleet>>) -> Self {
+        self.fleet = fleet;
+        self
     }
 
     /// A token of `key` that lives longer than `min_valid_for`: the one kept
@@ -211,9 +253,11 @@ impl IdpRefresher {
         self.shared_refresh(&need).await
     }
 
-    /// Drops every token, rotated refresh token and remembered refusal of
-    /// `user_id` (`InvalidateUser`, `bypass_cache`). A refresh under way for
-    /// the user keeps nothing when it lands.
+    /// Drops every token and remembered refusal of `user_id`
+    /// (`InvalidateUser`, `bypass_cache`). A refresh under way for the user
+    /// keeps no token when it lands. Rotated refresh tokens stay: the ones
+    /// they replaced are retired at the IdP, so without them the user would
+    /// have to reconnect.
     pub fn forget_user(&self, user_id: &str) {
         // Marked before dropping: a refresh landing meanwhile either sees the
         // mark or put its entry in before the drops below (see `Forgetting::keep`).
@@ -224,7 +268,6 @@ impl IdpRefresher {
                 connection,
             };
             self.tokens.invalidate(&key);
-            self.rotations.invalidate(&key);
             self.refused.invalidate(&key);
         }
     }
@@ -274,16 +317,102 @@ impl IdpRefresher {
         if self.remembers_refusal(need) {
             return Err(IdpError::InvalidGrant);
         }
-        self.refresh(need).await
+        match &self.fleet {
+            Some(fleet) => self.refresh_in_fleet(fleet, need).await,
+            None => Ok(self.refresh(need, None).await?.0),
+        }
     }
 
-    /// Asks the IdP, within the connection's gate, and keeps what it says.
-    async fn refresh(&self, need: &Need<'_>) -> Result<Arc<Refreshed>, IdpError> {
+    /// The fleet's token if it serves, else this replica's refresh under
+    /// the token's fleet-wide lock with the fleet's newest rotation, shared
+    /// when done; else (Redis failing) a refresh of its own.
+    async fn refresh_in_fleet(
+        &self,
+        fleet: &Fleet,
+        need: &Need<'_>,
+    ) -> Result<Arc<Refreshed>, IdpError> {
         let started = self.forgetting.tick();
-        let rotation = self
+        let claim = fleet
+            .claim_token(&TokenNeed {
+                kind: TokenKind::IdpRefresh,
+                user_id: &need.key.user_id,
+                connection: &need.key.connection,
+                min_valid_for: need.min_valid_for,
+                lock_life: self.settings.call_timeout + LOCK_MARGIN,
+                deadline: need.deadline,
+            })
+            .await;
+        match claim {
+            TokenClaim::Found(shared) => Ok(self.keep_shared(need, shared, started)),
+            TokenClaim::Holder(fill) => {
+                let fleet_rotation = fill.rotation().map(Rotation::from_shared);
+                match self.refresh(need, fleet_rotation).await {
+                    Ok((token, rotated)) => {
+                        let rotated = rotated.map(|rotation| rotation.to_shared());
+                        fill.fill(&shared_token(&token), rotated.as_ref()).await;
+                        Ok(token)
+                    }
+                    Err(error) => {
+                        fill.release().await;
+                        Err(error)
+                    }
+                }
+            }
+            TokenClaim::Unshared => Ok(self.refresh(need, None).await?.0),
+            TokenClaim::Busy => Err(IdpError::unavailable(
+                "another replica's refresh of this token was still running at the caller's deadline",
+            )),
+        }
+    }
+
+    /// Keeps a token another replica refreshed, as if refreshed here.
+    fn keep_shared(&self, need: &Need<'_>, shared: SharedToken, started: u64) -> Arc<Refreshed> {
+        // Registers the connection, which `forget_user` walks.
+        self.gate_for(&need.key.connection);
+        let token = Arc::new(Refreshed {
+            access_token: shared.access_token,
+            issued_at: shared.issued_at,
+            expires_at: shared.expires_at,
+            scopes: shared.scopes,
+        });
+        self.forgetting.keep_token(
+            &self.tokens,
+            need.key,
+            token.clone(),
+            started,
+            "shared by the fleet",
+        );
+        token
+    }
+
+    /// The rotation to refresh with: the newer of this replica's and the
+    /// fleet's, of the chain the caller's refresh token began.
+    fn rotation_in_use(&self, need: &Need<'_>, fleet: Option<Rotation>) -> Option<Arc<Rotation>> {
+        let local = self
             .rotations
             .get(need.key)
             .filter(|rotation| rotation.origin == need.origin);
+        let fleet = fleet.filter(|rotation| rotation.origin == need.origin);
+        match (local, fleet) {
+            (Some(local), Some(fleet)) if fleet.rotated_at <= local.rotated_at => Some(local),
+            (local, None) => local,
+            (_, Some(fleet)) => {
+                let fleet = Arc::new(fleet);
+                self.rotations.insert(need.key.clone(), fleet.clone());
+                Some(fleet)
+            }
+        }
+    }
+
+    /// Asks the IdP, within the connection's gate, and keeps what it says:
+    /// the token, and the rotation when the IdP rotated the refresh token.
+    async fn refresh(
+        &self,
+        need: &Need<'_>,
+        fleet_rotation: Option<Rotation>,
+    ) -> Result<(Arc<Refreshed>, Option<Arc<Rotation>>), IdpError> {
+        let started = self.forgetting.tick();
+        let rotation = self.rotation_in_use(need, fleet_rotation);
         let in_use = rotation.as_ref().map_or(need.refresh_token, |r| &r.current);
         let form = request::form_body(need.client, in_use)?;
         let gate = self.gate_for(&need.key.connection);
@@ -300,23 +429,25 @@ impl IdpRefresher {
         }
     }
 
-    /// Keeps a new token, and the refresh token it was rotated into.
+    /// Keeps a new token, and the refresh token it was rotated into (kept
+    /// whatever happened meanwhile: the one before it is retired).
     fn keep_token(
         &self,
         need: &Need<'_>,
         fresh: RefreshedToken,
         started: u64,
         elapsed: Duration,
-    ) -> Arc<Refreshed> {
+    ) -> (Arc<Refreshed>, Option<Arc<Rotation>>) {
         stats::idp_refresh(&need.key.connection, "ok", Some(elapsed));
-        if let Some(current) = fresh.rotated_refresh_token {
-            let rotation = Rotation {
+        let rotation = fresh.rotated_refresh_token.map(|current| {
+            let rotation = Arc::new(Rotation {
                 origin: need.origin,
                 current,
-            };
-            self.forgetting
-                .keep(&self.rotations, need.key, Arc::new(rotation), started);
-        }
+                rotated_at: fresh.token.issued_at,
+            });
+            self.rotations.insert(need.key.clone(), rotation.clone());
+            rotation
+        });
         let token = Arc::new(fresh.token);
         self.forgetting.keep_token(
             &self.tokens,
@@ -325,7 +456,7 @@ impl IdpRefresher {
             started,
             "IdP refresh",
         );
-        token
+        (token, rotation)
     }
 
     /// Counts and logs a failed refresh, and remembers an `invalid_grant`.
@@ -374,6 +505,28 @@ impl IdpRefresher {
     fn connections(&self) -> Vec<String> {
         let gates = self.gates.read().unwrap_or_else(PoisonError::into_inner);
         gates.keys().cloned().collect()
+    }
+}
+
+/// A refreshed token as the fleet shares it.
+fn shared_token(token: &Refreshed) -> SharedToken {
+    SharedToken {
+        access_token: token.access_token.clone(),
+        issued_at: token.issued_at,
+        expires_at: token.expires_at,
+        scopes: token.scopes.clone(),
+    }
+}
+
+/// What another replica's invalidation makes this one drop.
+impl LocalTier for IdpRefresher {
+    fn forget(&self, user_id: &UserId) {
+        self.forget_user(user_id.as_str());
+    }
+
+    fn forget_all(&self) {
+        self.forgetting.forget_all();
+        self.tokens.invalidate_all();
     }
 }
 

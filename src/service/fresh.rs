@@ -20,6 +20,7 @@ use crate::idp::{IdpError, IdpRefresher, TokenKey};
 use crate::proto::{IdpToken, TokenSource, UnavailableToken};
 use crate::selection;
 use crate::stats;
+use crate::fleet::Fleet;
 use crate::vault::{TokenVault, VaultNeed, VaultSettings};
 
 /// The longest `min_valid_for` honoured. A caller asking for more gets this:
@@ -71,21 +72,24 @@ impl FreshnessSettings {
     }
 
     /// Builds the refresher, and the Token Vault on `auth0` (whose calls
-    /// give up after `auth0_timeout`).
+    /// give up after `auth0_timeout`), both sharing their tokens with
+    /// `fleet` when there is one.
     pub fn open(
         &self,
         connections: Arc<ConnectionsStore>,
         auth0: Auth0Client,
         auth0_timeout: Duration,
+        fleet: Option<Arc<Fleet>>,
     ) -> Result<Freshness, FreshnessError> {
         let vault = VaultSettings {
             capacity: self.idp.capacity,
             forget_memory: auth0_timeout.saturating_mul(2) + Duration::from_secs(60),
+            exchange_timeout: auth0_timeout,
         };
         Ok(Freshness {
             connections,
-            refresher: Arc::new(IdpRefresher::new(self.idp)?),
-            vault: Arc::new(TokenVault::new(auth0, vault)),
+            refresher: Arc::new(IdpRefresher::new(self.idp)?.with_fleet(fleet.clone())),
+            vault: Arc::new(TokenVault::new(auth0, vault).with_fleet(fleet)),
             default_min_validity: self.default_min_validity,
         })
     }
