@@ -264,13 +264,21 @@ impl TokenVault {
     }
 
     /// One exchange, paid from the caller's share of the Auth0 budget.
-    async fn spend_and_exchange(&self, need: &VaultNeed<'_>) -> Result<Arc<VaultToken>, BrokerError> {
+    async fn spend_and_exchange(
+        &self,
+        need: &VaultNeed<'_>,
+    ) -> Result<Arc<VaultToken>, BrokerError> {
         need.share.spend(need.deadline).await?;
         self.exchange(need).await
     }
 
     /// Keeps a token another replica exchanged, as if exchanged here.
-    fn keep_shared(&self, need: &VaultNeed<'_>, shared: SharedToken, started: u64) -> Arc<VaultToken> {
+    fn keep_shared(
+        &self,
+        need: &VaultNeed<'_>,
+        shared: SharedToken,
+        started: u64,
+    ) -> Arc<VaultToken> {
         self.note_connection(&need.key.connection);
         let token = Arc::new(VaultToken {
             access_token: shared.access_token,

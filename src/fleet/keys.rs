@@ -208,7 +208,10 @@ mod tests {
         assert_eq!(keys(1).slot(&user).value, slot.value, "stable");
         let token = keys(1).token_slot(user.as_str(), "idp", "google-oauth2");
         for name in [&token.lock, &token.rotations, &token.user.kept] {
-            assert!(name.contains(&slot.value["tokenbroker:u:".len()..]), "one hash slot: {name}");
+            assert!(
+                name.contains(&slot.value["tokenbroker:u:".len()..]),
+                "one hash slot: {name}"
+            );
             assert!(!name.contains("google"), "{name}");
         }
         assert!(!token.field.contains("google"), "{}", token.field);

@@ -33,8 +33,8 @@ mod watch;
 mod wire;
 
 pub use flight::{Claim, FillGuard};
-pub use tokens::{SharedRotation, SharedToken, TokenClaim, TokenFill, TokenKind, TokenNeed};
 pub use metrics::describe as describe_metrics;
+pub use tokens::{SharedRotation, SharedToken, TokenClaim, TokenFill, TokenKind, TokenNeed};
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;

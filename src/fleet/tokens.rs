@@ -148,9 +148,7 @@ impl Fleet {
     pub async fn claim_token(&self, need: &TokenNeed<'_>) -> TokenClaim {
         let core = &self.core;
         let kind = need.kind.label();
-        let slot = core
-            .keys
-            .token_slot(need.user_id, kind, need.connection);
+        let slot = core.keys.token_slot(need.user_id, kind, need.connection);
         let token = lock_token();
         let give_up_at = wait_limit(need.lock_life, need.deadline);
         let mut skip_value = false;

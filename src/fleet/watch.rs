@@ -91,12 +91,7 @@ async fn subscribe(core: &Core) -> Result<(PubSubSink, PubSubStream), String> {
 /// One subscription: forgets what may have been missed, then applies
 /// messages until the connection is lost; meanwhile brings the link back
 /// up whenever Redis answers again.
-async fn follow(
-    core: &Core,
-    local: &Tiers,
-    mut sink: PubSubSink,
-    mut stream: PubSubStream,
-) {
+async fn follow(core: &Core, local: &Tiers, mut sink: PubSubSink, mut stream: PubSubStream) {
     local.forget_all();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);

@@ -16,11 +16,11 @@ use crate::auth0::{Auth0Client, Identity, UserIdentities};
 use crate::budget::CallerShare;
 use crate::connections::{ConnectionSource, ConnectionsStore, RefreshRule};
 use crate::error::BrokerError;
+use crate::fleet::Fleet;
 use crate::idp::{IdpError, IdpRefresher, TokenKey};
 use crate::proto::{IdpToken, TokenSource, UnavailableToken};
 use crate::selection;
 use crate::stats;
-use crate::fleet::Fleet;
 use crate::vault::{TokenVault, VaultNeed, VaultSettings};
 
 /// The longest `min_valid_for` honoured. A caller asking for more gets this:

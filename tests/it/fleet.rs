@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
+use tokenbroker::emulator::keys::CLIENT_ASSERTION_KEY_1;
 use tokenbroker::emulator::{seed, EmulatorConfig};
 use tokenbroker::fleet::{FleetSettings, DEFAULT_LOCK_TTL};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
-use tokenbroker::proto::IdpToken;
+use tokenbroker::proto::{GetIdpTokenRequest, IdpToken, TokenSource};
 use tokenbroker::server::READINESS_SERVICE;
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
@@ -25,7 +26,7 @@ use tonic_health::ServingStatus;
 use crate::rate::{assert_within_limit, rate_limited, sample_while};
 use crate::support::{
     bounded, bypass_request, eventually, get_on, get_request, health_status, Options, TestBroker,
-    CLIENT_ID, CLIENT_SECRET,
+    TestConnections, TestIdp, CLIENT_ID, CLIENT_SECRET,
 };
 
 /// Bound on one Redis call in these brokers: generous, so a loaded CI
@@ -128,6 +129,27 @@ impl RedisServer {
             .expect("GET")
     }
 
+    /// Every byte string stored under `key`: a string's value, or a hash's
+    /// fields and values.
+    async fn stored_bytes(&self, key: &str) -> Vec<Vec<u8>> {
+        let mut connection = self.connection().await;
+        let kind: String = redis::cmd("TYPE")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .expect("TYPE");
+        match kind.as_str() {
+            "string" => self.get(key).await.into_iter().collect(),
+            "hash" => redis::cmd("HGETALL")
+                .arg(key)
+                .query_async(&mut connection)
+                .await
+                .expect("HGETALL"),
+            "none" => Vec::new(),
+            other => panic!("the broker stores no {other} ({key})"),
+        }
+    }
+
     async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) {
         let mut connection = self.connection().await;
         let mut command = redis::cmd("SET");
@@ -198,6 +220,7 @@ impl Fleet {
         };
         if let Some(first) = self.brokers.first() {
             options.auth0_base_url = Some(first.emulator.base_url());
+            options.idp = Some(TestIdp::of(&first.emulator));
             options.emulator = EmulatorConfig {
                 audience: Some(first.emulator.audience()),
                 ..EmulatorConfig::new(CLIENT_ID, CLIENT_SECRET)
@@ -430,7 +453,8 @@ async fn bypass_cache_on_one_broker_brings_the_new_token_to_the_others() {
 
 #[tokio::test]
 async fn nothing_in_redis_holds_a_user_id_or_a_token_in_clear() {
-    let fleet = Fleet::start(2, Options::default).await;
+    let fleet = Fleet::start(2, refreshing_at_the_idp).await;
+    fleet.emulator().set_idp_rotation(true);
     let [a, b] = &fleet.brokers[..] else {
         unreachable!()
     };
@@ -460,7 +484,19 @@ async fn nothing_in_redis_holds_a_user_id_or_a_token_in_clear() {
     b.invalidate(seed::LINKED_USER).await.expect("invalidate");
     b.invalidate(seed::ODD_ID_USER).await.expect("invalidate");
     let _ = a.get("github|no-such-user", "github").await;
+    let refreshed = a
+        .get_with(google_request(seed::STALE_GOOGLE_USER, None))
+        .await
+        .expect("refreshed at the IdP");
     let keys = fleet.redis.keys().await;
+    assert!(
+        keys.iter().any(|key| key.starts_with("tokenbroker:k:")),
+        "the refreshed token was shared: {keys:?}"
+    );
+    assert!(
+        keys.iter().any(|key| key.starts_with("tokenbroker:r:")),
+        "the rotated refresh token was shared: {keys:?}"
+    );
     assert!(
         fleet.redis.user_keys().await.len() >= 4,
         "the users were shared: {keys:?}"
@@ -474,11 +510,18 @@ async fn nothing_in_redis_holds_a_user_id_or_a_token_in_clear() {
 
     let mut forbidden: Vec<&str> = seed::planted_secrets();
     forbidden.extend(seed::user_ids());
-    forbidden.extend(["github|no-such-user", "gho_", "twitter|", "auth0|"]);
+    forbidden.extend([
+        "github|no-such-user",
+        "gho_",
+        "twitter|",
+        "auth0|",
+        "google",
+    ]);
+    forbidden.extend(["ya29.", "1//", refreshed.access_token.as_str()]);
     let mut stored = Vec::new();
     for key in &keys {
         stored.push((key.clone(), key.as_bytes().to_vec()));
-        if let Some(value) = fleet.redis.get(key).await {
+        for value in fleet.redis.stored_bytes(key).await {
             stored.push((key.clone(), value));
         }
     }
@@ -683,5 +726,156 @@ async fn a_budget_key_written_by_something_else_cannot_stop_auth0_reads() {
         started.elapsed() < Duration::from_secs(2),
         "{:?}",
         started.elapsed()
+    );
+}
+
+const GOOGLE: &str = "google-oauth2";
+
+/// Brokers whose connections file refreshes Google tokens at the (first
+/// broker's) emulated IdP.
+fn refreshing_at_the_idp() -> Options {
+    Options {
+        connections: Some(TestConnections {
+            refreshed_at_idp: vec![GOOGLE],
+            ..TestConnections::default()
+        }),
+        ..Options::default()
+    }
+}
+
+/// `GetIdpToken` for `user`'s Google token, needing it valid `min_valid_for`.
+fn google_request(user: &str, min_valid_for: Option<Duration>) -> GetIdpTokenRequest {
+    GetIdpTokenRequest {
+        min_valid_for: min_valid_for.and_then(|d| prost_types::Duration::try_from(d).ok()),
+        ..get_request(user, GOOGLE)
+    }
+}
+
+/// Runs `request` `count` times at once, spread over the fleet's brokers.
+async fn at_once_over(
+    fleet: &Fleet,
+    count: usize,
+    request: GetIdpTokenRequest,
+) -> Vec<Result<IdpToken, tonic::Status>> {
+    let clients = fleet.clients().await;
+    let tasks = (0..count).map(|index| {
+        let mut client = clients[index % clients.len()].clone();
+        let request = request.clone();
+        tokio::spawn(async move { get_on(&mut client, request).await })
+    });
+    futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|joined| joined.expect("task"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_stale_token_needed_on_three_brokers_at_once_is_refreshed_once_for_the_fleet() {
+    let fleet = Fleet::start(3, refreshing_at_the_idp).await;
+    fleet.emulator().set_latency(Duration::from_millis(200));
+    let answers = at_once_over(&fleet, 30, google_request(seed::STALE_GOOGLE_USER, None)).await;
+    let tokens: Vec<IdpToken> = answers
+        .into_iter()
+        .map(|answer| answer.expect("a refreshed token"))
+        .collect();
+    for token in &tokens {
+        assert_eq!(token.source(), TokenSource::IdpRefresh);
+        assert_ne!(token.access_token, seed::STALE_GOOGLE_ACCESS_TOKEN);
+        assert_eq!(
+            token.access_token, tokens[0].access_token,
+            "one refresh shared"
+        );
+    }
+    assert_eq!(
+        fleet.emulator().calls().idp_token,
+        1,
+        "one IdP refresh for the fleet"
+    );
+    assert_eq!(fleet.emulator().user_calls_for(seed::STALE_GOOGLE_USER), 1);
+}
+
+#[tokio::test]
+async fn a_refresh_token_rotated_on_one_broker_is_the_one_the_next_broker_sends() {
+    let fleet = Fleet::start(2, refreshing_at_the_idp).await;
+    let [a, b] = &fleet.brokers[..] else {
+        unreachable!()
+    };
+    fleet.emulator().set_idp_rotation(true);
+    // Tokens shorter than the callers need: every request refreshes once.
+    fleet.emulator().set_idp_expires_in(60);
+    let need = || google_request(seed::STALE_GOOGLE_USER, Some(Duration::from_secs(120)));
+    let first = a.get_with(need()).await.expect("A refreshes");
+    let second = b
+        .get_with(need())
+        .await
+        .expect("B refreshes with the token A's refresh rotated into: Auth0's is retired");
+    let third = a
+        .get_with(need())
+        .await
+        .expect("A refreshes with the token B's refresh rotated into, not its own older one");
+    assert_ne!(first.access_token, second.access_token);
+    assert_ne!(second.access_token, third.access_token);
+    assert_eq!(fleet.emulator().calls().idp_token, 3);
+}
+
+#[tokio::test]
+async fn invalidate_user_on_one_broker_stops_another_serving_its_refreshed_token() {
+    let fleet = Fleet::start(2, refreshing_at_the_idp).await;
+    let [a, b] = &fleet.brokers[..] else {
+        unreachable!()
+    };
+    let need = || google_request(seed::STALE_GOOGLE_USER, None);
+    let refreshed = a.get_with(need()).await.expect("A refreshes");
+    let held = b.get_with(need()).await.expect("B serves A's refresh");
+    assert_eq!(held.access_token, refreshed.access_token);
+    assert_eq!(fleet.emulator().calls().idp_token, 1, "B did not refresh");
+
+    a.invalidate(seed::STALE_GOOGLE_USER)
+        .await
+        .expect("invalidate");
+    let invalidated_at = Instant::now();
+    let replaced = eventually(Duration::from_secs(1), async || {
+        b.get_with(need())
+            .await
+            .is_ok_and(|token| token.access_token != refreshed.access_token)
+    })
+    .await;
+    assert!(
+        replaced,
+        "B still served the invalidated token {:?} after the invalidation",
+        invalidated_at.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_token_vault_exchange_on_one_broker_serves_the_fleet() {
+    let fleet = Fleet::start(3, || Options {
+        assertion_key: Some(CLIENT_ASSERTION_KEY_1),
+        connections: Some(TestConnections {
+            token_vault: vec![seed::TOKEN_VAULT_CONNECTION],
+            ..TestConnections::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    fleet.emulator().set_latency(Duration::from_millis(200));
+    let request = get_request(seed::VAULT_USER, "google-oauth2");
+    let answers = at_once_over(&fleet, 30, request).await;
+    let tokens: Vec<IdpToken> = answers
+        .into_iter()
+        .map(|answer| answer.expect("a Token Vault token"))
+        .collect();
+    for token in &tokens {
+        assert_eq!(token.source(), TokenSource::TokenVault);
+        assert_eq!(
+            token.access_token, tokens[0].access_token,
+            "one exchange shared"
+        );
+    }
+    assert_eq!(
+        fleet.emulator().calls().token_exchange,
+        1,
+        "one Token Vault exchange for the fleet"
     );
 }

@@ -200,26 +200,45 @@ pub struct TestConnections {
     pub token_vault: Vec<&'static str>,
 }
 
+/// The IdP a connections file refreshes at: an emulator's.
+#[derive(Clone)]
+pub struct TestIdp {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: secrecy::SecretString,
+}
+
+impl TestIdp {
+    pub fn of(emulator: &Emulator) -> Self {
+        Self {
+            token_url: emulator.idp_token_url(),
+            client_id: emulator.idp_client_id(),
+            client_secret: emulator.idp_client_secret(),
+        }
+    }
+}
+
 /// Writes `connections` as TOML at `path`, the IdP client secret beside it.
 pub fn write_connections(
     path: &std::path::Path,
     connections: &TestConnections,
     emulator: &Emulator,
 ) {
+    write_connections_for(path, connections, &TestIdp::of(emulator));
+}
+
+/// [`write_connections`] refreshing at `idp`.
+pub fn write_connections_for(path: &std::path::Path, connections: &TestConnections, idp: &TestIdp) {
     use secrecy::ExposeSecret;
     let secret_path = path.with_file_name("idp-client-secret");
-    write_file(
-        &secret_path,
-        emulator.idp_client_secret().expose_secret(),
-        true,
-    )
-    .expect("write the IdP client secret");
+    write_file(&secret_path, idp.client_secret.expose_secret(), true)
+        .expect("write the IdP client secret");
     let mut text = String::new();
     for name in &connections.refreshed_at_idp {
         text.push_str(&format!(
             "[[connection]]\nname = \"{name}\"\nrefresh = \"idp\"\ntoken_url = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n\n",
-            emulator.idp_token_url(),
-            emulator.idp_client_id(),
+            idp.token_url,
+            idp.client_id,
             secret_path.display()
         ));
     }
@@ -273,6 +292,8 @@ pub struct Options {
     pub id_token_min_refresh_interval: Option<Duration>,
     /// Redis and the cache key of a fleet (`tests/it/fleet.rs`); `None`: a broker alone.
     pub fleet: Option<tokenbroker::fleet::FleetSettings>,
+    /// The IdP [`Options::connections`] refreshes at; `None`: this broker's emulator's.
+    pub idp: Option<TestIdp>,
     /// A client assertion key (PEM): the broker authenticates with
     /// `private_key_jwt` and no secret, and the emulator registers the key's
     /// public half for client assertions and Token Vault subject tokens.
@@ -304,6 +325,7 @@ impl Default for Options {
             auth0_request_timeout: None,
             id_token_min_refresh_interval: None,
             fleet: None,
+            idp: None,
             assertion_key: None,
             run: RunSettings {
                 shutdown_grace: Duration::from_secs(20),
@@ -438,7 +460,11 @@ impl TestBroker {
         let connections_path = pki.path("connections.toml");
         let freshness = match &options.connections {
             Some(connections) => {
-                write_connections(&connections_path, connections, &emulator);
+                let idp = options
+                    .idp
+                    .clone()
+                    .unwrap_or_else(|| TestIdp::of(&emulator));
+                write_connections_for(&connections_path, connections, &idp);
                 FreshnessSettings {
                     connections: Some(connections_path.clone()),
                     ..options.freshness.clone()
