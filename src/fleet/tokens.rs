@@ -113,8 +113,9 @@ pub struct SharedRotation {
 pub enum TokenClaim {
     /// A shared token that serves the need: no fetch.
     Found(SharedToken),
-    /// This replica holds the token's lock: fetch, then fill.
-    Holder(TokenFill),
+    /// This replica holds the token's lock: fetch, then fill. (Boxed: it
+    /// carries the slot's key names.)
+    Holder(Box<TokenFill>),
     /// Fetch without the fleet (Redis failed, or the holder's lock outlived
     /// its life).
     Unshared,
@@ -191,7 +192,7 @@ impl Fleet {
                     metrics::token_lookup(kind, "miss");
                     let rotation =
                         rotation.and_then(|sealed| core.open_rotation(need, &slot, &sealed));
-                    return TokenClaim::Holder(TokenFill {
+                    return TokenClaim::Holder(Box::new(TokenFill {
                         core: core.clone(),
                         slot,
                         kind: need.kind,
@@ -201,7 +202,7 @@ impl Fleet {
                         generation,
                         rotation,
                         done: false,
-                    });
+                    }));
                 }
                 _ => {}
             }
