@@ -16,11 +16,8 @@ use std::time::Duration;
 use crate::audit::{AuditTrail, Record, Released};
 use crate::error::BrokerError;
 use crate::logsafe::capped;
-use crate::proto::IdpToken;
+use crate::proto::{IdpToken, TokenSource};
 use crate::stats;
-
-/// Where every token released today comes from, as the audit line says it.
-const SOURCE_AUTH0_PROFILE: &str = "AUTH0_PROFILE";
 
 /// Who asked what, as every audit line of an RPC names it.
 pub struct Subject<'a> {
@@ -136,11 +133,22 @@ pub async fn released(
     Ok(())
 }
 
+/// Where a released token comes from, as the audit line says it: the
+/// `TokenSource` name without its prefix.
+fn source_label(source: TokenSource) -> &'static str {
+    match source {
+        TokenSource::Auth0Profile => "AUTH0_PROFILE",
+        TokenSource::IdpRefresh => "IDP_REFRESH",
+        TokenSource::TokenVault => "TOKEN_VAULT",
+        TokenSource::Unspecified => "UNSPECIFIED",
+    }
+}
+
 fn released_token(token: &IdpToken) -> Released<'_> {
     Released {
         provider: &token.provider,
         connection: &token.connection,
-        source: SOURCE_AUTH0_PROFILE,
+        source: source_label(token.source()),
         from_cache: token.from_cache,
         access_token: &token.access_token,
     }

@@ -20,6 +20,11 @@ const AUDIT_KEY_BASE64: &str = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=";
 
 /// A broker writing its audit to `dir/audit.log` under the test key.
 async fn audited_broker(dir: &Path) -> (TestBroker, PathBuf) {
+    audited_broker_with(dir, Options::default()).await
+}
+
+/// [`audited_broker`] with `options` otherwise.
+async fn audited_broker_with(dir: &Path, options: Options) -> (TestBroker, PathBuf) {
     let key_file = dir.join("audit.key");
     std::fs::write(&key_file, format!("{AUDIT_KEY_BASE64}\n")).expect("write key");
     let log = dir.join("audit.log");
@@ -28,7 +33,7 @@ async fn audited_broker(dir: &Path) -> (TestBroker, PathBuf) {
             target: SinkTarget::File(log.clone()),
             key_file: Some(key_file),
         },
-        ..Options::default()
+        ..options
     })
     .await;
     (broker, log)
@@ -137,6 +142,34 @@ async fn every_rpc_writes_one_audit_line_with_its_fields() {
     assert_eq!(refusal["code"], "NOT_FOUND");
     assert_eq!(refusal["reason"], "IDENTITY_NOT_LINKED");
     assert!(refusal.get("released").is_none());
+}
+
+#[tokio::test]
+async fn a_refreshed_token_is_audited_with_its_source_and_fingerprint() {
+    let dir = tempfile::tempdir().expect("dir");
+    let options = Options {
+        connections: Some(crate::support::TestConnections {
+            refreshed_at_idp: vec!["google-oauth2"],
+            ..Default::default()
+        }),
+        ..Options::default()
+    };
+    let (broker, log) = audited_broker_with(dir.path(), options).await;
+    let refreshed = broker
+        .get(seed::STALE_GOOGLE_USER, "google-oauth2")
+        .await
+        .expect("refreshed");
+    assert_ne!(refreshed.access_token, seed::STALE_GOOGLE_ACCESS_TOKEN);
+    broker.stop().await;
+
+    let lines = audit_lines(&log);
+    let released = &lines.last().expect("a line")["released"][0];
+    assert_eq!(released["source"], "IDP_REFRESH", "{released}");
+    assert_eq!(
+        released["token_hmac"],
+        independent_fingerprint(&refreshed.access_token),
+        "the fingerprint of the token the caller got, not of the dead one"
+    );
 }
 
 #[tokio::test]
