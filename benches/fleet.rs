@@ -1,4 +1,4 @@
-//! Fleet benchmark (`--redis-url`): what the shared tier costs and saves.
+//! Fleet benchmark: what the shared tier (Redis) costs and saves.
 //!
 //! * Hits: closed-loop GetIdpToken cache hits on a broker alone and on a
 //!   broker with Redis configured (a moka hit must never touch Redis, so the
@@ -8,42 +8,71 @@
 //!   broker: Auth0 reads with and without the shared tier, and the latency
 //!   of reads that miss the replica's moka: the first (Auth0) and the others
 //!   (Redis in a fleet, Auth0 alone).
+//! * Stale: 3 brokers on one emulator that refresh `google-oauth2` at its
+//!   IdP, users whose Google token is dead, each user's token asked on the
+//!   three brokers at once: IdP refreshes with and without the shared tier
+//!   (one per user in a fleet, up to one per user and broker alone), and the
+//!   latency of those requests. The IdP's rate limit makes this phase slow
+//!   for many users: see [`Args::stale_users`].
 //!
 //! `cargo bench --bench fleet -- [--seconds 5] [--concurrency 64]
-//! [--users 1000] [--auth0-latency-ms 0]`. Everything runs in this process
-//! (brokers, emulator, load) except `redis-server`, started on a free
-//! loopback port and killed at the end: absolute numbers depend on the
-//! machine, the comparisons less so. Audit is off in every run.
+//! [--users 1000] [--auth0-latency-ms 0] [--stale-users 100]`. Everything
+//! runs in this process (brokers, emulator, load) except `redis-server`,
+//! started on a free loopback port for each fleet and killed at its end:
+//! absolute numbers depend on the machine, the comparisons less so. The
+//! brokers are the test kit's (`tokenbroker::testkit`): its PKI, its broker
+//! runner and its mTLS client. Audit is off in every run.
+
+#[path = "common/mod.rs"]
+mod common;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
+use futures::future::{join_all, BoxFuture};
+use futures::{stream, StreamExt};
 use tokenbroker::audit::AuditSettings;
-use tokenbroker::auth0::{Auth0Settings, ClientCredential, OutboundLimits};
-use tokenbroker::cache::{CacheSettings, IdentityStore, DEFAULT_USER_MAX_BYTES};
-use tokenbroker::emulator::{Emulator, EmulatorConfig};
+use tokenbroker::auth0::OutboundLimits;
+use tokenbroker::cache::{CacheSettings, DEFAULT_USER_MAX_BYTES};
+use tokenbroker::emulator::Emulator;
 use tokenbroker::fleet::{FleetSettings, DEFAULT_LOCK_TTL};
-use tokenbroker::listener::ConnectionLimits;
-use tokenbroker::pki::{write_file, CertificateAuthority, IssuedCertificate, LeafSpec};
+use tokenbroker::pki::{write_file, IssuedCertificate};
 use tokenbroker::policy::{Policy, PolicyStore};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::GetIdpTokenRequest;
-use tokenbroker::server::{self, Broker, BrokerSettings, Listeners, ResilienceSettings};
-use tokenbroker::server::{RunSettings, READINESS_SERVICE};
-use tokenbroker::tls::{TlsFiles, TlsStore};
-use tokio::net::TcpListener;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tokenbroker::server::{BrokerSettings, ResilienceSettings, READINESS_SERVICE};
+use tokenbroker::service::fresh::FreshnessSettings;
+use tokenbroker::testkit::{mtls_channel, Credentials, StartedBroker, TestPki};
+use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-const CLIENT_ID: &str = "tokenbroker-fleet-bench";
-const CLIENT_SECRET: &str = "fleet-bench-secret";
-/// HTTP/2 connections the load is spread over.
+use crate::common::{idp_connections, seed_stale_users, start_warm, stop_broker, STALE_CONNECTION};
+
+/// What the brokers present to the emulator, and the emulator accepts.
+const CREDENTIALS: Credentials<'static> = Credentials {
+    client_id: "tokenbroker-fleet-bench",
+    client_secret: "fleet-bench-secret",
+};
+/// The caller id of the load's client certificate.
+const CALLER: &str = "spiffe://bench.example/ns/fleet/sa/client";
+/// HTTP/2 connections the hit load is spread over.
 const CHANNELS: usize = 4;
+/// Brokers in the fleet of the cold and stale phases.
+const FLEET_SIZE: usize = 3;
+/// Users in flight at once in the cold and stale phases.
+const USERS_AT_ONCE: usize = 16;
+/// Bound on every Redis call: generous, so a loaded machine does not look
+/// like a Redis outage.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bound on one RPC of the load: one past it counts as an error.
+const RPC_BOUND: Duration = Duration::from_secs(30);
+/// How long a broker with Redis may take to reach shared mode.
+const SHARED_BOUND: Duration = Duration::from_secs(10);
 
 /// The command line.
 struct Args {
@@ -51,6 +80,14 @@ struct Args {
     concurrency: usize,
     users: usize,
     auth0_latency: Duration,
+    /// Users with a dead Google token in the stale phase. The IdP side is
+    /// rate limited: each broker allows itself 10 refreshes a second (burst
+    /// 20) at one IdP (`IdpSettings`' default, Auth0's shape), so the run of
+    /// brokers alone, where each refreshes every user, takes about
+    /// (U - 20) / 10 s, and the fleet's about a third of that. The default of
+    /// 100 keeps the whole phase under ~30 s (about 8 s + 3 s), and a
+    /// refresh's wait for a slot well inside its 10 s budget.
+    stale_users: usize,
 }
 
 impl Args {
@@ -61,17 +98,19 @@ impl Args {
             concurrency: 64,
             users: 1000,
             auth0_latency: Duration::ZERO,
+            stale_users: 100,
         };
         let raw: Vec<String> = std::env::args().skip(1).collect();
         for pair in raw.windows(2) {
             let value = pair[1].parse::<u64>().ok();
             match (pair[0].as_str(), value) {
-                ("--seconds", Some(value)) => args.seconds = value,
-                ("--concurrency", Some(value)) => args.concurrency = value as usize,
-                ("--users", Some(value)) => args.users = value as usize,
+                ("--seconds", Some(value)) => args.seconds = value.max(1),
+                ("--concurrency", Some(value)) => args.concurrency = value.max(1) as usize,
+                ("--users", Some(value)) => args.users = value.max(1) as usize,
                 ("--auth0-latency-ms", Some(value)) => {
                     args.auth0_latency = Duration::from_millis(value)
                 }
+                ("--stale-users", Some(value)) => args.stale_users = value.max(1) as usize,
                 _ => {}
             }
         }
@@ -97,16 +136,19 @@ impl Redis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server (apt-get install redis-server)");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self {
+        let redis = Self {
             url: format!("redis://127.0.0.1:{port}"),
             child,
-        }
+        };
+        let listens = (0..100).any(|_| {
+            let open = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+            if !open {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            open
+        });
+        assert!(listens, "redis-server did not listen on port {port} in 5 s");
+        redis
     }
 }
 
@@ -117,69 +159,52 @@ impl Drop for Redis {
     }
 }
 
-/// Server and client certificates, and the files the brokers read.
+/// The test kit's PKI, the client certificate every channel presents, and
+/// the fleet's cache key file beside the PKI's files.
 struct Pki {
-    ca: CertificateAuthority,
+    kit: TestPki,
     client: IssuedCertificate,
-    files: TlsFiles,
-    cache_key: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    cache_key: PathBuf,
 }
 
 fn pki() -> Pki {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ca = CertificateAuthority::generate("fleet bench CA").expect("CA");
-    let server = ca.issue(&LeafSpec::loopback_server()).expect("server");
-    let client = ca
-        .issue(&LeafSpec::spiffe_client("spiffe://bench/client"))
-        .expect("client");
-    let files = TlsFiles {
-        cert: dir.path().join("server.pem"),
-        key: dir.path().join("server.key"),
-        client_ca: dir.path().join("ca.pem"),
-    };
-    write_file(&files.cert, &server.cert_pem, false).expect("write");
-    write_file(&files.key, &server.key_pem, true).expect("write");
-    write_file(&files.client_ca, &ca.cert_pem, false).expect("write");
-    let cache_key = dir.path().join("cache.key");
-    write_file(
-        &cache_key,
-        "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=\n",
-        true,
-    )
-    .expect("key");
+    use base64::Engine;
+    let kit = TestPki::generate("fleet bench CA").expect("bench PKI");
+    let client = kit.issue_client(CALLER).expect("client certificate");
+    let cache_key = kit.path("cache.key");
+    let key = base64::engine::general_purpose::STANDARD.encode([0x5a; 32]);
+    write_file(&cache_key, &format!("{key}\n"), true).expect("cache key file");
     Pki {
-        ca,
+        kit,
         client,
-        files,
         cache_key,
-        _dir: dir,
     }
 }
 
-/// A production broker (service, health, reflection) on a loopback port,
-/// in a fleet when `redis` is given; its store, to wait for shared mode.
-async fn start_broker(
-    pki: &Pki,
-    emulator: &Emulator,
-    redis: Option<&Redis>,
-) -> (SocketAddr, Arc<IdentityStore>) {
+/// Where a broker finds Auth0, Redis and its connections file.
+#[derive(Clone, Copy)]
+struct Upstream<'a> {
+    /// Every broker of a fleet reads this one emulator (Auth0 and its IdP).
+    emulator: &'a Emulator,
+    /// `None`: a broker alone.
+    redis: Option<&'a Redis>,
+    /// `None`: every connection reads the profile, no refresh.
+    connections: Option<&'a Path>,
+}
+
+/// A production broker (service, health, reflection) started by the test
+/// kit, with Auth0 limits raised so the client-side limiter never shapes the
+/// figures, a Management token in hand and, with Redis, in shared mode.
+async fn start_broker(pki: &Pki, upstream: Upstream<'_>) -> StartedBroker {
     let open = OutboundLimits {
-        rate_per_second: NonZeroU32::new(1_000_000).expect("rate"),
-        burst: NonZeroU32::new(1_000_000).expect("burst"),
+        rate_per_second: NonZeroU32::new(1_000_000).unwrap_or(NonZeroU32::MAX),
+        burst: NonZeroU32::new(1_000_000).unwrap_or(NonZeroU32::MAX),
         max_in_flight: 256,
         ..OutboundLimits::default()
     };
+    let emulator = upstream.emulator;
     let settings = BrokerSettings {
-        auth0: Auth0Settings {
-            base_url: emulator.base_url(),
-            audience: emulator.audience(),
-            client_id: CLIENT_ID.to_owned(),
-            credential: ClientCredential::Secret(CLIENT_SECRET.to_owned().into()),
-            token_vault_subject_key: None,
-            connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(10),
-        },
+        auth0: CREDENTIALS.auth0_settings(emulator.base_url(), emulator.audience()),
         resilience: ResilienceSettings {
             outbound: open,
             stale_if_error: Duration::ZERO,
@@ -193,62 +218,87 @@ async fn start_broker(
         },
         id_token: None,
         audit: AuditSettings::off(),
-        freshness: tokenbroker::service::fresh::FreshnessSettings::default(),
-        fleet: redis.map(|redis| FleetSettings {
+        freshness: FreshnessSettings {
+            connections: upstream.connections.map(Path::to_path_buf),
+            ..FreshnessSettings::default()
+        },
+        fleet: upstream.redis.map(|redis| FleetSettings {
             url: redis.url.clone().into(),
             ca_file: None,
             key_file: pki.cache_key.clone(),
-            timeout: Duration::from_millis(100),
+            timeout: REDIS_TIMEOUT,
             lock_ttl: DEFAULT_LOCK_TTL,
         }),
     };
-    let tls = TlsStore::open(pki.files.clone()).expect("tls");
-    let broker =
-        Broker::new(settings, PolicyStore::fixed(Policy::allow_any()), tls).expect("broker builds");
-    let store = broker.store().clone();
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let run = RunSettings {
-        shutdown_grace: Duration::from_secs(1),
-        reload_interval: Duration::from_secs(5),
-        connections: ConnectionLimits::default(),
-    };
-    let listeners = Listeners {
-        mtls: listener,
-        health: None,
-    };
-    tokio::spawn(server::run(listeners, broker, run, std::future::pending()));
-    store.warm_up().await.expect("Management token");
-    let shared_by = Instant::now() + Duration::from_secs(10);
-    while redis.is_some() && !store.is_shared() && Instant::now() < shared_by {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let policy = PolicyStore::fixed(Policy::allow_any());
+    let started = start_warm(&pki.kit, settings, policy).await;
+    if upstream.redis.is_some() {
+        let shared_by = Instant::now() + SHARED_BOUND;
+        while !started.store.is_shared() && Instant::now() < shared_by {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            started.store.is_shared(),
+            "broker not in shared mode after {SHARED_BOUND:?}"
+        );
     }
-    (addr, store)
+    started
 }
 
+/// An mTLS channel to `addr` presenting the load's certificate.
 async fn connect(addr: SocketAddr, pki: &Pki) -> Channel {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&pki.ca.cert_pem))
-        .identity(Identity::from_pem(
-            &pki.client.cert_pem,
-            &pki.client.key_pem,
-        ))
-        .domain_name("localhost");
-    Channel::from_shared(format!("https://{addr}"))
-        .expect("uri")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
+    mtls_channel(addr, &pki.kit.ca.cert_pem, Some(&pki.client))
         .await
-        .expect("connects")
+        .expect("mTLS connection")
 }
 
-fn request(user: usize) -> GetIdpTokenRequest {
+/// [`FLEET_SIZE`] brokers on one upstream, and a client of each.
+struct Fleet {
+    brokers: Vec<StartedBroker>,
+    clients: Vec<TokenBrokerClient<Channel>>,
+}
+
+impl Fleet {
+    async fn start(pki: &Pki, upstream: Upstream<'_>) -> Self {
+        let (mut brokers, mut clients) = (Vec::new(), Vec::new());
+        for _ in 0..FLEET_SIZE {
+            let broker = start_broker(pki, upstream).await;
+            clients.push(TokenBrokerClient::new(connect(broker.addr, pki).await));
+            brokers.push(broker);
+        }
+        Self { brokers, clients }
+    }
+
+    async fn stop(self) {
+        drop(self.clients);
+        for broker in self.brokers {
+            stop_broker(broker).await;
+        }
+    }
+}
+
+/// A `GetIdpToken` request for `user_id`'s `provider` token.
+fn request(user_id: String, provider: &str) -> GetIdpTokenRequest {
     GetIdpTokenRequest {
-        user_id: format!("github|{user}"),
-        provider: "github".to_owned(),
+        user_id,
+        provider: provider.to_owned(),
         ..Default::default()
     }
+}
+
+/// The GitHub user `github|{user}`'s request.
+fn github_request(user: usize) -> GetIdpTokenRequest {
+    request(format!("github|{user}"), "github")
+}
+
+/// `request` on `client`: its latency if answered OK within [`RPC_BOUND`].
+async fn timed_get(
+    mut client: TokenBrokerClient<Channel>,
+    request: GetIdpTokenRequest,
+) -> Option<Duration> {
+    let sent = Instant::now();
+    let answer = tokio::time::timeout(RPC_BOUND, client.get_idp_token(request)).await;
+    matches!(answer, Ok(Ok(_))).then(|| sent.elapsed())
 }
 
 /// Latencies of answered requests, sorted.
@@ -278,7 +328,7 @@ impl Latencies {
     }
 }
 
-/// One request on a channel: `true` when answered OK.
+/// One request on a channel: `true` when answered OK within [`RPC_BOUND`].
 type Call = Arc<dyn Fn(Channel, usize) -> BoxFuture<'static, bool> + Send + Sync>;
 
 /// `concurrency` closed loops over the channels for `seconds`: requests per
@@ -317,10 +367,8 @@ async fn drive(channels: &[Channel], call: Call, args: &Args) -> (f64, Latencies
 
 fn get_token() -> Call {
     Arc::new(|channel, user| {
-        Box::pin(async move {
-            let mut client = TokenBrokerClient::new(channel);
-            client.get_idp_token(request(user)).await.is_ok()
-        })
+        let client = TokenBrokerClient::new(channel);
+        Box::pin(async move { timed_get(client, github_request(user)).await.is_some() })
     })
 }
 
@@ -329,16 +377,15 @@ fn health_check() -> Call {
         Box::pin(async move {
             let mut client = HealthClient::new(channel);
             let service = READINESS_SERVICE.to_owned();
-            client.check(HealthCheckRequest { service }).await.is_ok()
+            let check = client.check(HealthCheckRequest { service });
+            matches!(tokio::time::timeout(RPC_BOUND, check).await, Ok(Ok(_)))
         })
     })
 }
 
 /// An emulator holding `users` GitHub users (`github|0` ...).
 async fn emulator(users: usize, latency: Duration) -> Emulator {
-    let emulator = Emulator::start(EmulatorConfig::new(CLIENT_ID, CLIENT_SECRET))
-        .await
-        .expect("emulator");
+    let emulator = CREDENTIALS.start_emulator().await.expect("emulator starts");
     for user in 0..users {
         emulator.upsert_user(serde_json::json!({
             "user_id": format!("github|{user}"),
@@ -371,10 +418,15 @@ async fn hits(pki: &Pki, redis: &Redis, args: &Args) {
         ),
     ];
     for (name, redis, call) in rows {
-        let (addr, _store) = start_broker(pki, &emulator, redis).await;
+        let upstream = Upstream {
+            emulator: &emulator,
+            redis,
+            connections: None,
+        };
+        let broker = start_broker(pki, upstream).await;
         let mut channels = Vec::new();
         for _ in 0..CHANNELS {
-            channels.push(connect(addr, pki).await);
+            channels.push(connect(broker.addr, pki).await);
         }
         let warm = Args {
             seconds: 1,
@@ -386,54 +438,61 @@ async fn hits(pki: &Pki, redis: &Redis, args: &Args) {
             "{name:<52} {rate:>9.0} RPC/s  {}  errors {errors}",
             latencies.summary()
         );
+        drop(channels);
+        stop_broker(broker).await;
+    }
+}
+
+/// How a fleet phase names its run.
+fn mode(redis: Option<&Redis>) -> &'static str {
+    if redis.is_some() {
+        "with the shared tier"
+    } else {
+        "alone (no Redis)"
     }
 }
 
 /// Cold: 3 brokers, each user asked on all three in turn.
 async fn cold(pki: &Pki, redis: Option<&Redis>, args: &Args) {
     let emulator = emulator(args.users, args.auth0_latency).await;
-    let mut clients = Vec::new();
-    for _ in 0..3 {
-        let (addr, _store) = start_broker(pki, &emulator, redis).await;
-        clients.push(TokenBrokerClient::new(connect(addr, pki).await));
-    }
+    let upstream = Upstream {
+        emulator: &emulator,
+        redis,
+        connections: None,
+    };
+    let fleet = Fleet::start(pki, upstream).await;
     emulator.reset_counters();
-    let workers = 16.min(args.users.max(1));
+    let workers = USERS_AT_ONCE.min(args.users);
     let tasks: Vec<_> = (0..workers)
         .map(|worker| {
-            let clients = clients.clone();
+            let clients = fleet.clients.clone();
             let (users, stride) = (args.users, workers);
             tokio::spawn(async move {
-                let (mut first, mut others) = (Vec::new(), Vec::new());
+                let (mut first, mut others, mut errors) = (Vec::new(), Vec::new(), 0u64);
                 for user in (worker..users).step_by(stride) {
-                    for turn in 0..3 {
-                        let mut client = clients[(user + turn) % 3].clone();
-                        let sent = Instant::now();
-                        client.get_idp_token(request(user)).await.expect("answered");
-                        if turn == 0 {
-                            first.push(sent.elapsed())
-                        } else {
-                            others.push(sent.elapsed())
+                    for turn in 0..FLEET_SIZE {
+                        let client = clients[(user + turn) % FLEET_SIZE].clone();
+                        match (timed_get(client, github_request(user)).await, turn) {
+                            (Some(latency), 0) => first.push(latency),
+                            (Some(latency), _) => others.push(latency),
+                            (None, _) => errors += 1,
                         }
                     }
                 }
-                (first, others)
+                (first, others, errors)
             })
         })
         .collect();
-    let (mut first, mut others) = (Vec::new(), Vec::new());
+    let (mut first, mut others, mut errors) = (Vec::new(), Vec::new(), 0);
     for task in tasks {
-        let (task_first, task_others) = task.await.expect("cold task");
+        let (task_first, task_others, task_errors) = task.await.expect("cold task");
         first.extend(task_first);
         others.extend(task_others);
+        errors += task_errors;
     }
-    let mode = if redis.is_some() {
-        "with the shared tier"
-    } else {
-        "alone (no Redis)"
-    };
     println!(
-        "-- 3 brokers {mode}: {} Auth0 users reads for {} users",
+        "-- 3 brokers {}: {} Auth0 users reads for {} users, errors {errors}",
+        mode(redis),
         emulator.calls().users,
         args.users
     );
@@ -445,6 +504,49 @@ async fn cold(pki: &Pki, redis: Option<&Redis>, args: &Args) {
         "   same user on the other two brokers     {}",
         Latencies::new(others).summary()
     );
+    fleet.stop().await;
+}
+
+/// Stale: 3 brokers refreshing Google at one emulator's IdP; each stale
+/// user's token asked on the three at once, [`USERS_AT_ONCE`] users at a time.
+async fn stale(pki: &Pki, redis: Option<&Redis>, args: &Args) {
+    let emulator = CREDENTIALS.start_emulator().await.expect("emulator starts");
+    let ids = seed_stale_users(&emulator, args.stale_users);
+    let connections = idp_connections(&pki.kit, &emulator);
+    let upstream = Upstream {
+        emulator: &emulator,
+        redis,
+        connections: Some(&connections),
+    };
+    let fleet = Fleet::start(pki, upstream).await;
+    emulator.reset_counters();
+    let began = Instant::now();
+    let answers: Vec<Vec<Option<Duration>>> = stream::iter(ids)
+        .map(|user_id| {
+            let on_each = fleet.clients.iter().map(|client| {
+                timed_get(client.clone(), request(user_id.clone(), STALE_CONNECTION))
+            });
+            join_all(on_each)
+        })
+        .buffer_unordered(USERS_AT_ONCE)
+        .collect()
+        .await;
+    let took = began.elapsed();
+    let answers = answers.into_iter().flatten();
+    let (answered, failed): (Vec<_>, Vec<_>) = answers.partition(Option::is_some);
+    let latencies = Latencies::new(answered.into_iter().flatten().collect());
+    println!(
+        "-- 3 brokers {}: {} IdP refreshes for {} users in {took:.1?}, errors {}",
+        mode(redis),
+        emulator.calls().idp_token,
+        args.stale_users,
+        failed.len()
+    );
+    println!(
+        "   a user's token on all 3 brokers at once {}",
+        latencies.summary()
+    );
+    fleet.stop().await;
 }
 
 #[tokio::main]
@@ -453,11 +555,19 @@ async fn main() {
     let pki = pki();
     let redis = Redis::start();
     hits(&pki, &redis, &args).await;
+    drop(redis);
     println!(
-        "== cold path: 3 brokers x {} users, Auth0 latency {:?}, 16 users at a time",
+        "== cold path: 3 brokers x {} users, Auth0 latency {:?}, {USERS_AT_ONCE} users at a time",
         args.users, args.auth0_latency
     );
     cold(&pki, None, &args).await;
-    let fresh = Redis::start();
-    cold(&pki, Some(&fresh), &args).await;
+    cold(&pki, Some(&Redis::start()), &args).await;
+    println!(
+        "== stale tokens in a fleet: 3 brokers x {} Google users refreshed at the IdP, \
+         {USERS_AT_ONCE} users ({} RPCs) at a time",
+        args.stale_users,
+        USERS_AT_ONCE * FLEET_SIZE
+    );
+    stale(&pki, None, &args).await;
+    stale(&pki, Some(&Redis::start()), &args).await;
 }

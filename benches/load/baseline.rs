@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
-use crate::broker::STOP_BOUND;
+use crate::common::STOP_BOUND;
 
 /// Answers every `GetIdpToken` with a clone of one response.
 struct FixedAnswer(GetIdpTokenResponse);

@@ -10,13 +10,14 @@ use std::time::Duration;
 use tokenbroker::audit::{AuditSettings, SinkTarget};
 use tokenbroker::auth0::OutboundLimits;
 use tokenbroker::cache::{CacheSettings, DEFAULT_USER_MAX_BYTES};
-use tokenbroker::listener::ConnectionLimits;
 use tokenbroker::pki::write_file;
 use tokenbroker::pki::IssuedCertificate;
 use tokenbroker::policy::{Policy, PolicyStore};
-use tokenbroker::server::{Broker, BrokerSettings, ResilienceSettings, RunSettings};
-use tokenbroker::testkit::{mtls_channel, Credentials, HealthListener, StartedBroker, TestPki};
+use tokenbroker::server::{BrokerSettings, ResilienceSettings};
+use tokenbroker::testkit::{mtls_channel, Credentials, StartedBroker, TestPki};
 use tonic::transport::Channel;
+
+use crate::common::{idp_connections, start_warm};
 
 /// What the broker presents to the emulator, and the emulator accepts.
 pub const CREDENTIALS: Credentials<'static> = Credentials {
@@ -26,9 +27,6 @@ pub const CREDENTIALS: Credentials<'static> = Credentials {
 
 /// The caller id of the load's client certificate.
 const CALLER: &str = "spiffe://bench.example/ns/load/sa/client";
-
-/// How long a stopping broker or baseline gets before it is aborted.
-pub const STOP_BOUND: Duration = Duration::from_secs(5);
 
 /// The test kit's PKI and the one client certificate every channel presents.
 pub struct Pki {
@@ -83,18 +81,7 @@ pub struct Production {
 impl Production {
     /// Writes the files under the bench PKI's directory.
     pub fn for_run(pki: &Pki, emulator: &tokenbroker::emulator::Emulator, bare: bool) -> Self {
-        use secrecy::ExposeSecret;
-        let secret = pki.kit.path("idp-client-secret");
-        write_file(&secret, emulator.idp_client_secret().expose_secret(), true)
-            .expect("IdP client secret");
-        let connections = pki.kit.path("connections.toml");
-        let text = format!(
-            "[[connection]]\nname = \"google-oauth2\"\nrefresh = \"idp\"\ntoken_url = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n",
-            emulator.idp_token_url(),
-            emulator.idp_client_id(),
-            secret.display()
-        );
-        write_file(&connections, &text, false).expect("connections file");
+        let connections = idp_connections(&pki.kit, emulator);
         if bare {
             return Self {
                 connections: Some(connections),
@@ -156,30 +143,8 @@ pub async fn start_broker(pki: &Pki, upstream: Upstream, production: &Production
         },
         fleet: None,
     };
-    let tls = pki.kit.tls_store().expect("tls config");
     let policy = PolicyStore::fixed(production.policy.current().as_ref().clone());
-    let broker = Broker::new(settings, policy, tls).expect("broker builds");
-    let run = RunSettings {
-        shutdown_grace: Duration::from_secs(1),
-        reload_interval: Duration::from_secs(5),
-        connections: ConnectionLimits::default(),
-    };
-    let started = StartedBroker::start(broker, run, HealthListener::Off)
-        .await
-        .expect("broker starts on loopback");
-    started
-        .store
-        .warm_up()
-        .await
-        .expect("broker obtains a Management token");
-    started
-}
-
-/// Stops `broker`, saying so if it had failed.
-pub async fn stop_broker(broker: StartedBroker) {
-    if let Some(Err(error)) = broker.stop(STOP_BOUND).await {
-        eprintln!("broker stopped with an error: {error}");
-    }
+    start_warm(&pki.kit, settings, policy).await
 }
 
 /// `count` mTLS channels to `addr`, each presenting the load's certificate.

@@ -10,13 +10,18 @@
 //! Layout, by phase: [`args`] (flags), [`users`] (the synthetic users and
 //! their requests), [`broker`] (the broker under test, through the test kit),
 //! [`baseline`] (the bare server), [`load`] and [`stats`] (the closed-loop
-//! load and its percentiles), [`cold`] (the cold path), [`memory`] (the
-//! memory phase and its child emulator), [`report`] (what is printed).
+//! load and its percentiles), [`cold`] (the cold path), [`stale`] (the
+//! stale-token phase), [`memory`] (the memory phase and its child emulator),
+//! [`report`] (what is printed), and [`common`] (`benches/common/`, shared
+//! with the fleet bench: starting and stopping a broker, the stale users and
+//! the connections file that refreshes them).
 
 mod args;
 mod baseline;
 mod broker;
 mod cold;
+#[path = "../common/mod.rs"]
+mod common;
 mod load;
 mod memory;
 mod report;
@@ -33,7 +38,8 @@ use tonic::transport::Channel;
 
 use crate::args::{parse_args, Args, HELP};
 use crate::baseline::Baseline;
-use crate::broker::{connect_many, start_broker, stop_broker, Upstream, CREDENTIALS};
+use crate::broker::{connect_many, start_broker, Upstream, CREDENTIALS};
+use crate::common::{seed_stale_users, stop_broker};
 use crate::load::{best, drive, RoundResult};
 use crate::memory::{emulator_child, EMULATOR_CHILD_FLAG};
 use crate::users::{get_request, github_user, user_ids, LOAD_USER_BASE};
@@ -103,7 +109,7 @@ async fn run(args: Args) {
     for index in 0..args.users {
         emulator.upsert_user(github_user(LOAD_USER_BASE + index as u64));
     }
-    let stale_ids = stale::seed_stale_users(&emulator, args.stale_users);
+    let stale_ids = seed_stale_users(&emulator, args.stale_users);
     let broker = start_broker(
         &pki,
         Upstream {

@@ -13,7 +13,8 @@ use tokenbroker::proto::token_broker_client::TokenBrokerClient;
 use tonic::transport::Channel;
 
 use crate::args::Args;
-use crate::broker::{connect_many, start_broker, stop_broker, Pki, Upstream, CREDENTIALS};
+use crate::broker::{connect_many, start_broker, Pki, Upstream, CREDENTIALS};
+use crate::common::stop_broker;
 use crate::users::{get_request, github_user, payload_bytes, user_ids, MEMORY_USER_BASE};
 
 /// The flag that makes this binary the memory phase's emulator.

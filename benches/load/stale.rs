@@ -4,7 +4,7 @@
 //! user, however many requests need it) and what the refresh path costs
 //! against a cache hit of the refreshed token.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
 use futures::future::join_all;
 use tokenbroker::emulator::Emulator;
@@ -12,6 +12,7 @@ use tokenbroker::proto::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::GetIdpTokenRequest;
 use tonic::transport::Channel;
 
+use crate::common::STALE_CONNECTION;
 use crate::stats::Latencies;
 
 /// What the phase measured.
@@ -27,30 +28,6 @@ pub struct Stale {
     pub errors: u64,
 }
 
-/// Puts `count` stale Google users in the emulator and returns their ids.
-pub fn seed_stale_users(emulator: &Emulator, count: usize) -> Vec<String> {
-    let signed_in = SystemTime::now() - Duration::from_secs(3 * 3600);
-    let last_login = humantime::format_rfc3339_millis(signed_in).to_string();
-    (0..count)
-        .map(|index| {
-            let user_id = format!("google-oauth2|stale{index:08}");
-            let refresh_token = format!("1//bench_stale_refresh_{index:08}");
-            emulator.add_idp_refresh_token(&refresh_token);
-            emulator.upsert_user(serde_json::json!({
-                "user_id": user_id,
-                "last_login": last_login,
-                "identities": [{
-                    "provider": "google-oauth2", "connection": "google-oauth2",
-                    "user_id": format!("{index}"), "isSocial": true,
-                    "access_token": format!("ya29.bench_dead_{index:08}"),
-                    "expires_in": 3599, "refresh_token": refresh_token,
-                }],
-            }));
-            user_id
-        })
-        .collect()
-}
-
 /// `requests` requests at once, spread over `ids` and `channels`; latencies
 /// and errors.
 async fn wave(channels: &[Channel], ids: &[String], requests: usize) -> (Latencies, u64) {
@@ -58,7 +35,7 @@ async fn wave(channels: &[Channel], ids: &[String], requests: usize) -> (Latenci
         let mut client = TokenBrokerClient::new(channels[index % channels.len()].clone());
         let request = GetIdpTokenRequest {
             user_id: ids[index % ids.len()].clone(),
-            provider: "google-oauth2".to_owned(),
+            provider: STALE_CONNECTION.to_owned(),
             ..Default::default()
         };
         async move {
