@@ -31,6 +31,13 @@ use crate::stats;
 /// Bytes of lines waiting for the writer at most (some ten thousand lines);
 /// beyond it RPCs wait for room.
 const MAX_WAITING_BYTES: usize = 4 * 1024 * 1024;
+/// How long the writer gathers lines after a write before it takes the
+/// next batch. Waking a sleeping thread costs a cross-CPU interrupt (some
+/// microseconds on a VM); without this pause each line of a busy broker
+/// would wake the writer, and the releases would pay for it. A release waits
+/// at most this much longer; an idle broker's first line wakes the writer
+/// at once.
+const GATHER: Duration = Duration::from_micros(200);
 /// Longest an RPC waits for its line to be written before it gives up
 /// (a disk that hangs must not hang every release with it).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -391,8 +398,14 @@ impl Writer {
             if self.shared.reopen.swap(false, Ordering::Relaxed) {
                 self.output.reopen();
             }
+            let lines = taken.lines;
             self.write(&bytes, taken);
             bytes.clear();
+            if lines > 0 {
+                // Under load, gather the next batch for a moment instead of
+                // having the next RPC wake this thread: see [`GATHER`].
+                std::thread::sleep(GATHER);
+            }
         }
         let _ = self.output.sync();
     }
