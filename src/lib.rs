@@ -39,6 +39,15 @@
 //! touch proto types and `tonic::Status`; tokens and the client secret are
 //! `secrecy` types and never enter a log line or span field.
 
+/// mimalloc instead of the system allocator, for every binary built on this
+/// crate (the broker, its tests and its benchmarks alike). A tokio server
+/// frees on one worker what another allocated; glibc's malloc then takes the
+/// other thread's arena lock, and on the cache-hit path those lock waits and
+/// wake-ups were among the largest costs a profile showed (BENCHMARKS.md).
+/// mimalloc frees across threads without a lock.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod audit;
 pub mod auth0;
 pub mod budget;
