@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use moka::sync::Cache;
 use moka::Expiry;
+use secrecy::SecretString;
 
 /// Whose token, from which connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -22,6 +23,28 @@ pub struct TokenKey {
     /// The Auth0 connection: a name from the connections file, never caller
     /// input, since it labels metrics and names a rate limit of its own.
     pub connection: String,
+}
+
+/// A token fetched on a caller's behalf and kept for the next: refreshed at
+/// an IdP, exchanged at Token Vault, or shared by another replica of the
+/// fleet (which stores and hands back exactly this). One type, so no copy
+/// between them can drift.
+#[derive(Debug, Clone)]
+pub struct KeptToken {
+    /// The access token; `Debug` prints `[REDACTED]`.
+    pub access_token: SecretString,
+    /// When the request that got it was sent: its issue time at the latest.
+    pub issued_at: SystemTime,
+    /// When it stops working.
+    pub expires_at: SystemTime,
+    /// The scopes it carries, as the IdP or Auth0 listed them.
+    pub scopes: Vec<String>,
+}
+
+impl Expires for KeptToken {
+    fn expires_at(&self) -> SystemTime {
+        self.expires_at
+    }
 }
 
 /// A token that stops working at a known time, so a cache can drop it then.

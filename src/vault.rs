@@ -26,17 +26,16 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use moka::sync::Cache;
-use secrecy::SecretString;
 use tokio::time::Instant;
 
 use crate::auth0::{Auth0Client, Auth0Error, ExchangedToken, VaultRequest};
 use crate::budget::CallerShare;
 use crate::error::BrokerError;
-use crate::fleet::{Fleet, LocalTier, SharedToken, TokenClaim, TokenKind, TokenNeed};
-use crate::kept::{self, Expires, Forgetting, TokenKey, UntilExpiry};
+use crate::fleet::{Fleet, LocalTier, TokenClaim, TokenKind, TokenNeed};
+use crate::kept::{self, Forgetting, KeptToken, TokenKey, UntilExpiry};
 use crate::logsafe::capped;
 use crate::stats;
 use crate::user_id::UserId;
@@ -58,25 +57,11 @@ pub struct VaultSettings {
     pub exchange_timeout: Duration,
 }
 
-/// A token Token Vault handed out, as the vault keeps and serves it.
-pub struct VaultToken {
-    /// The IdP's access token; `Debug` prints `[REDACTED]`.
-    pub access_token: SecretString,
-    /// When the exchange that got it was sent: its issue time at the latest.
-    pub issued_at: SystemTime,
-    /// When it stops working: the issue time plus Auth0's `expires_in`.
-    pub expires_at: SystemTime,
-    /// The scopes Auth0 says it carries.
-    pub scopes: Vec<String>,
-}
+/// A token Token Vault handed out, as the vault keeps and serves it; it
+/// expires at the exchange's issue time plus Auth0's `expires_in`.
+pub type VaultToken = KeptToken;
 
-impl Expires for VaultToken {
-    fn expires_at(&self) -> SystemTime {
-        self.expires_at
-    }
-}
-
-impl From<ExchangedToken> for VaultToken {
+impl From<ExchangedToken> for KeptToken {
     fn from(token: ExchangedToken) -> Self {
         Self {
             expires_at: token.issued_at + token.lifetime,
@@ -253,7 +238,7 @@ impl TokenVault {
             TokenClaim::Holder(fill) => {
                 let result = self.spend_and_exchange(need).await;
                 match &result {
-                    Ok(token) => fill.fill(&shared_token(token), None).await,
+                    Ok(token) => fill.fill(token, None).await,
                     Err(_) => fill.release().await,
                 }
                 result
@@ -276,16 +261,11 @@ impl TokenVault {
     fn keep_shared(
         &self,
         need: &VaultNeed<'_>,
-        shared: SharedToken,
+        shared: KeptToken,
         started: u64,
     ) -> Arc<VaultToken> {
         self.note_connection(&need.key.connection);
-        let token = Arc::new(VaultToken {
-            access_token: shared.access_token,
-            issued_at: shared.issued_at,
-            expires_at: shared.expires_at,
-            scopes: shared.scopes,
-        });
+        let token = Arc::new(shared);
         self.forgetting.keep_token(
             &self.tokens,
             need.key,
@@ -349,16 +329,6 @@ impl TokenVault {
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(connection.to_owned());
         }
-    }
-}
-
-/// An exchanged token as the fleet shares it.
-fn shared_token(token: &VaultToken) -> SharedToken {
-    SharedToken {
-        access_token: token.access_token.clone(),
-        issued_at: token.issued_at,
-        expires_at: token.expires_at,
-        scopes: token.scopes.clone(),
     }
 }
 

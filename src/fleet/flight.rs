@@ -41,10 +41,64 @@ const CLAIM_LOCKED: i64 = 2;
 /// explicitly; if dropped otherwise (the read was cancelled), a task frees
 /// the lock so the replica's next reader does not wait for it to expire.
 pub struct FillGuard {
-    core: std::sync::Arc<Core>,
     slot: UserSlot,
-    token: String,
+    lock: HeldLock,
+}
+
+/// A fleet-wide lock this replica holds (a user's read, or one kept
+/// token's fetch). Freed by compare-and-delete when released; if dropped
+/// unreleased (its read was cancelled), a task frees it, so the replica's
+/// next reader does not wait for it to expire.
+pub(super) struct HeldLock {
+    pub(super) core: std::sync::Arc<Core>,
+    /// The lock's key.
+    pub(super) key: String,
+    /// Proves the lock is ours.
+    pub(super) token: String,
     done: bool,
+}
+
+impl HeldLock {
+    pub(super) fn new(core: std::sync::Arc<Core>, key: String, token: String) -> Self {
+        Self {
+            core,
+            key,
+            token,
+            done: false,
+        }
+    }
+
+    /// The lock is being filled (a script frees it): nothing to do on drop.
+    pub(super) fn filling(&mut self) {
+        self.done = true;
+    }
+
+    /// Frees the lock now (compare and delete).
+    pub(super) async fn release(mut self) {
+        self.done = true;
+        let mut script = RELEASE.key(&self.key);
+        script.arg(&self.token);
+        let _: Option<i64> = self.core.link.run("release", &script).await;
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let unreleased = Self {
+            core: self.core.clone(),
+            key: std::mem::take(&mut self.key),
+            token: std::mem::take(&mut self.token),
+            done: false,
+        };
+        self.done = true;
+        runtime.spawn(unreleased.release());
+    }
 }
 
 impl Fleet {
@@ -140,12 +194,8 @@ impl Core {
 
 impl FillGuard {
     fn new(core: std::sync::Arc<Core>, slot: UserSlot, token: String) -> Self {
-        Self {
-            core,
-            slot,
-            token,
-            done: false,
-        }
+        let lock = HeldLock::new(core, slot.lock.clone(), token);
+        Self { slot, lock }
     }
 
     /// Shares what this replica read (`None`: no such user), fresh for
@@ -158,55 +208,29 @@ impl FillGuard {
         user: Option<&UserIdentities>,
         fresh_for: Duration,
     ) {
-        self.done = true;
+        self.lock.filling();
+        let core = &self.lock.core;
         let ttl = u64::try_from(fresh_for.as_millis()).unwrap_or(u64::MAX);
         let sealed = (ttl > 0)
             .then(|| wire::encode(user_id, user, fresh_for))
             .flatten()
-            .and_then(|plaintext| self.core.keys.seal(self.slot.value.as_bytes(), &plaintext));
+            .and_then(|plaintext| core.keys.seal(self.slot.value.as_bytes(), &plaintext));
         // Nothing to share (no freshness left): only free the lock.
         let (sealed, ttl) = sealed.map_or((Vec::new(), 0), |sealed| (sealed, ttl));
         let mut script = FILL.key(&self.slot.value);
         script
             .key(&self.slot.lock)
-            .arg(&self.token)
+            .arg(&self.lock.token)
             .arg(sealed)
             .arg(ttl);
-        let _: Option<i64> = self.core.link.run("fill", &script).await;
+        let _: Option<i64> = core.link.run("fill", &script).await;
     }
 
     /// Frees the lock without a value (the read failed), so that waiting
     /// replicas read Auth0 themselves at once.
-    pub async fn release(mut self) {
-        self.done = true;
-        release(&self.core, &self.slot, &self.token).await;
+    pub async fn release(self) {
+        self.lock.release().await;
     }
-}
-
-impl Drop for FillGuard {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let core = self.core.clone();
-        let slot = self.slot.clone();
-        let token = std::mem::take(&mut self.token);
-        runtime.spawn(async move { release(&core, &slot, &token).await });
-    }
-}
-
-async fn release(core: &Core, slot: &UserSlot, token: &str) {
-    release_lock(core, &slot.lock, token).await;
-}
-
-/// Frees `lock` if `token` still holds it (compare and delete).
-pub(super) async fn release_lock(core: &Core, lock: &str, token: &str) {
-    let mut script = RELEASE.key(lock);
-    script.arg(token);
-    let _: Option<i64> = core.link.run("release", &script).await;
 }
 
 /// When a waiting replica stops waiting: its deadline, and never longer than

@@ -34,7 +34,7 @@ mod wire;
 
 pub use flight::{Claim, FillGuard};
 pub use metrics::describe as describe_metrics;
-pub use tokens::{SharedRotation, SharedToken, TokenClaim, TokenFill, TokenKind, TokenNeed};
+pub use tokens::{SharedRotation, TokenClaim, TokenFill, TokenKind, TokenNeed};
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;

@@ -26,7 +26,6 @@
 //!
 //! As everywhere in the fleet, a Redis failure means "fetch it yourself".
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use secrecy::{ExposeSecret, SecretString};
@@ -34,12 +33,12 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use super::flight::{lock_token, millis, release_lock, wait_limit, POLL_INTERVAL};
+use super::flight::{lock_token, millis, wait_limit, HeldLock, POLL_INTERVAL};
 use super::keys::TokenSlot;
 use super::scripts::{CLAIM_TOKEN, FILL_TOKEN};
 use super::wire::{from_unix_ns, unix_ns};
 use super::{metrics, Core, Fleet};
-use crate::kept;
+use crate::kept::{self, KeptToken};
 
 /// How long a rotated refresh token stays in Redis after the refresh that
 /// got it: past this, replicas refresh with the one Auth0's profile holds.
@@ -84,19 +83,6 @@ pub struct TokenNeed<'a> {
     pub deadline: Option<Instant>,
 }
 
-/// A kept token as the fleet shares it.
-#[derive(Debug)]
-pub struct SharedToken {
-    /// `Debug` prints `[REDACTED]`.
-    pub access_token: SecretString,
-    /// When the fetch that got it was sent.
-    pub issued_at: SystemTime,
-    /// When it stops working.
-    pub expires_at: SystemTime,
-    /// The scopes it carries.
-    pub scopes: Vec<String>,
-}
-
 /// A refresh token an IdP rotated, as the fleet shares it.
 #[derive(Debug)]
 pub struct SharedRotation {
@@ -112,7 +98,7 @@ pub struct SharedRotation {
 /// What a claim gives the replica that needs a token.
 pub enum TokenClaim {
     /// A shared token that serves the need: no fetch.
-    Found(SharedToken),
+    Found(KeptToken),
     /// This replica holds the token's lock: fetch, then fill. (Boxed: it
     /// carries the slot's key names.)
     Holder(Box<TokenFill>),
@@ -128,16 +114,14 @@ pub enum TokenClaim {
 /// The lock of one kept token while this replica fetches it; filled or
 /// released explicitly, else freed by a task when dropped (a cancelled fetch).
 pub struct TokenFill {
-    core: Arc<Core>,
+    lock: HeldLock,
     slot: TokenSlot,
     kind: TokenKind,
     user_id: String,
     connection: String,
-    lock_token: String,
     /// The user's invalidation count at the claim.
     generation: String,
     rotation: Option<SharedRotation>,
-    done: bool,
 }
 
 impl Fleet {
@@ -193,15 +177,13 @@ impl Fleet {
                     let rotation =
                         rotation.and_then(|sealed| core.open_rotation(need, &slot, &sealed));
                     return TokenClaim::Holder(Box::new(TokenFill {
-                        core: core.clone(),
+                        lock: HeldLock::new(core.clone(), slot.lock.clone(), token),
                         slot,
                         kind: need.kind,
                         user_id: need.user_id.to_owned(),
                         connection: need.connection.to_owned(),
-                        lock_token: token,
                         generation,
                         rotation,
-                        done: false,
                     }));
                 }
                 _ => {}
@@ -227,7 +209,7 @@ impl Fleet {
 /// Whether `shared` serves `need`: it lives `min_valid_for`, or it is alive
 /// and new since this replica began waiting (a fetch it waited for).
 fn serves(
-    shared: &SharedToken,
+    shared: &KeptToken,
     need: &TokenNeed<'_>,
     waited: bool,
     short: Option<SystemTime>,
@@ -250,8 +232,8 @@ impl TokenFill {
     /// token the IdP rotated into) whatever else happened. The token is not
     /// stored if the lock is no longer ours or the user was invalidated
     /// since the claim.
-    pub async fn fill(mut self, token: &SharedToken, rotated: Option<&SharedRotation>) {
-        self.done = true;
+    pub async fn fill(mut self, token: &KeptToken, rotated: Option<&SharedRotation>) {
+        self.lock.filling();
         let life = u64::try_from(kept::time_left(token.expires_at).as_millis()).unwrap_or(u64::MAX);
         let sealed_token = (life > 0)
             .then(|| self.seal_token(token))
@@ -268,13 +250,13 @@ impl TokenFill {
             .key(&slot.rotations)
             .arg(&slot.field)
             .arg(&slot.rotation_field)
-            .arg(&self.lock_token)
+            .arg(&self.lock.token)
             .arg(&self.generation)
             .arg(sealed_token)
             .arg(if life > 0 { life } else { 0 })
             .arg(sealed_rotation)
             .arg(millis(ROTATION_LIFE));
-        let stored: Option<i64> = self.core.link.run("fill_token", &script).await;
+        let stored: Option<i64> = self.lock.core.link.run("fill_token", &script).await;
         if stored.is_none() && rotated.is_some() {
             tracing::warn!(
                 connection = self.connection.as_str(),
@@ -285,12 +267,11 @@ impl TokenFill {
 
     /// Frees the lock without a token (the fetch failed), so that waiting
     /// replicas fetch themselves at once.
-    pub async fn release(mut self) {
-        self.done = true;
-        release_lock(&self.core, &self.slot.lock, &self.lock_token).await;
+    pub async fn release(self) {
+        self.lock.release().await;
     }
 
-    fn seal_token(&self, token: &SharedToken) -> Option<Vec<u8>> {
+    fn seal_token(&self, token: &KeptToken) -> Option<Vec<u8>> {
         let out = TokenOut {
             user_id: &self.user_id,
             connection: &self.connection,
@@ -301,7 +282,8 @@ impl TokenFill {
             scopes: &token.scopes,
         };
         let plaintext = Zeroizing::new(serde_json::to_vec(&out).ok()?);
-        self.core
+        self.lock
+            .core
             .keys
             .seal(token_context(&self.slot).as_bytes(), &plaintext)
     }
@@ -315,24 +297,10 @@ impl TokenFill {
             rotated_at_ns: unix_ns(rotation.rotated_at),
         };
         let plaintext = Zeroizing::new(serde_json::to_vec(&out).ok()?);
-        self.core
+        self.lock
+            .core
             .keys
             .seal(rotation_context(&self.slot).as_bytes(), &plaintext)
-    }
-}
-
-impl Drop for TokenFill {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let core = self.core.clone();
-        let lock = std::mem::take(&mut self.slot.lock);
-        let token = std::mem::take(&mut self.lock_token);
-        runtime.spawn(async move { release_lock(&core, &lock, &token).await });
     }
 }
 
@@ -344,13 +312,13 @@ impl Core {
         need: &TokenNeed<'_>,
         slot: &TokenSlot,
         sealed: &[u8],
-    ) -> Option<SharedToken> {
+    ) -> Option<KeptToken> {
         let plaintext = self.keys.open(token_context(slot).as_bytes(), sealed)?;
         let read: TokenIn = serde_json::from_slice(&plaintext).ok()?;
         let names_need = read.user_id == need.user_id
             && read.connection == need.connection
             && read.kind == need.kind.label();
-        names_need.then(|| SharedToken {
+        names_need.then(|| KeptToken {
             access_token: read.access_token,
             issued_at: from_unix_ns(read.issued_at_ns),
             expires_at: from_unix_ns(read.expires_at_ns),

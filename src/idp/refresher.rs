@@ -31,10 +31,8 @@ use super::gate::Gate;
 use super::request::{self, RefreshedToken};
 use super::{IdpClient, IdpError, IdpSetupError};
 use crate::auth0::OutboundLimits;
-use crate::fleet::{
-    Fleet, LocalTier, SharedRotation, SharedToken, TokenClaim, TokenKind, TokenNeed,
-};
-use crate::kept::{self, Expires, Forgetting, TokenKey, UntilExpiry};
+use crate::fleet::{Fleet, LocalTier, SharedRotation, TokenClaim, TokenKind, TokenNeed};
+use crate::kept::{self, Forgetting, KeptToken, TokenKey, UntilExpiry};
 use crate::logsafe::capped;
 use crate::stats;
 use crate::user_id::UserId;
@@ -79,17 +77,7 @@ impl Default for IdpSettings {
 }
 
 /// A token the IdP issued on refresh, as the refresher hands it out.
-#[derive(Debug)]
-pub struct Refreshed {
-    /// The access token; `Debug` prints `[REDACTED]`.
-    pub access_token: SecretString,
-    /// When the request that got it was sent: its issue time at the latest.
-    pub issued_at: SystemTime,
-    /// When it stops working.
-    pub expires_at: SystemTime,
-    /// The scopes the IdP granted, as it listed them.
-    pub scopes: Vec<String>,
-}
+pub type Refreshed = KeptToken;
 
 /// SHA-256 of a refresh token: recognises the token a caller passes without
 /// keeping it.
@@ -150,12 +138,6 @@ struct Need<'a> {
     client: &'a IdpClient,
     min_valid_for: Duration,
     deadline: Option<Instant>,
-}
-
-impl Expires for Refreshed {
-    fn expires_at(&self) -> SystemTime {
-        self.expires_at
-    }
 }
 
 /// Refreshes users' IdP tokens and keeps what it learns. Share it behind an
@@ -349,7 +331,7 @@ impl IdpRefresher {
                 match self.refresh(need, fleet_rotation).await {
                     Ok((token, rotated)) => {
                         let rotated = rotated.map(|rotation| rotation.to_shared());
-                        fill.fill(&shared_token(&token), rotated.as_ref()).await;
+                        fill.fill(&token, rotated.as_ref()).await;
                         Ok(token)
                     }
                     Err(error) => {
@@ -366,15 +348,10 @@ impl IdpRefresher {
     }
 
     /// Keeps a token another replica refreshed, as if refreshed here.
-    fn keep_shared(&self, need: &Need<'_>, shared: SharedToken, started: u64) -> Arc<Refreshed> {
+    fn keep_shared(&self, need: &Need<'_>, shared: KeptToken, started: u64) -> Arc<Refreshed> {
         // Registers the connection, which `forget_user` walks.
         self.gate_for(&need.key.connection);
-        let token = Arc::new(Refreshed {
-            access_token: shared.access_token,
-            issued_at: shared.issued_at,
-            expires_at: shared.expires_at,
-            scopes: shared.scopes,
-        });
+        let token = Arc::new(shared);
         self.forgetting.keep_token(
             &self.tokens,
             need.key,
@@ -505,16 +482,6 @@ impl IdpRefresher {
     fn connections(&self) -> Vec<String> {
         let gates = self.gates.read().unwrap_or_else(PoisonError::into_inner);
         gates.keys().cloned().collect()
-    }
-}
-
-/// A refreshed token as the fleet shares it.
-fn shared_token(token: &Refreshed) -> SharedToken {
-    SharedToken {
-        access_token: token.access_token.clone(),
-        issued_at: token.issued_at,
-        expires_at: token.expires_at,
-        scopes: token.scopes.clone(),
     }
 }
 
