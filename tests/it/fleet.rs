@@ -751,6 +751,29 @@ fn google_request(user: &str, min_valid_for: Option<Duration>) -> GetIdpTokenReq
     }
 }
 
+/// Runs `request` `count` times at once, spread over the fleet's brokers,
+/// and asserts every answer is the same token, from `source`.
+async fn one_token_for_all(
+    fleet: &Fleet,
+    count: usize,
+    request: GetIdpTokenRequest,
+    source: TokenSource,
+) -> IdpToken {
+    let answers = at_once_over(fleet, count, request).await;
+    let tokens: Vec<IdpToken> = answers
+        .into_iter()
+        .map(|answer| answer.expect("a token"))
+        .collect();
+    for token in &tokens {
+        assert_eq!(token.source(), source, "{token:?}");
+        assert_eq!(
+            token.access_token, tokens[0].access_token,
+            "one fetch shared"
+        );
+    }
+    tokens.into_iter().next().expect("at least one answer")
+}
+
 /// Runs `request` `count` times at once, spread over the fleet's brokers.
 async fn at_once_over(
     fleet: &Fleet,
@@ -774,19 +797,9 @@ async fn at_once_over(
 async fn a_stale_token_needed_on_three_brokers_at_once_is_refreshed_once_for_the_fleet() {
     let fleet = Fleet::start(3, refreshing_at_the_idp).await;
     fleet.emulator().set_latency(Duration::from_millis(200));
-    let answers = at_once_over(&fleet, 30, google_request(seed::STALE_GOOGLE_USER, None)).await;
-    let tokens: Vec<IdpToken> = answers
-        .into_iter()
-        .map(|answer| answer.expect("a refreshed token"))
-        .collect();
-    for token in &tokens {
-        assert_eq!(token.source(), TokenSource::IdpRefresh);
-        assert_ne!(token.access_token, seed::STALE_GOOGLE_ACCESS_TOKEN);
-        assert_eq!(
-            token.access_token, tokens[0].access_token,
-            "one refresh shared"
-        );
-    }
+    let request = google_request(seed::STALE_GOOGLE_USER, None);
+    let token = one_token_for_all(&fleet, 30, request, TokenSource::IdpRefresh).await;
+    assert_ne!(token.access_token, seed::STALE_GOOGLE_ACCESS_TOKEN);
     assert_eq!(
         fleet.emulator().calls().idp_token,
         1,
@@ -861,18 +874,7 @@ async fn a_token_vault_exchange_on_one_broker_serves_the_fleet() {
     .await;
     fleet.emulator().set_latency(Duration::from_millis(200));
     let request = get_request(seed::VAULT_USER, "google-oauth2");
-    let answers = at_once_over(&fleet, 30, request).await;
-    let tokens: Vec<IdpToken> = answers
-        .into_iter()
-        .map(|answer| answer.expect("a Token Vault token"))
-        .collect();
-    for token in &tokens {
-        assert_eq!(token.source(), TokenSource::TokenVault);
-        assert_eq!(
-            token.access_token, tokens[0].access_token,
-            "one exchange shared"
-        );
-    }
+    one_token_for_all(&fleet, 30, request, TokenSource::TokenVault).await;
     assert_eq!(
         fleet.emulator().calls().token_exchange,
         1,
