@@ -156,19 +156,18 @@ impl Forgetting {
     }
 
     /// [`Self::keep`] for a token, logged at debug as kept (`what`: how it
-    /// was got), never the token itself.
-    pub fn keep_token<V>(
+    /// was got), never the token itself. The token, shared, for the caller.
+    pub fn keep_token(
         &self,
-        cache: &Cache<TokenKey, std::sync::Arc<V>>,
+        cache: &Cache<TokenKey, std::sync::Arc<KeptToken>>,
         key: &TokenKey,
-        token: std::sync::Arc<V>,
+        token: KeptToken,
         started: u64,
         what: &'static str,
-    ) where
-        V: Expires + Send + Sync + 'static,
-    {
-        let expires_in_secs = time_left(token.expires_at()).as_secs();
-        self.keep(cache, key, token, started);
+    ) -> std::sync::Arc<KeptToken> {
+        let expires_in_secs = time_left(token.expires_at).as_secs();
+        let token = std::sync::Arc::new(token);
+        self.keep(cache, key, token.clone(), started);
         tracing::debug!(
             user_id = &*crate::logsafe::capped(&key.user_id),
             connection = key.connection.as_str(),
@@ -176,6 +175,7 @@ impl Forgetting {
             what,
             "token kept"
         );
+        token
     }
 
     /// Whether `forget(user_id)` was called after logical time `started`.

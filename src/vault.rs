@@ -265,15 +265,13 @@ impl TokenVault {
         started: u64,
     ) -> Arc<VaultToken> {
         self.note_connection(&need.key.connection);
-        let token = Arc::new(shared);
         self.forgetting.keep_token(
             &self.tokens,
             need.key,
-            token.clone(),
+            shared,
             started,
             "shared by the fleet",
-        );
-        token
+        )
     }
 
     /// Asks Auth0, counts and logs the answer, and keeps a token.
@@ -306,15 +304,13 @@ impl TokenVault {
     ) -> Arc<VaultToken> {
         stats::token_vault_exchange(&need.key.connection, "ok", elapsed);
         self.note_connection(&need.key.connection);
-        let token = Arc::new(VaultToken::from(exchanged));
         self.forgetting.keep_token(
             &self.tokens,
             need.key,
-            token.clone(),
+            VaultToken::from(exchanged),
             started,
             "Token Vault exchange",
-        );
-        token
+        )
     }
 
     fn note_connection(&self, connection: &str) {

@@ -108,9 +108,8 @@ impl Fleet {
         let core = &self.core;
         let slot = core.slot(user_id);
         let token = lock_token();
-        let give_up_at = wait_limit(core.lock_ttl, deadline);
+        let mut patience = Patience::new(core.lock_ttl, deadline);
         let mut skip_value = false;
-        let mut waited = false;
         loop {
             let mut script = CLAIM.key(&slot.value);
             script
@@ -144,15 +143,9 @@ impl Fleet {
                 }
                 _ => {}
             }
-            if !waited {
-                waited = true;
-                metrics::lock_wait();
-            }
-            if Instant::now() + POLL_INTERVAL >= give_up_at {
-                metrics::lock_wait_gave_up();
+            if !patience.wait_a_poll().await {
                 return Claim::Unshared;
             }
-            tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
 
@@ -233,11 +226,49 @@ impl FillGuard {
     }
 }
 
-/// When a waiting replica stops waiting: its deadline, and never longer than
-/// a lock lives (by then a dead holder's lock has expired and been taken).
-pub(super) fn wait_limit(lock_ttl: Duration, deadline: Option<Instant>) -> Instant {
-    let by_lock = Instant::now() + lock_ttl + POLL_INTERVAL * 2;
-    deadline.map_or(by_lock, |deadline| deadline.min(by_lock))
+/// How long a replica waits for another's lock: until its deadline, and
+/// never longer than a lock lives (by then a dead holder's lock has expired
+/// and been taken). Counts the wait once, and its end if it gives up.
+pub(super) struct Patience {
+    give_up_at: Instant,
+    ran_out_by_deadline: bool,
+    waited: bool,
+}
+
+impl Patience {
+    pub(super) fn new(lock_life: Duration, deadline: Option<Instant>) -> Self {
+        let by_lock = Instant::now() + lock_life + POLL_INTERVAL * 2;
+        let give_up_at = deadline.map_or(by_lock, |deadline| deadline.min(by_lock));
+        Self {
+            give_up_at,
+            ran_out_by_deadline: deadline.is_some_and(|deadline| deadline <= by_lock),
+            waited: false,
+        }
+    }
+
+    /// Whether this replica has waited for another's lock yet.
+    pub(super) fn waited(&self) -> bool {
+        self.waited
+    }
+
+    /// Whether giving up was the caller's deadline, not the lock's life.
+    pub(super) fn ran_out_by_deadline(&self) -> bool {
+        self.ran_out_by_deadline
+    }
+
+    /// Sleeps one poll interval; `false` instead when the wait is over.
+    pub(super) async fn wait_a_poll(&mut self) -> bool {
+        if !self.waited {
+            self.waited = true;
+            metrics::lock_wait();
+        }
+        if Instant::now() + POLL_INTERVAL >= self.give_up_at {
+            metrics::lock_wait_gave_up();
+            return false;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+        true
+    }
 }
 
 /// A random lock token: proves the lock is this read's when freeing it.

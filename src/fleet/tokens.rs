@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use super::flight::{lock_token, millis, wait_limit, HeldLock, POLL_INTERVAL};
+use super::flight::{lock_token, millis, HeldLock, Patience};
 use super::keys::TokenSlot;
 use super::scripts::{CLAIM_TOKEN, FILL_TOKEN};
 use super::wire::{from_unix_ns, unix_ns};
@@ -135,9 +135,8 @@ impl Fleet {
         let kind = need.kind.label();
         let slot = core.keys.token_slot(need.user_id, kind, need.connection);
         let token = lock_token();
-        let give_up_at = wait_limit(need.lock_life, need.deadline);
+        let mut patience = Patience::new(need.lock_life, need.deadline);
         let mut skip_value = false;
-        let mut waited = false;
         // Issue time of a shared token too short for this need.
         let mut short: Option<SystemTime> = None;
         loop {
@@ -161,7 +160,7 @@ impl Fleet {
             match answer {
                 CLAIM_VALUE => {
                     match value.and_then(|sealed| core.open_token(need, &slot, &sealed)) {
-                        Some(shared) if serves(&shared, need, waited, short) => {
+                        Some(shared) if serves(&shared, need, patience.waited(), short) => {
                             metrics::token_lookup(kind, "hit");
                             return TokenClaim::Found(shared);
                         }
@@ -188,20 +187,13 @@ impl Fleet {
                 }
                 _ => {}
             }
-            if !waited {
-                waited = true;
-                metrics::lock_wait();
-            }
-            if Instant::now() + POLL_INTERVAL >= give_up_at {
-                metrics::lock_wait_gave_up();
-                let by_deadline = need.deadline.is_some_and(|deadline| deadline <= give_up_at);
-                return if by_deadline {
+            if !patience.wait_a_poll().await {
+                return if patience.ran_out_by_deadline() {
                     TokenClaim::Busy
                 } else {
                     TokenClaim::Unshared
                 };
             }
-            tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
 }

@@ -351,15 +351,13 @@ impl IdpRefresher {
     fn keep_shared(&self, need: &Need<'_>, shared: KeptToken, started: u64) -> Arc<Refreshed> {
         // Registers the connection, which `forget_user` walks.
         self.gate_for(&need.key.connection);
-        let token = Arc::new(shared);
         self.forgetting.keep_token(
             &self.tokens,
             need.key,
-            token.clone(),
+            shared,
             started,
             "shared by the fleet",
-        );
-        token
+        )
     }
 
     /// The rotation to refresh with: the newer of this replica's and the
@@ -425,14 +423,9 @@ impl IdpRefresher {
             self.rotations.insert(need.key.clone(), rotation.clone());
             rotation
         });
-        let token = Arc::new(fresh.token);
-        self.forgetting.keep_token(
-            &self.tokens,
-            need.key,
-            token.clone(),
-            started,
-            "IdP refresh",
-        );
+        let token =
+            self.forgetting
+                .keep_token(&self.tokens, need.key, fresh.token, started, "IdP refresh");
         (token, rotation)
     }
 
