@@ -160,6 +160,29 @@ impl FleetKeys {
     }
 }
 
+impl FleetKeys {
+    /// `value` as JSON, sealed for `context`; the plaintext is zeroed.
+    pub(super) fn seal_json<T: serde::Serialize>(
+        &self,
+        context: &[u8],
+        value: &T,
+    ) -> Option<Vec<u8>> {
+        let plaintext = Zeroizing::new(serde_json::to_vec(value).ok()?);
+        self.seal(context, &plaintext)
+    }
+
+    /// The JSON value sealed in `sealed` for `context`, if it opens and
+    /// parses; the plaintext is zeroed.
+    pub(super) fn open_json<T: serde::de::DeserializeOwned>(
+        &self,
+        context: &[u8],
+        sealed: &[u8],
+    ) -> Option<T> {
+        let plaintext = self.open(context, sealed)?;
+        serde_json::from_slice(&plaintext).ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

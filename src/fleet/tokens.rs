@@ -31,7 +31,6 @@ use std::time::{Duration, SystemTime};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
-use zeroize::Zeroizing;
 
 use super::flight::{lock_token, millis, HeldLock, Patience};
 use super::keys::TokenSlot;
@@ -273,11 +272,8 @@ impl TokenFill {
             expires_at_ns: unix_ns(token.expires_at),
             scopes: &token.scopes,
         };
-        let plaintext = Zeroizing::new(serde_json::to_vec(&out).ok()?);
-        self.lock
-            .core
-            .keys
-            .seal(token_context(&self.slot).as_bytes(), &plaintext)
+        let context = token_context(&self.slot);
+        self.lock.core.keys.seal_json(context.as_bytes(), &out)
     }
 
     fn seal_rotation(&self, rotation: &SharedRotation) -> Option<Vec<u8>> {
@@ -288,11 +284,8 @@ impl TokenFill {
             refresh_token: rotation.current.expose_secret(),
             rotated_at_ns: unix_ns(rotation.rotated_at),
         };
-        let plaintext = Zeroizing::new(serde_json::to_vec(&out).ok()?);
-        self.lock
-            .core
-            .keys
-            .seal(rotation_context(&self.slot).as_bytes(), &plaintext)
+        let context = rotation_context(&self.slot);
+        self.lock.core.keys.seal_json(context.as_bytes(), &out)
     }
 }
 
@@ -305,8 +298,9 @@ impl Core {
         slot: &TokenSlot,
         sealed: &[u8],
     ) -> Option<KeptToken> {
-        let plaintext = self.keys.open(token_context(slot).as_bytes(), sealed)?;
-        let read: TokenIn = serde_json::from_slice(&plaintext).ok()?;
+        let read: TokenIn = self
+            .keys
+            .open_json(token_context(slot).as_bytes(), sealed)?;
         let names_need = read.user_id == need.user_id
             && read.connection == need.connection
             && read.kind == need.kind.label();
@@ -326,8 +320,9 @@ impl Core {
         slot: &TokenSlot,
         sealed: &[u8],
     ) -> Option<SharedRotation> {
-        let plaintext = self.keys.open(rotation_context(slot).as_bytes(), sealed)?;
-        let read: RotationIn = serde_json::from_slice(&plaintext).ok()?;
+        let read: RotationIn = self
+            .keys
+            .open_json(rotation_context(slot).as_bytes(), sealed)?;
         if read.user_id != need.user_id || read.connection != need.connection {
             return None;
         }
