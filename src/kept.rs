@@ -8,7 +8,9 @@
 //! before it brings back afterwards. One implementation, so the two cannot
 //! drift apart.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use moka::sync::Cache;
@@ -44,6 +46,110 @@ pub struct KeptToken {
 impl Expires for KeptToken {
     fn expires_at(&self) -> SystemTime {
         self.expires_at
+    }
+}
+
+/// The tokens one fetcher keeps per user and connection until they expire,
+/// with the memory of `forget_user` calls and the connections to walk when
+/// forgetting a user.
+pub struct KeptTokens {
+    tokens: Cache<TokenKey, Arc<KeptToken>>,
+    forgetting: Forgetting,
+    /// Every connection a token was ever kept for: names from the
+    /// connections file, so few.
+    connections: RwLock<HashSet<String>>,
+}
+
+impl KeptTokens {
+    /// Up to `capacity` tokens; a `forget_user` is remembered for
+    /// `forget_memory`, longer than any fetch may take.
+    pub fn new(capacity: u64, forget_memory: Duration) -> Self {
+        Self {
+            tokens: Cache::builder()
+                .max_capacity(capacity)
+                .expire_after(UntilExpiry)
+                .build(),
+            forgetting: Forgetting::new(capacity, forget_memory),
+            connections: RwLock::default(),
+        }
+    }
+
+    /// The logical time a fetch starts at (see [`KeptTokens::keep`]).
+    pub fn tick(&self) -> u64 {
+        self.forgetting.tick()
+    }
+
+    /// The kept token of `key` if it lives longer than `min_valid_for`.
+    pub fn usable(&self, key: &TokenKey, min_valid_for: Duration) -> Option<Arc<KeptToken>> {
+        let token = self.tokens.get(key)?;
+        lives_for(token.expires_at, min_valid_for).then_some(token)
+    }
+
+    /// Keeps what a fetch begun at `started` got (`what`: how), unless its
+    /// user was forgotten since; logged at debug, never the token. The
+    /// token, shared, for the caller.
+    pub fn keep(
+        &self,
+        key: &TokenKey,
+        token: KeptToken,
+        started: u64,
+        what: &'static str,
+    ) -> Arc<KeptToken> {
+        self.note_connection(&key.connection);
+        self.forgetting
+            .keep_token(&self.tokens, key, token, started, what)
+    }
+
+    /// Drops every token of `user_id`; a fetch under way for the user keeps
+    /// nothing when it lands.
+    pub fn forget_user(&self, user_id: &str) {
+        // Marked before dropping: a fetch landing meanwhile either sees the
+        // mark or put its entry in before the drops below.
+        self.forgetting.forget(user_id);
+        for connection in self.connections() {
+            self.tokens.invalidate(&TokenKey {
+                user_id: user_id.to_owned(),
+                connection,
+            });
+        }
+    }
+
+    /// Drops every token (a fleet replica that may have missed invalidations).
+    pub fn forget_all(&self) {
+        self.forgetting.forget_all();
+        self.tokens.invalidate_all();
+    }
+
+    /// The memory of forgetting, for what else a fetcher keeps per user.
+    pub fn forgetting(&self) -> &Forgetting {
+        &self.forgetting
+    }
+
+    /// How many tokens are kept.
+    pub fn count(&self) -> u64 {
+        self.tokens.entry_count()
+    }
+
+    fn connections(&self) -> Vec<String> {
+        let connections = self
+            .connections
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        connections.iter().cloned().collect()
+    }
+
+    fn note_connection(&self, connection: &str) {
+        let known = self
+            .connections
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(connection);
+        if !known {
+            self.connections
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(connection.to_owned());
+        }
     }
 }
 
@@ -157,7 +263,7 @@ impl Forgetting {
 
     /// [`Self::keep`] for a token, logged at debug as kept (`what`: how it
     /// was got), never the token itself. The token, shared, for the caller.
-    pub fn keep_token(
+    fn keep_token(
         &self,
         cache: &Cache<TokenKey, std::sync::Arc<KeptToken>>,
         key: &TokenKey,

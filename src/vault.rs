@@ -23,19 +23,17 @@
 //! token: when the one Auth0 holds lives shorter than `min_valid_for`, the
 //! answer of one exchange is released all the same (the best there is).
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use moka::sync::Cache;
 use tokio::time::Instant;
 
 use crate::auth0::{Auth0Client, Auth0Error, ExchangedToken, VaultRequest};
 use crate::budget::CallerShare;
 use crate::error::BrokerError;
 use crate::fleet::{Fleet, LocalTier, TokenClaim, TokenKind, TokenNeed};
-use crate::kept::{self, Forgetting, KeptToken, TokenKey, UntilExpiry};
+use crate::kept::{KeptToken, KeptTokens, TokenKey};
 use crate::logsafe::capped;
 use crate::stats;
 use crate::user_id::UserId;
@@ -96,15 +94,11 @@ type Outcome = Arc<Result<Arc<VaultToken>, BrokerError>>;
 pub struct TokenVault {
     /// Makes the exchanges (on the same outbound limits as every Auth0 call).
     auth0: Auth0Client,
-    /// Exchanged tokens, kept until they expire.
-    tokens: Cache<TokenKey, Arc<VaultToken>>,
+    /// Exchanged tokens, kept until they expire, and the memory of
+    /// `forget_user` calls, so an exchange landing after one keeps nothing.
+    kept: KeptTokens,
     /// Exchanges under way, only while they are: single flight, not a cache.
     flights: moka::future::Cache<TokenKey, Outcome>,
-    /// `forget_user` calls, so an exchange landing after one keeps nothing.
-    forgetting: Forgetting,
-    /// Every connection a token was ever kept for, which `forget_user`
-    /// walks: names from the connections file, so few.
-    connections: RwLock<HashSet<String>>,
     /// The fleet sharing exchanged tokens (`None`: alone).
     fleet: Option<Arc<Fleet>>,
     /// Life of an exchange's fleet-wide lock.
@@ -116,13 +110,8 @@ impl TokenVault {
     pub fn new(auth0: Auth0Client, settings: VaultSettings) -> Self {
         Self {
             auth0,
-            tokens: Cache::builder()
-                .max_capacity(settings.capacity)
-                .expire_after(UntilExpiry)
-                .build(),
+            kept: KeptTokens::new(settings.capacity, settings.forget_memory),
             flights: moka::future::Cache::new(settings.capacity),
-            forgetting: Forgetting::new(settings.capacity, settings.forget_memory),
-            connections: RwLock::default(),
             fleet: None,
             lock_life: settings.exchange_timeout + LOCK_MARGIN,
         }
@@ -155,26 +144,12 @@ impl TokenVault {
     /// Drops every token kept for `user_id` (InvalidateUser, `bypass_cache`).
     /// An exchange under way for the user keeps nothing when it lands.
     pub fn forget_user(&self, user_id: &str) {
-        // Marked before dropping: an exchange landing meanwhile either sees
-        // the mark or put its entry in before the drops below.
-        self.forgetting.forget(user_id);
-        let connections = self
-            .connections
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        for connection in connections {
-            self.tokens.invalidate(&TokenKey {
-                user_id: user_id.to_owned(),
-                connection,
-            });
-        }
+        self.kept.forget_user(user_id);
     }
 
     /// The kept token of `key` if it lives longer than `min_valid_for`.
     fn usable(&self, key: &TokenKey, min_valid_for: Duration) -> Option<Arc<VaultToken>> {
-        let token = self.tokens.get(key)?;
-        kept::lives_for(token.expires_at, min_valid_for).then_some(token)
+        self.kept.usable(key, min_valid_for)
     }
 
     /// One exchange for all who need `need.key` now, and whether this
@@ -222,7 +197,7 @@ impl TokenVault {
         fleet: &Fleet,
         need: &VaultNeed<'_>,
     ) -> Result<Arc<VaultToken>, BrokerError> {
-        let started = self.forgetting.tick();
+        let started = self.kept.tick();
         let claim = fleet
             .claim_token(&TokenNeed {
                 kind: TokenKind::TokenVault,
@@ -264,19 +239,13 @@ impl TokenVault {
         shared: KeptToken,
         started: u64,
     ) -> Arc<VaultToken> {
-        self.note_connection(&need.key.connection);
-        self.forgetting.keep_token(
-            &self.tokens,
-            need.key,
-            shared,
-            started,
-            "shared by the fleet",
-        )
+        self.kept
+            .keep(need.key, shared, started, "shared by the fleet")
     }
 
     /// Asks Auth0, counts and logs the answer, and keeps a token.
     async fn exchange(&self, need: &VaultNeed<'_>) -> Result<Arc<VaultToken>, BrokerError> {
-        let started = self.forgetting.tick();
+        let started = self.kept.tick();
         let request = VaultRequest {
             user_id: &need.key.user_id,
             connection: &need.key.connection,
@@ -303,28 +272,12 @@ impl TokenVault {
         elapsed: Duration,
     ) -> Arc<VaultToken> {
         stats::token_vault_exchange(&need.key.connection, "ok", elapsed);
-        self.note_connection(&need.key.connection);
-        self.forgetting.keep_token(
-            &self.tokens,
+        self.kept.keep(
             need.key,
             VaultToken::from(exchanged),
             started,
             "Token Vault exchange",
         )
-    }
-
-    fn note_connection(&self, connection: &str) {
-        let known = self
-            .connections
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(connection);
-        if !known {
-            self.connections
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(connection.to_owned());
-        }
     }
 }
 
@@ -335,15 +288,14 @@ impl LocalTier for TokenVault {
     }
 
     fn forget_all(&self) {
-        self.forgetting.forget_all();
-        self.tokens.invalidate_all();
+        self.kept.forget_all();
     }
 }
 
 impl std::fmt::Debug for TokenVault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenVault")
-            .field("tokens", &self.tokens.entry_count())
+            .field("tokens", &self.kept.count())
             .finish_non_exhaustive()
     }
 }

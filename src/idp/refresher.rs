@@ -32,7 +32,7 @@ use super::request::{self, RefreshedToken};
 use super::{IdpClient, IdpError, IdpSetupError};
 use crate::auth0::OutboundLimits;
 use crate::fleet::{Fleet, LocalTier, SharedRotation, TokenClaim, TokenKind, TokenNeed};
-use crate::kept::{self, Forgetting, KeptToken, TokenKey, UntilExpiry};
+use crate::kept::{KeptToken, KeptTokens, TokenKey};
 use crate::logsafe::capped;
 use crate::stats;
 use crate::user_id::UserId;
@@ -148,14 +148,14 @@ pub struct IdpRefresher {
     /// One gate per connection, made on first use. Its keys are every
     /// connection anything was kept for, which `forget_user` walks.
     gates: RwLock<HashMap<String, Arc<Gate>>>,
-    tokens: Cache<TokenKey, Arc<Refreshed>>,
+    /// Refreshed tokens, and the memory of `forget_user` calls, so a
+    /// refresh landing after one keeps nothing.
+    kept: KeptTokens,
     rotations: Cache<TokenKey, Arc<Rotation>>,
     /// `invalid_grant` answers, for the caller's refresh token they were about.
     refused: Cache<TokenKey, Fingerprint>,
     /// Refreshes under way, only while they are: single flight, not a cache.
     flights: moka::future::Cache<FlightKey, Arc<Result<Arc<Refreshed>, IdpError>>>,
-    /// `forget_user` calls, so a refresh landing after one keeps nothing.
-    forgetting: Forgetting,
     /// The fleet sharing refreshed tokens and rotations (`None`: alone).
     fleet: Option<Arc<Fleet>>,
 }
@@ -176,20 +176,16 @@ impl IdpRefresher {
         Ok(Self {
             http,
             gates: RwLock::default(),
-            tokens: Cache::builder()
-                .max_capacity(capacity)
-                .expire_after(UntilExpiry)
-                .build(),
+            kept: KeptTokens::new(
+                capacity,
+                settings.call_timeout.saturating_mul(2) + FORGET_MARGIN,
+            ),
             rotations: Cache::new(capacity),
             refused: Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(settings.invalid_grant_memory)
                 .build(),
             flights: moka::future::Cache::new(capacity),
-            forgetting: Forgetting::new(
-                capacity,
-                settings.call_timeout.saturating_mul(2) + FORGET_MARGIN,
-            ),
             settings,
             fleet: None,
         })
@@ -241,23 +237,18 @@ impl IdpRefresher {
     /// they replaced are retired at the IdP, so without them the user would
     /// have to reconnect.
     pub fn forget_user(&self, user_id: &str) {
-        // Marked before dropping: a refresh landing meanwhile either sees the
-        // mark or put its entry in before the drops below (see `Forgetting::keep`).
-        self.forgetting.forget(user_id);
+        self.kept.forget_user(user_id);
         for connection in self.connections() {
-            let key = TokenKey {
+            self.refused.invalidate(&TokenKey {
                 user_id: user_id.to_owned(),
                 connection,
-            };
-            self.tokens.invalidate(&key);
-            self.refused.invalidate(&key);
+            });
         }
     }
 
     /// The kept token of `key` if it lives longer than `min_valid_for`.
     fn usable(&self, key: &TokenKey, min_valid_for: Duration) -> Option<Arc<Refreshed>> {
-        let token = self.tokens.get(key)?;
-        kept::lives_for(token.expires_at, min_valid_for).then_some(token)
+        self.kept.usable(key, min_valid_for)
     }
 
     /// Whether the IdP refused this very refresh token lately; counted when so.
@@ -313,7 +304,7 @@ impl IdpRefresher {
         fleet: &Fleet,
         need: &Need<'_>,
     ) -> Result<Arc<Refreshed>, IdpError> {
-        let started = self.forgetting.tick();
+        let started = self.kept.tick();
         let claim = fleet
             .claim_token(&TokenNeed {
                 kind: TokenKind::IdpRefresh,
@@ -349,15 +340,8 @@ impl IdpRefresher {
 
     /// Keeps a token another replica refreshed, as if refreshed here.
     fn keep_shared(&self, need: &Need<'_>, shared: KeptToken, started: u64) -> Arc<Refreshed> {
-        // Registers the connection, which `forget_user` walks.
-        self.gate_for(&need.key.connection);
-        self.forgetting.keep_token(
-            &self.tokens,
-            need.key,
-            shared,
-            started,
-            "shared by the fleet",
-        )
+        self.kept
+            .keep(need.key, shared, started, "shared by the fleet")
     }
 
     /// The rotation to refresh with: the newer of this replica's and the
@@ -386,7 +370,7 @@ impl IdpRefresher {
         need: &Need<'_>,
         fleet_rotation: Option<Rotation>,
     ) -> Result<(Arc<Refreshed>, Option<Arc<Rotation>>), IdpError> {
-        let started = self.forgetting.tick();
+        let started = self.kept.tick();
         let rotation = self.rotation_in_use(need, fleet_rotation);
         let in_use = rotation.as_ref().map_or(need.refresh_token, |r| &r.current);
         let form = request::form_body(need.client, in_use)?;
@@ -423,9 +407,9 @@ impl IdpRefresher {
             self.rotations.insert(need.key.clone(), rotation.clone());
             rotation
         });
-        let token =
-            self.forgetting
-                .keep_token(&self.tokens, need.key, fresh.token, started, "IdP refresh");
+        let token = self
+            .kept
+            .keep(need.key, fresh.token, started, "IdP refresh");
         (token, rotation)
     }
 
@@ -443,7 +427,8 @@ impl IdpRefresher {
         if error == IdpError::InvalidGrant {
             // A refused rotated token ends its chain: next time, Auth0's.
             self.rotations.invalidate(need.key);
-            self.forgetting
+            self.kept
+                .forgetting()
                 .keep(&self.refused, need.key, need.origin, started);
             tracing::info!(
                 user_id,
@@ -485,8 +470,7 @@ impl LocalTier for IdpRefresher {
     }
 
     fn forget_all(&self) {
-        self.forgetting.forget_all();
-        self.tokens.invalidate_all();
+        self.kept.forget_all();
     }
 }
 
@@ -494,7 +478,7 @@ impl std::fmt::Debug for IdpRefresher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdpRefresher")
             .field("settings", &self.settings)
-            .field("tokens", &self.tokens.entry_count())
+            .field("tokens", &self.kept.count())
             .finish_non_exhaustive()
     }
 }
