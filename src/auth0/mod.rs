@@ -15,7 +15,7 @@ mod error;
 mod jwks;
 mod keys;
 mod model;
-mod outbound;
+pub(crate) mod outbound;
 mod send;
 mod session;
 mod token;

@@ -10,8 +10,16 @@
 //! In a fleet the rate limit is one budget for every replica: a
 //! [`SharedBudget`] (the fleet's, in Redis) is asked first, and the local
 //! governor limiter only when the shared budget cannot answer.
+//!
+//! The admission and retry loop itself ([`Upstream`]) is written once for
+//! any upstream: what differs between Auth0 and an IdP (their errors, log
+//! lines and metrics, how long a call waits for a slot) is said by the
+//! upstream's error type through [`UpstreamError`]. `idp::gate` runs its own
+//! `Upstream` instances over it, so an IdP outage neither looks like an Auth0
+//! one nor spends Auth0's quota: only the code is shared, never a limiter.
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,8 +35,12 @@ use tokio::time::Instant;
 use super::Auth0Error;
 use crate::stats;
 
-/// First backoff step when Auth0 did not say how long to wait.
-const BACKOFF_BASE: Duration = Duration::from_millis(250);
+/// First backoff step when the upstream did not say how long to wait.
+pub(crate) const BACKOFF_BASE: Duration = Duration::from_millis(250);
+
+/// How long a refused slot asks the caller to wait when the in-flight bound,
+/// not the rate, refused it (the semaphore gives no better guess).
+const IN_FLIGHT_RETRY_AFTER: Duration = Duration::from_millis(100);
 
 /// Limits on calls to Auth0.
 #[derive(Debug, Clone, Copy)]
@@ -89,8 +101,74 @@ pub trait SharedBudget: Send + Sync {
     fn admit(&self) -> BoxFuture<'_, SharedAdmission>;
 }
 
-/// The gate every Auth0 request passes.
-pub struct Outbound {
+/// Which of the broker's own limits refused a call, so that an upstream can
+/// tell them apart in its log lines and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OwnLimit {
+    /// The rate limit (the shared budget or the local limiter): no slot
+    /// would come in time.
+    Rate,
+    /// The bound on calls in flight: no permit came in time.
+    InFlight,
+}
+
+/// How long a call may wait to be admitted (a rate-limit slot and an
+/// in-flight permit). Auth0 and the IdPs have always differed here, and the
+/// shared loop keeps both behaviours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SlotWait {
+    /// Until the caller's deadline, or `max_wait` from now when it set none,
+    /// and never past the call's budget.
+    UntilDeadline,
+    /// At most `max_wait`, and never past the caller's deadline nor the
+    /// call's budget.
+    AtMostMaxWait,
+}
+
+/// What the shared admission and retry loop ([`Upstream`]) needs to know of
+/// one upstream's failures, and how that upstream tells of its own: the loop
+/// is the same for Auth0 and the IdPs, their errors, log lines and metrics
+/// are not.
+pub(crate) trait UpstreamError: Sized {
+    /// What names a call in log lines and metrics (Auth0's endpoint, the
+    /// IdP's connection).
+    type Label<'a>: Copy;
+
+    /// How long a call may wait to be admitted.
+    const SLOT_WAIT: SlotWait;
+
+    /// Whether another attempt may go better.
+    fn is_transient(&self) -> bool;
+
+    /// How long the upstream (or the broker's own limit) asked to wait.
+    fn retry_after(&self) -> Option<Duration>;
+
+    /// The error of an attempt cut at the end of the call's budget.
+    fn timed_out() -> Self;
+
+    /// The error of a call whose time is up before it is admitted, or `None`
+    /// to admit it all the same (a slot that is free at once still lets the
+    /// attempt start).
+    fn deadline_passed() -> Option<Self>;
+
+    /// The error of a call the broker's own `limit` refused, asking to wait
+    /// `retry_after`; says so in the upstream's own log line and metric.
+    fn refused(limit: OwnLimit, retry_after: Duration) -> Self;
+
+    /// Told before a call sleeps `wait` for a rate-limit slot (a metric).
+    fn waiting_for_slot(_wait: Duration) {}
+
+    /// Told before the call `label` sleeps `wait` to retry after this
+    /// failure of attempt `attempt` (a log line, a metric).
+    fn retrying(&self, label: Self::Label<'_>, attempt: u32, wait: Duration);
+}
+
+/// The broker's limits towards one upstream: a rate limit (governor, and a
+/// shared budget first where there is one), a bound on calls in flight, and
+/// retries of transient failures within the caller's deadline and a budget
+/// for the whole call. Written once for Auth0 ([`Outbound`]) and the IdPs
+/// (`idp::gate`); each upstream has its own instances.
+pub(crate) struct Upstream<E> {
     /// This broker's own limit: the only one alone, the fallback in a fleet.
     limiter: DefaultDirectRateLimiter,
     /// The fleet's budget, asked before `limiter` when set.
@@ -99,12 +177,18 @@ pub struct Outbound {
     limits: OutboundLimits,
     /// How long one call may take, attempts and waits included.
     call_timeout: Duration,
+    /// Whose errors the calls give (`fn() -> E`: the gate holds no `E`, so
+    /// it is `Send` and `Sync` whatever `E` is).
+    errors: PhantomData<fn() -> E>,
 }
 
-impl Outbound {
+/// The gate every Auth0 request passes.
+pub(crate) type Outbound = Upstream<Auth0Error>;
+
+impl<E: UpstreamError> Upstream<E> {
     /// A gate with these limits, where one call gives up after `call_timeout`
-    /// (`--auth0-timeout`) whatever the caller's deadline.
-    pub fn new(limits: OutboundLimits, call_timeout: Duration) -> Self {
+    /// (`--auth0-timeout` for Auth0) whatever the caller's deadline.
+    pub(crate) fn new(limits: OutboundLimits, call_timeout: Duration) -> Self {
         let quota = Quota::per_second(limits.rate_per_second).allow_burst(limits.burst);
         Self {
             limiter: RateLimiter::direct(quota),
@@ -112,12 +196,13 @@ impl Outbound {
             in_flight: Semaphore::new(limits.max_in_flight.max(1)),
             limits,
             call_timeout,
+            errors: PhantomData,
         }
     }
 
     /// A new gate with the same limits, call timeout and shared budget (its
     /// own limiter and in-flight bound start afresh).
-    pub fn same_limits(&self) -> Self {
+    pub(crate) fn same_limits(&self) -> Self {
         Self {
             shared: self.shared.clone(),
             ..Self::new(self.limits, self.call_timeout)
@@ -127,7 +212,7 @@ impl Outbound {
     /// The same gate, asking `shared` for each request's slot first (the
     /// fleet's one budget), and its own limiter only when `shared` is
     /// unavailable.
-    pub fn with_shared_budget(mut self, shared: Arc<dyn SharedBudget>) -> Self {
+    pub(crate) fn with_shared_budget(mut self, shared: Arc<dyn SharedBudget>) -> Self {
         self.shared = Some(shared);
         self
     }
@@ -136,20 +221,20 @@ impl Outbound {
     /// most the call timeout in all. Gives up at once when the next wait would
     /// pass `deadline` or the end of that budget; an attempt still running at
     /// the end of the budget is dropped and the call fails with
-    /// [`Auth0Error::Timeout`].
+    /// [`UpstreamError::timed_out`].
     ///
     /// An attempt is not cut at the caller's `deadline`: the service answers
     /// DEADLINE_EXCEEDED then and drops this future, and cutting it here at
     /// the same instant would race that answer with an UNAVAILABLE.
-    pub async fn call<T, F, Fut>(
+    pub(crate) async fn call<T, F, Fut>(
         &self,
-        endpoint: &'static str,
+        label: E::Label<'_>,
         deadline: Option<Instant>,
         mut attempt: F,
-    ) -> Result<T, Auth0Error>
+    ) -> Result<T, E>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, Auth0Error>>,
+        Fut: Future<Output = Result<T, E>>,
     {
         let budget_end = Instant::now() + self.call_timeout;
         let give_up_at = deadline.map_or(budget_end, |deadline| deadline.min(budget_end));
@@ -160,33 +245,50 @@ impl Outbound {
             let error = match tokio::time::timeout_at(budget_end, attempt()).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(error)) => error,
-                Err(_) => Auth0Error::Timeout,
+                Err(_) => E::timed_out(),
             };
             drop(permit);
-            if !error.is_transient() || attempts >= self.limits.max_attempts {
+            let Some(wait) = self.retry_wait(&error, attempts, give_up_at) else {
                 return Err(error);
-            }
-            let wait = error.retry_after().unwrap_or_else(|| backoff(attempts));
-            if wait > self.limits.max_wait || Instant::now() + wait >= give_up_at {
-                return Err(error);
-            }
-            stats::auth0_retry(endpoint);
-            tracing::warn!(%error, endpoint, attempt = attempts, retry_in_ms = wait.as_millis() as u64, "retrying Auth0");
+            };
+            error.retrying(label, attempts, wait);
             tokio::time::sleep(wait).await;
         }
     }
 
-    /// A rate-limit slot and an in-flight permit, or THROTTLED when neither
-    /// comes before the caller's deadline (else `max_wait` from now), nor
-    /// before `budget_end`.
+    /// How long to wait before the next attempt, or `None` to give up: the
+    /// failure is not transient, the attempts are spent, or the wait is longer
+    /// than the broker sits out or would end at or past `give_up_at`.
+    fn retry_wait(&self, error: &E, attempts: u32, give_up_at: Instant) -> Option<Duration> {
+        if !error.is_transient() || attempts >= self.limits.max_attempts {
+            return None;
+        }
+        let wait = error.retry_after().unwrap_or_else(|| backoff(attempts));
+        let in_time = Instant::now() + wait < give_up_at;
+        (wait <= self.limits.max_wait && in_time).then_some(wait)
+    }
+
+    /// A rate-limit slot and an in-flight permit, or the upstream's "own
+    /// limit" error when neither comes in the time [`UpstreamError::SLOT_WAIT`]
+    /// allows.
     async fn admit(
         &self,
         deadline: Option<Instant>,
         budget_end: Instant,
-    ) -> Result<SemaphorePermit<'_>, Auth0Error> {
-        let give_up_at = deadline
-            .unwrap_or_else(|| Instant::now() + self.limits.max_wait)
-            .min(budget_end);
+    ) -> Result<SemaphorePermit<'_>, E> {
+        let give_up_at = match E::SLOT_WAIT {
+            SlotWait::UntilDeadline => deadline
+                .unwrap_or_else(|| Instant::now() + self.limits.max_wait)
+                .min(budget_end),
+            SlotWait::AtMostMaxWait => deadline
+                .map_or(budget_end, |deadline| deadline.min(budget_end))
+                .min(Instant::now() + self.limits.max_wait),
+        };
+        if Instant::now() >= give_up_at {
+            if let Some(error) = E::deadline_passed() {
+                return Err(error);
+            }
+        }
         let shared_said = match &self.shared {
             Some(shared) => Self::admit_shared(shared.as_ref(), give_up_at).await?,
             None => SharedAdmission::Unavailable,
@@ -196,9 +298,7 @@ impl Outbound {
         }
         match tokio::time::timeout_at(give_up_at, self.in_flight.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
-            _ => Err(Auth0Error::Throttled {
-                retry_after: Duration::from_millis(100),
-            }),
+            _ => Err(E::refused(OwnLimit::InFlight, IN_FLIGHT_RETRY_AFTER)),
         }
     }
 
@@ -208,7 +308,7 @@ impl Outbound {
     async fn admit_shared(
         shared: &dyn SharedBudget,
         give_up_at: Instant,
-    ) -> Result<SharedAdmission, Auth0Error> {
+    ) -> Result<SharedAdmission, E> {
         loop {
             match shared.admit().await {
                 SharedAdmission::Wait(wait) => Self::wait_or_refuse(wait, give_up_at).await?,
@@ -219,7 +319,7 @@ impl Outbound {
 
     /// A slot of this broker's own limiter, waiting for it while the wait
     /// ends before `give_up_at`.
-    async fn admit_local(&self, give_up_at: Instant) -> Result<(), Auth0Error> {
+    async fn admit_local(&self, give_up_at: Instant) -> Result<(), E> {
         while let Err(not_until) = self.limiter.check() {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             Self::wait_or_refuse(wait, give_up_at).await?;
@@ -227,26 +327,69 @@ impl Outbound {
         Ok(())
     }
 
-    /// Sleeps `wait`, or refuses at once (THROTTLED) when the wait would end
-    /// at or after `give_up_at`.
-    async fn wait_or_refuse(wait: Duration, give_up_at: Instant) -> Result<(), Auth0Error> {
+    /// Sleeps `wait`, or refuses at once when the wait would end at or after
+    /// `give_up_at`.
+    async fn wait_or_refuse(wait: Duration, give_up_at: Instant) -> Result<(), E> {
         if Instant::now() + wait >= give_up_at {
-            stats::ratelimit_rejection();
-            tracing::warn!(
-                wait_ms = wait.as_millis() as u64,
-                "Auth0 request refused: client-side rate limit"
-            );
-            return Err(Auth0Error::Throttled { retry_after: wait });
+            return Err(E::refused(OwnLimit::Rate, wait));
         }
-        stats::ratelimit_wait();
+        E::waiting_for_slot(wait);
         tokio::time::sleep(wait).await;
         Ok(())
     }
 }
 
+/// Auth0's side of the shared loop: its errors, its metrics and log lines.
+impl UpstreamError for Auth0Error {
+    type Label<'a> = &'static str;
+
+    /// A caller with a later deadline may wait for Auth0's quota past
+    /// `max_wait`, and a call already past its deadline still takes a free
+    /// slot (the service's DEADLINE_EXCEEDED answers the caller).
+    const SLOT_WAIT: SlotWait = SlotWait::UntilDeadline;
+
+    fn is_transient(&self) -> bool {
+        Auth0Error::is_transient(self)
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        Auth0Error::retry_after(self)
+    }
+
+    fn timed_out() -> Self {
+        Auth0Error::Timeout
+    }
+
+    fn deadline_passed() -> Option<Self> {
+        None
+    }
+
+    /// THROTTLED; a refusal by the rate limit is counted and logged, one by
+    /// the in-flight bound is not.
+    fn refused(limit: OwnLimit, retry_after: Duration) -> Self {
+        if limit == OwnLimit::Rate {
+            stats::ratelimit_rejection();
+            tracing::warn!(
+                wait_ms = retry_after.as_millis() as u64,
+                "Auth0 request refused: client-side rate limit"
+            );
+        }
+        Auth0Error::Throttled { retry_after }
+    }
+
+    fn waiting_for_slot(_wait: Duration) {
+        stats::ratelimit_wait();
+    }
+
+    fn retrying(&self, endpoint: &'static str, attempt: u32, wait: Duration) {
+        stats::auth0_retry(endpoint);
+        tracing::warn!(error = %self, endpoint, attempt, retry_in_ms = wait.as_millis() as u64, "retrying Auth0");
+    }
+}
+
 /// Exponential backoff from 250 ms with jitter (50–100 % of the step), so
 /// many replicas do not retry in lockstep.
-fn backoff(attempt: u32) -> Duration {
+pub(crate) fn backoff(attempt: u32) -> Duration {
     let step = BACKOFF_BASE * 2u32.saturating_pow(attempt.saturating_sub(1));
     step.mul_f64(rand::rng().random_range(0.5..=1.0))
 }

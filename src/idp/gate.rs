@@ -1,44 +1,31 @@
 //! What the broker allows itself towards one IdP: a rate limit (governor), a
 //! bound on refreshes in flight, and retries of transient failures that honour
 //! `Retry-After`, all within the caller's deadline and a budget for the whole
-//! call. The shape of `auth0::outbound`, with the IdP's own errors, log lines
-//! and budget: an IdP outage must neither look like an Auth0 one nor spend
-//! Auth0's quota.
+//! call. The loop is `auth0::outbound`'s [`Upstream`], run over the IdP's own
+//! errors, log lines and instances: an IdP outage must neither look like an
+//! Auth0 one nor spend Auth0's quota.
 
 use std::future::Future;
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use rand::Rng;
-use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use super::request::Failure;
 use super::IdpError;
+#[cfg(test)]
+use crate::auth0::outbound::{backoff, BACKOFF_BASE};
+use crate::auth0::outbound::{OwnLimit, SlotWait, Upstream, UpstreamError};
 use crate::auth0::OutboundLimits;
 
-/// First backoff step when the IdP did not say how long to wait.
-const BACKOFF_BASE: Duration = Duration::from_millis(250);
-
-/// The gate every refresh at one IdP passes.
-pub(crate) struct Gate {
-    limiter: DefaultDirectRateLimiter,
-    in_flight: Semaphore,
-    limits: OutboundLimits,
-    /// How long one call may take, attempts and waits included.
-    call_timeout: Duration,
-}
+/// The gate every refresh at one IdP passes: its own limiter and in-flight
+/// bound, never shared with Auth0 nor with another connection.
+pub(crate) struct Gate(Upstream<Failure>);
 
 impl Gate {
+    /// A gate with these limits, where one call gives up after `call_timeout`
+    /// whatever the caller's deadline.
     pub(crate) fn new(limits: OutboundLimits, call_timeout: Duration) -> Self {
-        let quota = Quota::per_second(limits.rate_per_second).allow_burst(limits.burst);
-        Self {
-            limiter: RateLimiter::direct(quota),
-            in_flight: Semaphore::new(limits.max_in_flight.max(1)),
-            limits,
-            call_timeout,
-        }
+        Self(Upstream::new(limits, call_timeout))
     }
 
     /// Runs `attempt` within the limits and retries it while it fails
@@ -50,93 +37,70 @@ impl Gate {
         &self,
         connection: &str,
         deadline: Option<Instant>,
-        mut attempt: F,
+        attempt: F,
     ) -> Result<T, IdpError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
-        let budget_end = Instant::now() + self.call_timeout;
-        let give_up_at = deadline.map_or(budget_end, |deadline| deadline.min(budget_end));
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let permit = self.admit(give_up_at).await?;
-            let failure = match tokio::time::timeout_at(budget_end, attempt()).await {
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(failure)) => failure,
-                Err(_) => Failure::timed_out(),
-            };
-            drop(permit);
-            let Some(wait) = self.retry_wait(&failure, attempts, give_up_at) else {
-                return Err(failure.error);
-            };
-            tracing::warn!(error = %failure.error, connection, attempt = attempts, retry_in_ms = wait.as_millis() as u64, "retrying the IdP");
-            tokio::time::sleep(wait).await;
-        }
-    }
-
-    /// How long to wait before the next attempt, or `None` to give up: the
-    /// failure is not transient, the attempts are spent, or the wait is longer
-    /// than the broker sits out or would end past `give_up_at`.
-    fn retry_wait(
-        &self,
-        failure: &Failure,
-        attempts: u32,
-        give_up_at: Instant,
-    ) -> Option<Duration> {
-        if !failure.retryable || attempts >= self.limits.max_attempts {
-            return None;
-        }
-        let wait = failure
-            .error
-            .retry_after()
-            .unwrap_or_else(|| backoff(attempts));
-        let in_time = Instant::now() + wait < give_up_at;
-        (wait <= self.limits.max_wait && in_time).then_some(wait)
-    }
-
-    /// A rate-limit slot and an in-flight permit, or UNAVAILABLE when they do
-    /// not come before `give_up_at` (nor within `max_wait`): the broker's own
-    /// limit, said with the time it asks to wait.
-    async fn admit(&self, give_up_at: Instant) -> Result<SemaphorePermit<'_>, IdpError> {
-        let give_up_at = give_up_at.min(Instant::now() + self.limits.max_wait);
-        if Instant::now() >= give_up_at {
-            return Err(IdpError::unavailable(
-                "the caller's deadline passed before the IdP could be asked",
-            ));
-        }
-        while let Err(not_until) = self.limiter.check() {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            if Instant::now() + wait >= give_up_at {
-                return Err(own_limit(wait));
-            }
-            tokio::time::sleep(wait).await;
-        }
-        match tokio::time::timeout_at(give_up_at, self.in_flight.acquire()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(own_limit(Duration::from_millis(100))),
-        }
+        self.0
+            .call(connection, deadline, attempt)
+            .await
+            .map_err(|failure| failure.error)
     }
 }
 
-/// The broker's own limit on calls to this IdP is reached.
-fn own_limit(retry_after: Duration) -> IdpError {
-    tracing::warn!(
-        wait_ms = retry_after.as_millis() as u64,
-        "IdP refresh refused: the broker's own limit for this IdP"
-    );
-    IdpError::Unavailable {
-        reason: "the broker's own limit on calls to this IdP is reached".to_owned(),
-        retry_after: Some(retry_after),
+/// The IdP's side of the shared loop: a failure says itself whether it is
+/// worth retrying, and the broker's own limits answer UNAVAILABLE with the
+/// time they ask to wait.
+impl UpstreamError for Failure {
+    type Label<'a> = &'a str;
+
+    /// A refresh waits at most `max_wait` for its slot, and none starts once
+    /// the caller's deadline has passed.
+    const SLOT_WAIT: SlotWait = SlotWait::AtMostMaxWait;
+
+    fn is_transient(&self) -> bool {
+        self.retryable
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        self.error.retry_after()
+    }
+
+    fn timed_out() -> Self {
+        Failure::timed_out()
+    }
+
+    fn deadline_passed() -> Option<Self> {
+        Some(settled(IdpError::unavailable(
+            "the caller's deadline passed before the IdP could be asked",
+        )))
+    }
+
+    /// The broker's own limit on calls to this IdP is reached, whichever.
+    fn refused(_limit: OwnLimit, retry_after: Duration) -> Self {
+        tracing::warn!(
+            wait_ms = retry_after.as_millis() as u64,
+            "IdP refresh refused: the broker's own limit for this IdP"
+        );
+        settled(IdpError::Unavailable {
+            reason: "the broker's own limit on calls to this IdP is reached".to_owned(),
+            retry_after: Some(retry_after),
+        })
+    }
+
+    fn retrying(&self, connection: &str, attempt: u32, wait: Duration) {
+        tracing::warn!(error = %self.error, connection, attempt, retry_in_ms = wait.as_millis() as u64, "retrying the IdP");
     }
 }
 
-/// Exponential backoff from 250 ms, jittered to 50–100 % of the step so
-/// replicas do not retry in lockstep.
-fn backoff(attempt: u32) -> Duration {
-    let step = BACKOFF_BASE * 2u32.saturating_pow(attempt.saturating_sub(1));
-    step.mul_f64(rand::rng().random_range(0.5..=1.0))
+/// A failure no retry mends: the gate's own refusals end the call at once.
+fn settled(error: IdpError) -> Failure {
+    Failure {
+        error,
+        retryable: false,
+    }
 }
 
 #[cfg(test)]
