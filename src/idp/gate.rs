@@ -12,8 +12,6 @@ use tokio::time::Instant;
 
 use super::request::Failure;
 use super::IdpError;
-#[cfg(test)]
-use crate::auth0::outbound::{backoff, BACKOFF_BASE};
 use crate::auth0::outbound::{OwnLimit, SlotWait, Upstream, UpstreamError};
 use crate::auth0::OutboundLimits;
 
@@ -257,17 +255,5 @@ mod tests {
             "waits for its slot"
         );
         assert_eq!(calls.load(Ordering::SeqCst), 2);
-    }
-
-    #[test]
-    fn backoff_doubles_from_250ms_with_jitter() {
-        for attempt in 1..=3 {
-            let step = BACKOFF_BASE * 2u32.pow(attempt - 1);
-            let wait = backoff(attempt);
-            assert!(
-                wait >= step / 2 && wait <= step,
-                "{wait:?} for attempt {attempt}"
-            );
-        }
     }
 }
