@@ -244,7 +244,7 @@ impl TokenFill {
             .arg(&self.lock.token)
             .arg(&self.generation)
             .arg(sealed_token)
-            .arg(if life > 0 { life } else { 0 })
+            .arg(life)
             .arg(sealed_rotation)
             .arg(millis(ROTATION_LIFE));
         let stored: Option<i64> = self.lock.core.link.run("fill_token", &script).await;
