@@ -44,13 +44,12 @@ use tokenbroker::pki::{write_file, IssuedCertificate};
 use tokenbroker::policy::{Policy, PolicyStore};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::GetIdpTokenRequest;
-use tokenbroker::server::{BrokerSettings, ResilienceSettings, READINESS_SERVICE};
+use tokenbroker::server::{BrokerSettings, ResilienceSettings};
 use tokenbroker::service::fresh::FreshnessSettings;
 use tokenbroker::testkit::{mtls_channel, Credentials, StartedBroker, TestPki};
 use tonic::transport::Channel;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
+use crate::common::baseline::Baseline;
 use crate::common::{idp_connections, seed_stale_users, start_warm, stop_broker, STALE_CONNECTION};
 
 /// What the brokers present to the emulator, and the emulator accepts.
@@ -372,17 +371,6 @@ fn get_token() -> Call {
     })
 }
 
-fn health_check() -> Call {
-    Arc::new(|channel, _user| {
-        Box::pin(async move {
-            let mut client = HealthClient::new(channel);
-            let service = READINESS_SERVICE.to_owned();
-            let check = client.check(HealthCheckRequest { service });
-            matches!(tokio::time::timeout(RPC_BOUND, check).await, Ok(Ok(_)))
-        })
-    })
-}
-
 /// An emulator holding `users` GitHub users (`github|0` ...).
 async fn emulator(users: usize, latency: Duration) -> Emulator {
     let emulator = CREDENTIALS.start_emulator().await.expect("emulator starts");
@@ -404,12 +392,8 @@ async fn hits(pki: &Pki, redis: &Redis, args: &Args) {
         args.users, args.concurrency, args.seconds
     );
     let emulator = emulator(args.users, Duration::ZERO).await;
-    let rows: [(&str, Option<&Redis>, Call); 3] = [
-        (
-            "tonic baseline: Health/Check over the broker's mTLS",
-            None,
-            health_check(),
-        ),
+    baseline_hits(pki, &emulator, args).await;
+    let rows: [(&str, Option<&Redis>, Call); 2] = [
         ("GetIdpToken hit, broker alone", None, get_token()),
         (
             "GetIdpToken hit, broker with Redis configured",
@@ -441,6 +425,38 @@ async fn hits(pki: &Pki, redis: &Redis, args: &Args) {
         drop(channels);
         stop_broker(broker).await;
     }
+}
+
+/// The bare tonic baseline of the load bench (`common::baseline`): the
+/// generated service answering, with the broker's certificates, a clone of
+/// what the broker answers for user 0, loaded like the broker.
+async fn baseline_hits(pki: &Pki, emulator: &Emulator, args: &Args) {
+    let upstream = Upstream {
+        emulator,
+        redis: None,
+        connections: None,
+    };
+    let broker = start_broker(pki, upstream).await;
+    let mut client = TokenBrokerClient::new(connect(broker.addr, pki).await);
+    let answer = client
+        .get_idp_token(github_request(0))
+        .await
+        .expect("the broker answers")
+        .into_inner();
+    let baseline = Baseline::start(broker.tls.clone(), answer).await;
+    let mut channels = Vec::new();
+    for _ in 0..CHANNELS {
+        channels.push(connect(baseline.addr, pki).await);
+    }
+    let (rate, latencies, errors) = drive(&channels, get_token(), args).await;
+    println!(
+        "{:<52} {rate:>9.0} RPC/s  {}  errors {errors}",
+        "tonic baseline: GetIdpToken, fixed answer, same mTLS",
+        latencies.summary()
+    );
+    drop(channels);
+    baseline.stop().await;
+    stop_broker(broker).await;
 }
 
 /// How a fleet phase names its run.

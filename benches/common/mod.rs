@@ -1,11 +1,14 @@
 //! What both benchmarks (`load` and `fleet`) set up alike around the test
 //! kit, written once: a broker run on loopback with its Management token in
-//! hand, and stopped; and the stale-token users, with the connections file
-//! that has the broker refresh them at the emulator's IdP.
+//! hand, and stopped; the stale-token users, with the connections file that
+//! has the broker refresh them at the emulator's IdP; and the bare tonic
+//! baseline both compare the broker with (`baseline.rs`).
 //!
 //! Each bench includes this file as its `common` module (`#[path]`; a folder
 //! without `main.rs` is no bench target of its own), so every item here must
 //! be used by both.
+
+pub mod baseline;
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};

@@ -9,7 +9,7 @@
 //!
 //! Layout, by phase: [`args`] (flags), [`users`] (the synthetic users and
 //! their requests), [`broker`] (the broker under test, through the test kit),
-//! [`baseline`] (the bare server), [`load`] and [`stats`] (the closed-loop
+//! [`common::baseline`] (the bare server), [`load`] and [`stats`] (the closed-loop
 //! load and its percentiles), [`cold`] (the cold path), [`stale`] (the
 //! stale-token phase), [`memory`] (the memory phase and its child emulator),
 //! [`report`] (what is printed), and [`common`] (`benches/common/`, shared
@@ -17,7 +17,6 @@
 //! the connections file that refreshes them).
 
 mod args;
-mod baseline;
 mod broker;
 mod cold;
 #[path = "../common/mod.rs"]
@@ -37,8 +36,8 @@ use tokenbroker::proto::GetIdpTokenRequest;
 use tonic::transport::Channel;
 
 use crate::args::{parse_args, Args, HELP};
-use crate::baseline::Baseline;
 use crate::broker::{connect_many, start_broker, Upstream, CREDENTIALS};
+use crate::common::baseline::Baseline;
 use crate::common::{seed_stale_users, stop_broker};
 use crate::load::{best, drive, RoundResult};
 use crate::memory::{emulator_child, EMULATOR_CHILD_FLAG};

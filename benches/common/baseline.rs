@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
-use crate::common::STOP_BOUND;
+use super::STOP_BOUND;
 
 /// Answers every `GetIdpToken` with a clone of one response.
 struct FixedAnswer(GetIdpTokenResponse);
