@@ -144,11 +144,11 @@ impl Shared {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Appends `line` to the waiting batch if there is room (or `force`);
-    /// `Err` with the batch to wait for when there is none.
-    fn try_append(&self, line: &[u8], force: bool) -> Result<Arc<Batch>, Arc<Batch>> {
+    /// Appends `line` to the waiting batch if there is room; `Err` with the
+    /// batch to wait for when there is none.
+    fn try_append(&self, line: &[u8]) -> Result<Arc<Batch>, Arc<Batch>> {
         let mut waiting = self.lock();
-        if waiting.bytes.len() >= MAX_WAITING_BYTES && !force {
+        if waiting.bytes.len() >= MAX_WAITING_BYTES {
             return Err(waiting.batch.clone());
         }
         waiting.bytes.extend_from_slice(line);
@@ -166,7 +166,7 @@ impl Shared {
     /// senders instead of growing memory. The batch it goes out in.
     async fn append(&self, line: &[u8]) -> Arc<Batch> {
         loop {
-            match self.try_append(line, false) {
+            match self.try_append(line) {
                 Ok(batch) => return batch,
                 // Room comes when the full batch is written.
                 Err(full) => {
@@ -284,7 +284,7 @@ impl AuditSink {
     /// the line is dropped, counted and logged, never silently.
     pub fn try_write_detached(&self, line: Vec<u8>) {
         let Some(shared) = self.shared() else { return };
-        if shared.try_append(&line, false).is_err() {
+        if shared.try_append(&line).is_err() {
             stats::audit_lines(1, false);
             tracing::warn!("audit queue full: the line of a refused request was dropped");
         }
