@@ -204,11 +204,7 @@ impl Fleet {
     /// lock) and tells every replica. If Redis cannot be reached the
     /// invalidation is kept and sent when it is back.
     pub async fn invalidate(&self, user_id: &UserId) {
-        if self.core.send_invalidation(user_id).await {
-            metrics::invalidation_sent();
-        } else {
-            self.core.keep_for_later(user_id);
-        }
+        self.core.deliver_invalidation(user_id).await;
     }
 
     /// Whether the fleet is in shared mode now (Redis answering and the
@@ -260,18 +256,15 @@ impl Core {
             "sending the invalidations kept during the Redis outage"
         );
         for user_id in waiting {
-            if self.send_invalidation(&user_id).await {
-                metrics::invalidation_sent();
-            } else {
-                self.keep_for_later(&user_id);
-            }
+            self.deliver_invalidation(&user_id).await;
         }
     }
 
-    /// Runs [`scripts::INVALIDATE`] for `user_id`; whether Redis took it.
-    async fn send_invalidation(&self, user_id: &UserId) -> bool {
+    /// Runs [`scripts::INVALIDATE`] for `user_id`: counted when Redis took
+    /// it, kept for later when it did not.
+    async fn deliver_invalidation(&self, user_id: &UserId) {
         let Some(message) = self.invalidation(user_id) else {
-            return true;
+            return;
         };
         let slot = self.keys.slot(user_id);
         let mut script = scripts::INVALIDATE.key(&slot.value);
@@ -282,7 +275,11 @@ impl Core {
             .arg(&self.channel)
             .arg(message)
             .arg(millis(GENERATION_LIFE));
-        self.link.run::<i64>("invalidate", &script).await.is_some()
+        if self.link.run::<i64>("invalidate", &script).await.is_some() {
+            metrics::invalidation_sent();
+        } else {
+            self.keep_for_later(user_id);
+        }
     }
 
     /// The user's slot (value and lock keys).
