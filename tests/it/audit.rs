@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::support::{bounded, get_on, get_request, Options, TestBroker};
+use crate::support::{bounded, BackgroundReleases, Options, TestBroker};
 
 /// base64 of 32 bytes: the key format `openssl rand -base64 32` writes.
 const AUDIT_KEY_BASE64: &str = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=";
@@ -238,31 +238,13 @@ async fn a_rotated_file_is_reopened_and_no_line_is_lost_under_load() {
     let dir = tempfile::tempdir().expect("dir");
     let (broker, log) = audited_broker(dir.path()).await;
     let client = broker.client().await;
-    let load = (0..4).map(|_| {
-        let mut client = client.clone();
-        tokio::spawn(async move {
-            let mut released = 0u32;
-            for _ in 0..100 {
-                if get_on(&mut client, get_request(seed::GITHUB_USER, "github"))
-                    .await
-                    .is_ok()
-                {
-                    released += 1;
-                }
-            }
-            released
-        })
-    });
-    let load: Vec<_> = load.collect();
+    let load = BackgroundReleases::start(&client, 4, 100);
     tokio::time::sleep(Duration::from_millis(50)).await;
     // logrotate's `create` mode: move the file, then tell the broker.
     let rotated = dir.path().join("audit.log.1");
     std::fs::rename(&log, &rotated).expect("rotate");
     broker.audit.sink.reopen();
-    let mut released = 0;
-    for task in load {
-        released += bounded("load", task).await.expect("task");
-    }
+    let released = load.released().await;
     broker.stop().await;
     let before = audit_lines(&rotated);
     let after = audit_lines(&log);
@@ -275,9 +257,6 @@ async fn a_rotated_file_is_reopened_and_no_line_is_lost_under_load() {
         .chain(&after)
         .filter(|line| line["outcome"] == "released")
         .count();
-    assert_eq!(
-        released_lines, released as usize,
-        "every release has its line"
-    );
+    assert_eq!(released_lines, released, "every release has its line");
     assert_eq!(released, 400);
 }

@@ -89,6 +89,39 @@ pub fn bypass_request(user_id: &str, provider: &str) -> GetIdpTokenRequest {
 }
 
 /// `GetIdpToken` on an existing client, bounded by [`RPC_BOUND`].
+/// Releases of the seeded GitHub user's token running in the background:
+/// `tasks` tasks asking `rounds` times each, one after the other, on
+/// `client`, started at once (to rotate or reopen something under load).
+pub struct BackgroundReleases(Vec<tokio::task::JoinHandle<usize>>);
+
+impl BackgroundReleases {
+    pub fn start(client: &TokenBrokerClient<Channel>, tasks: usize, rounds: usize) -> Self {
+        let tasks = (0..tasks).map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut released = 0;
+                for _ in 0..rounds {
+                    let request = get_request(seed::GITHUB_USER, "github");
+                    if get_on(&mut client, request).await.is_ok() {
+                        released += 1;
+                    }
+                }
+                released
+            })
+        });
+        Self(tasks.collect())
+    }
+
+    /// How many releases succeeded, once every task is done.
+    pub async fn released(self) -> usize {
+        let mut released = 0;
+        for task in self.0 {
+            released += bounded("releases", task).await.expect("task");
+        }
+        released
+    }
+}
+
 pub async fn get_on(
     client: &mut TokenBrokerClient<Channel>,
     request: impl tonic::IntoRequest<GetIdpTokenRequest>,

@@ -4,11 +4,10 @@
 
 use std::time::Duration;
 
-use tokenbroker::emulator::seed;
 use tokenbroker::testkit::Credentials;
 
 use super::{terminate, ClientAuth, ServedBinary};
-use crate::support::{bounded, get_on, get_request};
+use crate::support::BackgroundReleases;
 
 /// What the audited broker and its emulator agree on.
 const CREDENTIALS: Credentials<'static> = Credentials {
@@ -42,22 +41,7 @@ async fn sighup_after_a_rotation_reopens_the_audit_file_and_no_line_is_lost() {
     );
     let cert = served.client_certs.pop().expect("cert");
     let client = served.connect_when_listening(&cert).await;
-    let load = (0..4).map(|_| {
-        let mut client = client.clone();
-        tokio::spawn(async move {
-            let mut released = 0usize;
-            for _ in 0..150 {
-                if get_on(&mut client, get_request(seed::GITHUB_USER, "github"))
-                    .await
-                    .is_ok()
-                {
-                    released += 1;
-                }
-            }
-            released
-        })
-    });
-    let load: Vec<_> = load.collect();
+    let load = BackgroundReleases::start(&client, 4, 150);
     tokio::time::sleep(Duration::from_millis(100)).await;
     std::fs::rename(&log, &rotated).expect("rotate the audit file");
     let pid = served.child.id().expect("running");
@@ -66,10 +50,7 @@ async fn sighup_after_a_rotation_reopens_the_audit_file_and_no_line_is_lost() {
         .status()
         .expect("run kill");
     assert!(hup.success());
-    let mut released = 0;
-    for task in load {
-        released += bounded("load", task).await.expect("task");
-    }
+    let released = load.released().await;
     drop(client);
     let status = terminate(&mut served.child).await;
     assert!(
