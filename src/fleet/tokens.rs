@@ -82,8 +82,9 @@ pub struct TokenNeed<'a> {
     pub deadline: Option<Instant>,
 }
 
-/// A refresh token an IdP rotated, as the fleet shares it.
-#[derive(Debug)]
+/// A refresh token an IdP rotated: what the refresher keeps in memory and
+/// the fleet shares (one type, as for [`KeptToken`]).
+#[derive(Debug, Clone)]
 pub struct SharedRotation {
     /// SHA-256 of the refresh token Auth0's profile holds that this chain
     /// started from: a rotation is used only by callers passing that one.

@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use moka::sync::Cache;
 use secrecy::{ExposeSecret, SecretString};
@@ -94,33 +94,11 @@ impl Fingerprint {
     }
 }
 
-/// The refresh token in use for a key since the IdP rotated the one Auth0 holds.
-struct Rotation {
-    /// The caller's (Auth0's) refresh token it replaces: a caller passing
-    /// another one has a new grant, which the rotation is not about.
-    origin: Fingerprint,
-    current: SecretString,
-    /// When the refresh that got it was sent: of two, the newer is in use.
-    rotated_at: SystemTime,
-}
-
-impl Rotation {
-    fn from_shared(shared: &SharedRotation) -> Self {
-        Self {
-            origin: Fingerprint(shared.origin),
-            current: shared.current.clone(),
-            rotated_at: shared.rotated_at,
-        }
-    }
-
-    fn to_shared(&self) -> SharedRotation {
-        SharedRotation {
-            origin: self.origin.0,
-            current: self.current.clone(),
-            rotated_at: self.rotated_at,
-        }
-    }
-}
+/// The refresh token in use for a key since the IdP rotated the one Auth0
+/// holds. Its `origin` is the [`Fingerprint`] of the caller's (Auth0's)
+/// refresh token it replaces: a caller passing another one has a new grant,
+/// which the rotation is not about. Of two, the newer is in use.
+type Rotation = SharedRotation;
 
 /// A refresh under way; callers passing different refresh tokens for one key
 /// do not share one, as their answers may differ.
@@ -318,11 +296,10 @@ impl IdpRefresher {
         match claim {
             TokenClaim::Found(shared) => Ok(self.keep_shared(need, shared, started)),
             TokenClaim::Holder(fill) => {
-                let fleet_rotation = fill.rotation().map(Rotation::from_shared);
+                let fleet_rotation = fill.rotation().cloned();
                 match self.refresh(need, fleet_rotation).await {
                     Ok((token, rotated)) => {
-                        let rotated = rotated.map(|rotation| rotation.to_shared());
-                        fill.fill(&token, rotated.as_ref()).await;
+                        fill.fill(&token, rotated.as_deref()).await;
                         Ok(token)
                     }
                     Err(error) => {
@@ -350,8 +327,8 @@ impl IdpRefresher {
         let local = self
             .rotations
             .get(need.key)
-            .filter(|rotation| rotation.origin == need.origin);
-        let fleet = fleet.filter(|rotation| rotation.origin == need.origin);
+            .filter(|rotation| rotation.origin == need.origin.0);
+        let fleet = fleet.filter(|rotation| rotation.origin == need.origin.0);
         match (local, fleet) {
             (Some(local), Some(fleet)) if fleet.rotated_at <= local.rotated_at => Some(local),
             (local, None) => local,
@@ -400,7 +377,7 @@ impl IdpRefresher {
         stats::idp_refresh(&need.key.connection, "ok", Some(elapsed));
         let rotation = fresh.rotated_refresh_token.map(|current| {
             let rotation = Arc::new(Rotation {
-                origin: need.origin,
+                origin: need.origin.0,
                 current,
                 rotated_at: fresh.token.issued_at,
             });
