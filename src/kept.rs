@@ -43,12 +43,6 @@ pub struct KeptToken {
     pub scopes: Vec<String>,
 }
 
-impl Expires for KeptToken {
-    fn expires_at(&self) -> SystemTime {
-        self.expires_at
-    }
-}
-
 /// The tokens one fetcher keeps per user and connection until they expire,
 /// with the memory of `forget_user` calls and the connections to walk when
 /// forgetting a user.
@@ -153,33 +147,27 @@ impl KeptTokens {
     }
 }
 
-/// A token that stops working at a known time, so a cache can drop it then.
-pub trait Expires {
-    /// When it stops working.
-    fn expires_at(&self) -> SystemTime;
-}
-
 /// A kept token is dropped when it expires, not after a fixed TTL.
-pub struct UntilExpiry;
+struct UntilExpiry;
 
-impl<V: Expires> Expiry<TokenKey, std::sync::Arc<V>> for UntilExpiry {
+impl Expiry<TokenKey, Arc<KeptToken>> for UntilExpiry {
     fn expire_after_create(
         &self,
         _key: &TokenKey,
-        token: &std::sync::Arc<V>,
+        token: &Arc<KeptToken>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(time_left(token.expires_at()))
+        Some(time_left(token.expires_at))
     }
 
     fn expire_after_update(
         &self,
         _key: &TokenKey,
-        token: &std::sync::Arc<V>,
+        token: &Arc<KeptToken>,
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Some(time_left(token.expires_at()))
+        Some(time_left(token.expires_at))
     }
 }
 
@@ -265,14 +253,14 @@ impl Forgetting {
     /// was got), never the token itself. The token, shared, for the caller.
     fn keep_token(
         &self,
-        cache: &Cache<TokenKey, std::sync::Arc<KeptToken>>,
+        cache: &Cache<TokenKey, Arc<KeptToken>>,
         key: &TokenKey,
         token: KeptToken,
         started: u64,
         what: &'static str,
-    ) -> std::sync::Arc<KeptToken> {
+    ) -> Arc<KeptToken> {
         let expires_in_secs = time_left(token.expires_at).as_secs();
-        let token = std::sync::Arc::new(token);
+        let token = Arc::new(token);
         self.keep(cache, key, token.clone(), started);
         tracing::debug!(
             user_id = &*crate::logsafe::capped(&key.user_id),
