@@ -162,6 +162,7 @@ impl Fleet {
             .key(&slot.lock)
             .key(&slot.kept)
             .key(&slot.generation)
+            .key(&slot.rotations)
             .arg(&core.channel)
             .arg(message)
             .arg(millis(super::GENERATION_LIFE))

@@ -44,6 +44,8 @@ pub(super) struct UserSlot {
     /// Counts the user's invalidations: a kept token is stored only if none
     /// came since its fetch began.
     pub(super) generation: String,
+    /// A hash of the user's rotated refresh tokens, one field per connection.
+    pub(super) rotations: String,
 }
 
 /// Where one kept token of a user (one kind, one connection) lives: the
@@ -57,7 +59,7 @@ pub(super) struct TokenSlot {
     /// The fleet-wide single-flight lock of this token's fetch.
     pub(super) lock: String,
     /// A hash of the user's rotated refresh tokens, one field per
-    /// connection; kept across invalidations (see `tokens.rs`).
+    /// connection; dropped by invalidations like the tokens (see `tokens.rs`).
     pub(super) rotations: String,
     /// This connection's field in `rotations`.
     pub(super) rotation_field: String,
@@ -118,6 +120,7 @@ impl FleetKeys {
             lock: format!("{KEY_PREFIX}l:{{{name}}}"),
             kept: format!("{KEY_PREFIX}k:{{{name}}}"),
             generation: format!("{KEY_PREFIX}g:{{{name}}}"),
+            rotations: format!("{KEY_PREFIX}r:{{{name}}}"),
         }
     }
 

@@ -272,6 +272,7 @@ impl Core {
             .key(&slot.lock)
             .key(&slot.kept)
             .key(&slot.generation)
+            .key(&slot.rotations)
             .arg(&self.channel)
             .arg(message)
             .arg(millis(GENERATION_LIFE));

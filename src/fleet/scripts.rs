@@ -58,15 +58,15 @@ return 0
 });
 
 /// Forgets the user fleet-wide: deletes the value, the lock (so a read
-/// under way cannot store what it read) and the kept tokens, counts the
-/// invalidation (so a token fetch under way cannot store either), and tells
-/// every replica.
-/// KEYS: value, lock, kept tokens, generation. ARGV: channel, sealed
-/// message, generation life (ms).
+/// under way cannot store what it read), the kept tokens and the rotated
+/// refresh tokens, counts the invalidation (so a token fetch under way
+/// cannot store either), and tells every replica.
+/// KEYS: value, lock, kept tokens, generation, rotations. ARGV: channel,
+/// sealed message, generation life (ms).
 pub(super) static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5])
 redis.call('INCR', KEYS[4])
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
@@ -77,12 +77,12 @@ return 1
 
 /// [`INVALIDATE`], then takes the lock for this replica's fresh read
 /// (`bypass_cache`), so that others wait for it rather than read Auth0 too.
-/// KEYS: value, lock, kept tokens, generation. ARGV: channel, sealed
-/// message, generation life (ms), lock token, lock TTL (ms).
+/// KEYS: value, lock, kept tokens, generation, rotations. ARGV: channel,
+/// sealed message, generation life (ms), lock token, lock TTL (ms).
 pub(super) static TAKE_OVER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[5])
 redis.call('INCR', KEYS[4])
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])

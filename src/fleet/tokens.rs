@@ -14,10 +14,10 @@
 //! * Rotated refresh tokens: an IdP that rotates retires the refresh token
 //!   it was sent. The holder gets the fleet's rotation with its claim, so it
 //!   refreshes with the newest one, and its fill stores the new one whatever
-//!   else happened (it is then the only one that works). Rotations survive
-//!   invalidations (a rotation is no token to serve, and dropping it would
-//!   leave only retired refresh tokens: the user would have to reconnect)
-//!   and live [`ROTATION_LIFE`] after the last refresh. Each is bound to the
+//!   else happened (it is then the only one that works). InvalidateUser and
+//!   `bypass_cache` delete them with everything else held for the user (the
+//!   next refresh starts again from Auth0's refresh token); otherwise they
+//!   live [`ROTATION_LIFE`] after the last refresh. Each is bound to the
 //!   refresh token it replaced (its `origin`): a user who reconnected has a
 //!   new one, and the rotation is then ignored.
 //! * A token's lock lives as long as its fetch may take

@@ -11,9 +11,9 @@
 //!
 //! * In a fleet (`--redis-url`) refreshed tokens and rotated refresh tokens
 //!   are shared, and one replica refreshes a user's token for all
-//!   (`fleet::tokens`); InvalidateUser from any replica drops them here.
-//!   Rotations survive invalidations: they are no token to serve, and the
-//!   refresh token they replaced is retired at the IdP.
+//!   (`fleet::tokens`); InvalidateUser from any replica drops them here,
+//!   rotations included (the contract: an invalidation forgets everything
+//!   held for the user).
 //!
 //! What the broker knows of a caller's refresh token is its SHA-256: enough to
 //! tell whether a rotation or a refusal is about the token Auth0 holds now (a
@@ -209,18 +209,22 @@ impl IdpRefresher {
         self.shared_refresh(&need).await
     }
 
-    /// Drops every token and remembered refusal of `user_id`
-    /// (`InvalidateUser`, `bypass_cache`). A refresh under way for the user
-    /// keeps no token when it lands. Rotated refresh tokens stay: the ones
-    /// they replaced are retired at the IdP, so without them the user would
-    /// have to reconnect.
+    /// Drops everything held for `user_id` (`InvalidateUser`,
+    /// `bypass_cache`): kept tokens, remembered refusals and rotated refresh
+    /// tokens, so the next refresh starts again from Auth0's refresh token.
+    /// An operator invalidates to stop what the broker holds; with an IdP
+    /// that retires rotated tokens the user then reconnects, which is the
+    /// honest outcome of forgetting the chain. A refresh under way for the
+    /// user keeps no token when it lands.
     pub fn forget_user(&self, user_id: &str) {
         self.kept.forget_user(user_id);
         for connection in self.connections() {
-            self.refused.invalidate(&TokenKey {
+            let key = TokenKey {
                 user_id: user_id.to_owned(),
                 connection,
-            });
+            };
+            self.refused.invalidate(&key);
+            self.rotations.invalidate(&key);
         }
     }
 

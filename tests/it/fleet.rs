@@ -22,6 +22,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::ServingStatus;
+use tonic_types::StatusExt;
 
 use crate::rate::{assert_within_limit, rate_limited, sample_while};
 use crate::support::{
@@ -809,7 +810,8 @@ async fn a_stale_token_needed_on_three_brokers_at_once_is_refreshed_once_for_the
 }
 
 #[tokio::test]
-async fn a_refresh_token_rotated_on_one_broker_is_the_one_the_next_broker_sends() {
+async fn a_refresh_token_rotated_on_one_broker_is_the_one_the_next_broker_sends_until_invalidated()
+{
     let fleet = Fleet::start(2, refreshing_at_the_idp).await;
     let [a, b] = &fleet.brokers[..] else {
         unreachable!()
@@ -830,6 +832,24 @@ async fn a_refresh_token_rotated_on_one_broker_is_the_one_the_next_broker_sends(
     assert_ne!(first.access_token, second.access_token);
     assert_ne!(second.access_token, third.access_token);
     assert_eq!(fleet.emulator().calls().idp_token, 3);
+
+    // InvalidateUser forgets the chain fleet-wide: the next refresh sends
+    // Auth0's refresh token, which the IdP retired at the first rotation.
+    b.invalidate(seed::STALE_GOOGLE_USER)
+        .await
+        .expect("invalidate");
+    let keys = fleet.redis.keys().await;
+    assert!(
+        !keys.iter().any(|key| key.starts_with("tokenbroker:r:")),
+        "a rotation outlived the invalidation: {keys:?}"
+    );
+    let after = a
+        .get_with(need())
+        .await
+        .expect_err("the chain is forgotten");
+    assert_eq!(after.code(), Code::FailedPrecondition, "{after:?}");
+    let info = after.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "USER_MUST_RECONNECT");
 }
 
 #[tokio::test]
