@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::audit::ReleaseGate;
 use crate::caller::{self, UnreadableCaller};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -188,6 +189,9 @@ pub struct Peer {
     /// or why the certificate names nobody: such a connection is refused
     /// every RPC, never given a weaker name instead.
     pub caller: Result<Arc<str>, UnreadableCaller>,
+    /// Holds the connection's outgoing bytes until the audit lines of the
+    /// tokens in them are written (see [`crate::audit::ReleaseGate`]).
+    pub release_gate: Arc<ReleaseGate>,
 }
 
 /// An mTLS connection that passed the handshake, with its [`Peer`].
@@ -205,6 +209,7 @@ impl AuthenticatedStream {
                 .and_then(|certs| certs.first())
                 .ok_or(UnreadableCaller::NoCertificate)
                 .and_then(|leaf| caller::identify(leaf.as_ref())),
+            release_gate: ReleaseGate::new(),
         };
         Self { inner, peer }
     }
@@ -234,6 +239,7 @@ impl AsyncWrite for AuthenticatedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.peer.release_gate.poll_open(cx))?;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -242,6 +248,7 @@ impl AsyncWrite for AuthenticatedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.peer.release_gate.poll_open(cx))?;
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 

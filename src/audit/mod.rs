@@ -6,10 +6,12 @@
 //! The audit is data the broker must not lose: a release whose line cannot be
 //! written is refused (AUDIT_UNAVAILABLE) and its token is not returned.
 
+mod gate;
 mod key;
 mod record;
 mod sink;
 
+pub use gate::ReleaseGate;
 pub use key::{AuditKey, FINGERPRINT_PREFIX};
 pub use record::{Record, Released, RECORD_TYPE};
 pub use sink::{AuditError, AuditSink, SinkTarget};
@@ -103,16 +105,19 @@ impl AuditTrail {
         }
     }
 
-    /// Writes `record` with its released tokens; `Ok` once it is in the sink.
+    /// Writes `record` with its released tokens; `Ok` once it is in the
+    /// sink, or once `gate` holds the release's connection until it is (see
+    /// [`AuditSink::write`]).
     pub async fn write(
         &self,
         record: &Record<'_>,
         released: &[Released<'_>],
+        gate: Option<&ReleaseGate>,
     ) -> Result<(), AuditError> {
         if !self.sink.is_on() {
             return Ok(());
         }
         let line = record.to_line(released, self.key.as_deref());
-        self.sink.write(line).await
+        self.sink.write(&line, gate).await
     }
 }

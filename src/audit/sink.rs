@@ -14,18 +14,28 @@
 //! line is not formatting it (half a microsecond) but handing it to another
 //! thread and back. Here a line costs an append under a short lock; the
 //! writer is woken only when it sleeps, and answers a batch with one wake
-//! per waiting RPC and no allocation per line.
+//! per waiting RPC or connection and no allocation per line.
+//!
+//! While writes succeed, a release served over a connection with a
+//! [`ReleaseGate`] does not wait at all: its connection's bytes wait for the
+//! batch instead (see [`super::gate`]). The sink starts in the waiting mode
+//! and returns to it after any failed write, until a write succeeds, so a
+//! sink that cannot write (a full disk, `/dev/full`) refuses releases with
+//! AUDIT_UNAVAILABLE. A watchdog fails a batch whose write hangs past
+//! [`WRITE_TIMEOUT`], so a hung disk closes the connections it holds.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::Waker;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
+use super::gate::ReleaseGate;
 use crate::stats;
 
 /// Bytes of lines waiting for the writer at most (some ten thousand lines);
@@ -38,9 +48,12 @@ const MAX_WAITING_BYTES: usize = 4 * 1024 * 1024;
 /// at most this much longer; an idle broker's first line wakes the writer
 /// at once.
 const GATHER: Duration = Duration::from_micros(200);
-/// Longest an RPC waits for its line to be written before it gives up
-/// (a disk that hangs must not hang every release with it).
+/// Longest an RPC waits for its line to be written before it gives up,
+/// and longest a write may hang before the watchdog fails its batch (a disk
+/// that hangs must not hang every release with it).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the watchdog looks at the write under way.
+const WATCHDOG_PERIOD: Duration = Duration::from_secs(1);
 
 /// Where `--audit-log` sends the lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,25 +95,76 @@ const WRITTEN: u8 = 1;
 const FAILED: u8 = 2;
 
 /// One write of the writer: the lines appended since the previous one.
-/// Their RPCs wait on it.
-struct Batch {
+/// Their RPCs, or their connections' gates, wait on it.
+pub(super) struct Batch {
+    /// Batches are numbered from 1 in the order they are written.
+    pub(super) seq: u64,
+    /// The sequence number of the sink's latest failed batch (0: none),
+    /// shared by all its batches: a gate holding several batches learns
+    /// that one of them failed even if a later one did not.
+    pub(super) last_failed: Arc<AtomicU64>,
     outcome: AtomicU8,
+    /// Releases waiting for their own line.
     done: Notify,
+    /// Connections whose bytes wait for the batch.
+    gates: Mutex<Vec<Waker>>,
 }
 
 impl Batch {
-    fn new() -> Arc<Self> {
+    pub(super) fn new(seq: u64, last_failed: Arc<AtomicU64>) -> Arc<Self> {
         Arc::new(Self {
+            seq,
+            last_failed,
             outcome: AtomicU8::new(PENDING),
             done: Notify::new(),
+            gates: Mutex::new(Vec::new()),
         })
     }
 
-    /// Answers every line of the batch.
-    fn finish(&self, written: bool) {
+    /// Answers every line of the batch, once: the watchdog may have failed
+    /// it before the writer came back.
+    pub(super) fn finish(&self, written: bool) {
+        if !written {
+            self.last_failed.fetch_max(self.seq, Ordering::AcqRel);
+        }
         let outcome = if written { WRITTEN } else { FAILED };
-        self.outcome.store(outcome, Ordering::Release);
+        if self
+            .outcome
+            .compare_exchange(PENDING, outcome, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
         self.done.notify_waiters();
+        let gates = std::mem::take(&mut *self.gates.lock().unwrap_or_else(PoisonError::into_inner));
+        for gate in gates {
+            gate.wake();
+        }
+    }
+
+    /// Whether the batch was written, once it is over; until then `None`,
+    /// and `waker` is woken when it is.
+    pub(super) fn outcome_or_wake(&self, waker: &Waker) -> Option<bool> {
+        if let Some(written) = self.outcome() {
+            return Some(written);
+        }
+        let mut gates = self.gates.lock().unwrap_or_else(PoisonError::into_inner);
+        // Looked at again under the lock `finish` takes to wake: a finish in
+        // between is not missed.
+        if let Some(written) = self.outcome() {
+            return Some(written);
+        }
+        if !gates.iter().any(|gate| gate.will_wake(waker)) {
+            gates.push(waker.clone());
+        }
+        None
+    }
+
+    fn outcome(&self) -> Option<bool> {
+        match self.outcome.load(Ordering::Acquire) {
+            PENDING => None,
+            outcome => Some(outcome == WRITTEN),
+        }
     }
 
     /// Whether the batch was written, once it is over.
@@ -124,6 +188,9 @@ struct Waiting {
     bytes: Vec<u8>,
     lines: u64,
     batch: Arc<Batch>,
+    /// The last write succeeded: releases may leave the waiting to their
+    /// connection's gate. False at start and after a failed write.
+    writing_well: bool,
     /// Sync requests: answered once everything before them is on disk.
     syncs: Vec<oneshot::Sender<bool>>,
     /// The writer sleeps on the condition variable: the next append wakes it.
@@ -137,6 +204,15 @@ struct Shared {
     waiting: Mutex<Waiting>,
     wake_writer: Condvar,
     reopen: AtomicBool,
+    /// The batch being written and since when, for the watchdog.
+    writing: Mutex<Option<(Instant, Arc<Batch>)>>,
+}
+
+/// A line in the waiting batch.
+struct Appended {
+    batch: Arc<Batch>,
+    /// The sink writes well: the release may leave the wait to its gate.
+    may_gate: bool,
 }
 
 impl Shared {
@@ -146,28 +222,31 @@ impl Shared {
 
     /// Appends `line` to the waiting batch if there is room; `Err` with the
     /// batch to wait for when there is none.
-    fn try_append(&self, line: &[u8]) -> Result<Arc<Batch>, Arc<Batch>> {
+    fn try_append(&self, line: &[u8]) -> Result<Appended, Arc<Batch>> {
         let mut waiting = self.lock();
         if waiting.bytes.len() >= MAX_WAITING_BYTES {
             return Err(waiting.batch.clone());
         }
         waiting.bytes.extend_from_slice(line);
         waiting.lines += 1;
-        let batch = waiting.batch.clone();
+        let appended = Appended {
+            batch: waiting.batch.clone(),
+            may_gate: waiting.writing_well,
+        };
         let wake = std::mem::take(&mut waiting.writer_asleep);
         drop(waiting);
         if wake {
             self.wake_writer.notify_one();
         }
-        Ok(batch)
+        Ok(appended)
     }
 
     /// Appends `line`, waiting (asynchronously) for room: a flood slows its
-    /// senders instead of growing memory. The batch it goes out in.
-    async fn append(&self, line: &[u8]) -> Arc<Batch> {
+    /// senders instead of growing memory.
+    async fn append(&self, line: &[u8]) -> Appended {
         loop {
             match self.try_append(line) {
-                Ok(batch) => return batch,
+                Ok(appended) => return appended,
                 // Room comes when the full batch is written.
                 Err(full) => {
                     full.written().await;
@@ -208,29 +287,28 @@ impl AuditSink {
                 path: path.clone(),
             },
         };
+        let last_failed = Arc::new(AtomicU64::new(0));
         let shared = Arc::new(Shared {
             waiting: Mutex::new(Waiting {
                 bytes: Vec::with_capacity(64 * 1024),
                 lines: 0,
-                batch: Batch::new(),
+                batch: Batch::new(1, last_failed),
+                writing_well: false,
                 syncs: Vec::new(),
                 writer_asleep: false,
                 closed: false,
             }),
             wake_writer: Condvar::new(),
             reopen: AtomicBool::new(false),
+            writing: Mutex::new(None),
         });
         let writer = Writer {
             shared: shared.clone(),
             output,
         };
-        std::thread::Builder::new()
-            .name("audit-writer".to_owned())
-            .spawn(move || writer.run())
-            .map_err(|error| AuditError::Open {
-                path: PathBuf::from("(writer thread)"),
-                reason: error.to_string(),
-            })?;
+        let watched = Arc::downgrade(&shared);
+        spawn_thread("audit-writer", move || writer.run())?;
+        spawn_thread("audit-watchdog", move || watch(&watched))?;
         Ok(Self {
             handle: Some(Arc::new(Handle { shared })),
         })
@@ -250,15 +328,22 @@ impl AuditSink {
         self.handle.as_deref().map(|handle| &*handle.shared)
     }
 
-    /// Writes `line` (one JSON object and a newline) and waits until the
-    /// writer has written it: an `Ok` means the line is in the sink.
-    pub async fn write(&self, line: Vec<u8>) -> Result<(), AuditError> {
+    /// Writes the line of a release (one JSON object and a newline). `Ok`
+    /// means the line is written, or, while the sink writes well, that
+    /// `gate` holds the release's connection until it is: either way the
+    /// token may be handed to the connection. Without a gate the release
+    /// waits for its line.
+    pub async fn write(&self, line: &[u8], gate: Option<&ReleaseGate>) -> Result<(), AuditError> {
         let Some(shared) = self.shared() else {
             return Ok(());
         };
+        let appended = shared.append(line).await;
+        if let (true, Some(gate)) = (appended.may_gate, gate) {
+            gate.hold(appended.batch);
+            return Ok(());
+        }
         let written = async {
-            let batch = shared.append(&line).await;
-            if batch.written().await {
+            if appended.batch.written().await {
                 Ok(())
             } else {
                 Err(AuditError::WriteFailed)
@@ -316,6 +401,17 @@ impl AuditSink {
             Err(_) => Err(AuditError::Stopped),
         }
     }
+}
+
+fn spawn_thread(name: &str, run: impl FnOnce() + Send + 'static) -> Result<(), AuditError> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(run)
+        .map(drop)
+        .map_err(|error| AuditError::Open {
+            path: PathBuf::from(format!("({name} thread)")),
+            reason: error.to_string(),
+        })
 }
 
 fn open_append(path: &Path) -> Result<File, AuditError> {
@@ -414,7 +510,6 @@ impl Writer {
     /// `bytes` (handing back its emptied buffer, so neither side
     /// allocates). `None` once closed and drained.
     fn take(&self, bytes: &mut Vec<u8>) -> Option<Taken> {
-        let fresh = Batch::new();
         let mut waiting = self.shared.lock();
         loop {
             if !waiting.bytes.is_empty() || !waiting.syncs.is_empty() {
@@ -431,6 +526,7 @@ impl Writer {
                 .unwrap_or_else(PoisonError::into_inner);
         }
         waiting.writer_asleep = false;
+        let fresh = Batch::new(waiting.batch.seq + 1, waiting.batch.last_failed.clone());
         std::mem::swap(bytes, &mut waiting.bytes);
         Some(Taken {
             lines: std::mem::take(&mut waiting.lines),
@@ -441,7 +537,12 @@ impl Writer {
 
     /// Writes one batch with one call, answers its lines, then its syncs.
     fn write(&mut self, bytes: &[u8], taken: Taken) {
+        self.watch_write(Some(&taken.batch));
         let written = bytes.is_empty() || self.output.write_all(bytes).is_ok();
+        self.watch_write(None);
+        if taken.lines > 0 {
+            self.shared.lock().writing_well = written;
+        }
         if taken.lines > 0 {
             stats::audit_lines(taken.lines, written);
             if !written {
@@ -461,6 +562,47 @@ impl Writer {
     }
 }
 
+impl Writer {
+    /// Tells the watchdog which batch is being written, from now.
+    fn watch_write(&self, batch: Option<&Arc<Batch>>) {
+        *self
+            .shared
+            .writing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) =
+            batch.map(|batch| (Instant::now(), batch.clone()));
+    }
+}
+
+/// The watchdog: fails a batch whose write has hung for [`WRITE_TIMEOUT`],
+/// so the connections it holds are closed (their tokens unsent) and new
+/// releases wait for their own line (and time out) until a write succeeds.
+/// Ends with the sink.
+fn watch(shared: &Weak<Shared>) {
+    loop {
+        std::thread::sleep(WATCHDOG_PERIOD);
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let hung = shared
+            .writing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .filter(|(since, _)| since.elapsed() >= WRITE_TIMEOUT)
+            .map(|(_, batch)| batch.clone());
+        if let Some(batch) = hung {
+            shared.lock().writing_well = false;
+            if batch.outcome().is_none() {
+                tracing::error!(
+                    "an audit write has hung for {WRITE_TIMEOUT:?}: its releases are refused and their connections closed"
+                );
+            }
+            batch.finish(false);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,11 +612,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         let sink = AuditSink::open(&SinkTarget::File(path.clone())).unwrap();
-        sink.write(b"{\"n\":1}\n".to_vec()).await.unwrap();
+        sink.write(b"{\"n\":1}\n", None).await.unwrap();
         std::fs::rename(&path, dir.path().join("audit.log.1")).unwrap();
-        sink.write(b"{\"n\":2}\n".to_vec()).await.unwrap();
+        sink.write(b"{\"n\":2}\n", None).await.unwrap();
         sink.reopen();
-        sink.write(b"{\"n\":3}\n".to_vec()).await.unwrap();
+        sink.write(b"{\"n\":3}\n", None).await.unwrap();
         sink.sync().await.unwrap();
         let old = std::fs::read_to_string(dir.path().join("audit.log.1")).unwrap();
         let new = std::fs::read_to_string(&path).unwrap();
@@ -487,9 +629,47 @@ mod tests {
     async fn a_sink_that_cannot_write_says_so_for_every_line() {
         let sink = AuditSink::open(&SinkTarget::File(PathBuf::from("/dev/full"))).unwrap();
         assert!(matches!(
-            sink.write(b"{}\n".to_vec()).await,
+            sink.write(b"{}\n", None).await,
             Err(AuditError::WriteFailed)
         ));
+    }
+
+    #[tokio::test]
+    async fn releases_wait_for_their_line_until_a_write_succeeds_then_their_gate_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let sink = AuditSink::open(&SinkTarget::File(path.clone())).unwrap();
+        let gate = ReleaseGate::default();
+        let noop = &mut std::task::Context::from_waker(std::task::Waker::noop());
+
+        sink.write(b"{\"n\":1}\n", Some(&gate)).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"n\":1}\n");
+        assert!(
+            gate.poll_open(noop).is_ready(),
+            "the first line is waited for: the sink has not written yet"
+        );
+
+        sink.write(b"{\"n\":2}\n", Some(&gate)).await.unwrap();
+        let opened = std::future::poll_fn(|cx| gate.poll_open(cx)).await;
+        assert!(opened.is_ok());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"n\":1}\n{\"n\":2}\n",
+            "the gate opens only once the line is written"
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_sink_that_cannot_write_never_leaves_a_release_to_its_gate() {
+        let sink = AuditSink::open(&SinkTarget::File(PathBuf::from("/dev/full"))).unwrap();
+        let gate = ReleaseGate::default();
+        for _ in 0..3 {
+            assert!(matches!(
+                sink.write(b"{}\n", Some(&gate)).await,
+                Err(AuditError::WriteFailed)
+            ));
+        }
     }
 
     #[test]

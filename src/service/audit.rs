@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use crate::audit::{AuditTrail, Record, Released};
+use crate::audit::{AuditTrail, Record, ReleaseGate, Released};
 use crate::error::BrokerError;
 use crate::logsafe::capped;
 use crate::proto::{IdpToken, TokenSource};
@@ -102,18 +102,20 @@ impl Subject<'_> {
     }
 }
 
-/// Tokens are about to be released: writes the line and waits until it is
-/// written. `Err(AuditUnavailable)` means the tokens must not be returned.
+/// Tokens are about to be released: writes the line, and returns once it
+/// is written or `gate` holds the connection until it is.
+/// `Err(AuditUnavailable)` means the tokens must not be returned.
 pub async fn released(
     trail: &AuditTrail,
     subject: &Subject<'_>,
     tokens: &[IdpToken],
     latency: Duration,
+    gate: Option<&ReleaseGate>,
 ) -> Result<(), BrokerError> {
     if trail.sink.is_on() {
         let released: Vec<Released<'_>> = tokens.iter().map(released_token).collect();
         let record = subject.record("released", tonic::Code::Ok, None, latency);
-        if let Err(error) = trail.write(&record, &released).await {
+        if let Err(error) = trail.write(&record, &released, gate).await {
             tracing::error!(%error, method = subject.method, "audit line not written: the release is refused");
             return Err(BrokerError::AuditUnavailable);
         }

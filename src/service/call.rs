@@ -11,6 +11,7 @@ use tonic::Request;
 
 use super::audit::{Subject, Wanted};
 use super::{IdTokenBinding, UNREADABLE_CALLER};
+use crate::audit::ReleaseGate;
 use crate::caller::UnreadableCaller;
 use crate::error::BrokerError;
 use crate::policy::{CallerRule, PolicyStore};
@@ -34,6 +35,10 @@ pub(super) struct CallContext {
     /// The caller id the listener read from the verified certificate when
     /// the connection was made, or why there is none.
     caller: Result<Arc<str>, UnreadableCaller>,
+    /// Holds the connection's bytes until the audit lines of its releases
+    /// are written; `None` for a request that came some other way, whose
+    /// release then waits for its line.
+    release_gate: Option<Arc<ReleaseGate>>,
     deadline: Option<Duration>,
     pub(super) started: Instant,
 }
@@ -43,10 +48,10 @@ impl CallContext {
     /// cloned, since nothing else reads it and each clone of the id is an
     /// atomic increment on a count all of the connection's requests share.
     pub(super) fn of<T>(method: &'static str, request: &mut Request<T>) -> Self {
-        let caller = request
-            .extensions_mut()
-            .remove::<tls::Peer>()
-            .map_or(Err(UnreadableCaller::NoCertificate), |peer| peer.caller);
+        let (caller, release_gate) = match request.extensions_mut().remove::<tls::Peer>() {
+            Some(peer) => (peer.caller, Some(peer.release_gate)),
+            None => (Err(UnreadableCaller::NoCertificate), None),
+        };
         let deadline = request
             .metadata()
             .get("grpc-timeout")
@@ -55,6 +60,7 @@ impl CallContext {
         Self {
             method,
             caller,
+            release_gate,
             deadline,
             started: Instant::now(),
         }
@@ -133,6 +139,11 @@ impl CallContext {
                 "{unreadable}, so the connection has no caller id; ask the operator of the client CA for a certificate with one valid URI SAN, DNS SAN or CN"
             ))),
         }
+    }
+
+    /// The gate of the connection the request came on, if any.
+    pub(super) fn release_gate(&self) -> Option<&ReleaseGate> {
+        self.release_gate.as_deref()
     }
 
     /// The caller as the audit names it.

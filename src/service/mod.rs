@@ -185,7 +185,8 @@ impl TokenBrokerService {
         let result = match result {
             Ok(value) => {
                 let latency = call.started.elapsed();
-                audit::released(&self.audit, subject, tokens_of(&value), latency)
+                let gate = call.release_gate();
+                audit::released(&self.audit, subject, tokens_of(&value), latency, gate)
                     .await
                     .map(|()| value)
             }

@@ -233,6 +233,160 @@ async fn a_sink_that_cannot_write_refuses_releases_and_no_token_leaves() {
     broker.stop().await;
 }
 
+/// A named pipe at `dir/audit.fifo` and its reading end, opened first so
+/// the broker's writer can open the other end.
+#[cfg(target_os = "linux")]
+fn audit_fifo(dir: &Path) -> (PathBuf, tokio::net::unix::pipe::Receiver) {
+    let path = dir.join("audit.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success(), "mkfifo {}", path.display());
+    let reader = tokio::net::unix::pipe::OpenOptions::new()
+        .open_receiver(&path)
+        .expect("reading end");
+    (path, reader)
+}
+
+/// A broker auditing to the named pipe `fifo` under the test key.
+#[cfg(target_os = "linux")]
+async fn broker_auditing_to(dir: &Path, fifo: &Path) -> TestBroker {
+    let key_file = dir.join("audit.key");
+    std::fs::write(&key_file, format!("{AUDIT_KEY_BASE64}\n")).expect("write key");
+    TestBroker::start_with(Options {
+        audit: AuditSettings {
+            target: SinkTarget::File(fifo.to_owned()),
+            key_file: Some(key_file),
+        },
+        ..Options::default()
+    })
+    .await
+}
+
+/// Reads what the pipe holds now (bounded).
+#[cfg(target_os = "linux")]
+fn drain(reader: &tokio::net::unix::pipe::Receiver, into: &mut Vec<u8>) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    for _ in 0..64 {
+        match reader.try_read(&mut buffer) {
+            Ok(0) | Err(_) => return,
+            Ok(read) => into.extend_from_slice(&buffer[..read]),
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_token_leaves_the_broker_only_after_its_audit_line_is_written() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (fifo, reader) = audit_fifo(dir.path());
+    let broker = broker_auditing_to(dir.path(), &fifo).await;
+    let mut read = Vec::new();
+    broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("a first release while the pipe has room");
+
+    // Fill the pipe: the writer's next write blocks until the test reads.
+    let filler = tokio::net::unix::pipe::OpenOptions::new()
+        .open_sender(&fifo)
+        .expect("second writing end");
+    bounded("the pipe is writable", filler.writable())
+        .await
+        .expect("writable");
+    let junk = [b'#'; 4096];
+    let mut filled = 0;
+    for _ in 0..1024 {
+        match filler.try_write(&junk) {
+            Ok(written) => filled += written,
+            Err(_) => break,
+        }
+    }
+    assert!(filled >= 4096, "the pipe took {filled} bytes");
+    let release = tokio::spawn({
+        let mut client = broker.client().await;
+        async move {
+            let request = crate::support::get_request(seed::LINKED_USER, "github");
+            client.get_idp_token(request).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !release.is_finished(),
+        "the token was answered while its audit line could not be written"
+    );
+
+    let answered = bounded("the held release", async {
+        for _ in 0..1000 {
+            drain(&reader, &mut read);
+            if release.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        release.await.expect("task")
+    })
+    .await;
+    drain(&reader, &mut read);
+    let token = answered
+        .expect("released")
+        .into_inner()
+        .token
+        .expect("token");
+    let text = String::from_utf8_lossy(&read);
+    let line = text
+        .lines()
+        .map(|line| line.trim_start_matches('#'))
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| line["user_id"] == seed::LINKED_USER)
+        .expect("the release's line was written");
+    assert_eq!(
+        line["released"][0]["token_hmac"],
+        independent_fingerprint(&token.access_token)
+    );
+    broker.stop().await;
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_sink_that_breaks_under_a_working_broker_lets_no_token_out() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (fifo, reader) = audit_fifo(dir.path());
+    let broker = broker_auditing_to(dir.path(), &fifo).await;
+    for _ in 0..3 {
+        broker
+            .get(seed::GITHUB_USER, "github")
+            .await
+            .expect("released while the pipe is read");
+    }
+    // No reader any more: every write fails (EPIPE).
+    drop(reader);
+    // The first release after the break may already have been handed to its
+    // connection: the connection is closed instead, and a tonic client
+    // reports its transport error as UNKNOWN (gRPC's C and Go clients say
+    // UNAVAILABLE). No answer carries the token.
+    for attempt in 0..3 {
+        let status = broker
+            .get(seed::GITHUB_USER, "github")
+            .await
+            .expect_err("no token without its audit line");
+        assert!(
+            matches!(status.code(), Code::Unavailable | Code::Unknown),
+            "attempt {attempt}: {status:?}"
+        );
+        assert!(!format!("{status:?}").contains(seed::GITHUB_ACCESS_TOKEN));
+    }
+    // Once the broker knows, it says why.
+    let status = broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect_err("still no sink");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "AUDIT_UNAVAILABLE");
+    broker.stop().await;
+}
+
 #[tokio::test]
 async fn a_rotated_file_is_reopened_and_no_line_is_lost_under_load() {
     let dir = tempfile::tempdir().expect("dir");
