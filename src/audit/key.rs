@@ -12,6 +12,9 @@ use crate::keyfile::{read_key_file, KeyFileError};
 /// Prefix of every fingerprint, naming the algorithm.
 pub const FINGERPRINT_PREFIX: &str = "hmac-sha256:";
 
+/// Length of a fingerprint: the prefix and 64 hex digits.
+const FINGERPRINT_BYTES: usize = FINGERPRINT_PREFIX.len() + 64;
+
 /// The audit HMAC key (`TOKENBROKER_AUDIT_KEY_FILE`).
 pub struct AuditKey {
     key: ring::hmac::Key,
@@ -28,11 +31,22 @@ impl AuditKey {
 
     /// `hmac-sha256:` + lowercase hex of HMAC-SHA256(key, token).
     pub fn fingerprint(&self, token: &str) -> String {
+        let mut text = Vec::with_capacity(FINGERPRINT_BYTES);
+        self.append_fingerprint(&mut text, token);
+        // Only the ASCII prefix and hex digits were written.
+        String::from_utf8(text).unwrap_or_default()
+    }
+
+    /// Appends [`Self::fingerprint`] of `token` to `out`, with no allocation
+    /// on the way (an audit line is built for every release).
+    pub fn append_fingerprint(&self, out: &mut Vec<u8>, token: &str) {
         let tag = ring::hmac::sign(&self.key, token.as_bytes());
-        let mut text = String::with_capacity(FINGERPRINT_PREFIX.len() + 64);
-        text.push_str(FINGERPRINT_PREFIX);
-        text.push_str(&hex::encode(tag.as_ref()));
-        text
+        let mut hex = [0u8; 64];
+        // The buffer is exactly twice the tag's 32 bytes: this cannot fail.
+        if hex::encode_to_slice(tag.as_ref(), &mut hex).is_ok() {
+            out.extend_from_slice(FINGERPRINT_PREFIX.as_bytes());
+            out.extend_from_slice(&hex);
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! a valid, closed JSON string). Caller-supplied values are capped at 512
 //! bytes like in the diagnostics.
 
+use std::io::Write;
 use std::time::{Duration, SystemTime};
 
 use super::key::AuditKey;
@@ -54,10 +55,11 @@ impl Record<'_> {
         line.extend_from_slice(b"{\"type\":\"");
         line.extend_from_slice(RECORD_TYPE.as_bytes());
         line.extend_from_slice(b"\",\"time\":\"");
-        line.extend_from_slice(
+        // Writing into a Vec cannot fail; formatted in place, no String.
+        let _ = write!(
+            line,
+            "{}",
             humantime::format_rfc3339_micros(SystemTime::now())
-                .to_string()
-                .as_bytes(),
         );
         line.push(b'"');
         string_field(&mut line, "caller", &capped(self.caller));
@@ -75,11 +77,10 @@ impl Record<'_> {
             string_field(&mut line, "detail", &capped(detail));
         }
         line.extend_from_slice(b",\"latency_ms\":");
-        line.extend_from_slice(
-            u64::try_from(self.latency.as_millis())
-                .unwrap_or(u64::MAX)
-                .to_string()
-                .as_bytes(),
+        let _ = write!(
+            line,
+            "{}",
+            u64::try_from(self.latency.as_millis()).unwrap_or(u64::MAX)
         );
         if !released.is_empty() {
             line.extend_from_slice(b",\"released\":[");
@@ -103,7 +104,10 @@ fn released_object(line: &mut Vec<u8>, token: &Released<'_>, key: Option<&AuditK
     string_field(line, "source", token.source);
     bool_field(line, "from_cache", token.from_cache);
     if let Some(key) = key {
-        string_field(line, "token_hmac", &key.fingerprint(token.access_token));
+        // The fingerprint is ASCII (a prefix and hex): nothing to escape.
+        line.extend_from_slice(b",\"token_hmac\":\"");
+        key.append_fingerprint(line, token.access_token);
+        line.push(b'"');
     }
     line.push(b'}');
 }
