@@ -3,8 +3,9 @@
 //! every released token (`TOKENBROKER_AUDIT_KEY_FILE`) so a leaked token can
 //! be tied to the release that handed it out (`tokenbroker audit-hash`).
 //!
-//! The audit is data the broker must not lose: a release whose line cannot be
-//! written is refused (AUDIT_UNAVAILABLE) and its token is not returned.
+//! The audit is data the broker must not lose: no token leaves before its
+//! line is written, and a release whose line cannot be written is refused
+//! (AUDIT_UNAVAILABLE), or its connection closed unsent (see [`ReleaseGate`]).
 
 mod gate;
 mod key;

@@ -1,10 +1,11 @@
 //! The audit line of every RPC (see [`crate::audit`]), the metrics that count
 //! it, and the diagnostics an operator needs about it.
 //!
-//! A release is only answered once its line is written: [`released`] fails
-//! with AUDIT_UNAVAILABLE otherwise, and the handler returns that instead of
-//! the token. Refusals release nothing, so their lines are handed over
-//! without waiting for the write.
+//! No token leaves before its line is written: [`released`] returns once
+//! the line is written, or once the connection's [`ReleaseGate`] holds the
+//! answer until it is; it fails with AUDIT_UNAVAILABLE when the line cannot
+//! be written, and the handler returns that instead of the token. Refusals
+//! release nothing, so their lines are handed over without waiting.
 //!
 //! Every caller-supplied value (user id, provider, connection, the caller id
 //! itself) is capped at 512 bytes and escaped: in the audit line by JSON, in

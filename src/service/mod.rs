@@ -52,7 +52,7 @@ pub struct TokenBrokerService {
     policy: Arc<PolicyStore>,
     /// Each caller's share of the Auth0 budget, spent on cache misses.
     budgets: Arc<CallerBudgets>,
-    /// Every RPC's audit line; a release waits for its line to be written.
+    /// Every RPC's audit line; no token leaves before its line is written.
     audit: AuditTrail,
     /// Makes tokens usable for `min_valid_for`: refreshes at the IdP.
     fresh: Freshness,
@@ -172,9 +172,10 @@ impl TokenBroker for TokenBrokerService {
 }
 
 impl TokenBrokerService {
-    /// Audits the outcome and makes it the answer. A release is answered
-    /// only once its audit line is written; when it cannot be, the tokens
-    /// are dropped and the caller gets AUDIT_UNAVAILABLE.
+    /// Audits the outcome and makes it the answer. A release leaves only
+    /// once its audit line is written (its connection holds it until then,
+    /// see [`crate::audit::ReleaseGate`]); when the line cannot be, the
+    /// tokens are dropped and the caller gets AUDIT_UNAVAILABLE.
     async fn finish<T>(
         &self,
         call: &CallContext,
