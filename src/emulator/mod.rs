@@ -13,7 +13,7 @@
 //! * `GET /.well-known/jwks.json` — the public keys that verify the ID tokens it issues;
 //! * `POST /idp/google/token` — not Auth0 but a Google-like IdP token endpoint
 //!   ([`Emulator::idp_token_url`]): the refresh-token grant for the OAuth client
-//!   [`Emulator::idp_client`], honouring the seeded users' refresh tokens, with knobs to
+//!   [`Emulator::idp_client_id`], honouring the seeded users' refresh tokens, with knobs to
 //!   revoke them, rotate them and set the lifetime of the tokens it issues;
 //! * anything else — a counted 404, so tests can prove a user id such as `../clients` never
 //!   reaches another endpoint.
