@@ -4,12 +4,10 @@
 //! (see [`Fleet::until_shared`]) and reset counters.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
 use tokenbroker::emulator::keys::CLIENT_ASSERTION_KEY_1;
 use tokenbroker::emulator::{seed, EmulatorConfig};
@@ -17,7 +15,6 @@ use tokenbroker::fleet::{FleetSettings, DEFAULT_LOCK_TTL};
 use tokenbroker::proto::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::{GetIdpTokenRequest, IdpToken, TokenSource};
 use tokenbroker::server::READINESS_SERVICE;
-use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
@@ -26,150 +23,13 @@ use tonic_types::StatusExt;
 
 use crate::rate::{assert_within_limit, rate_limited, sample_while};
 use crate::support::{
-    bounded, bypass_request, eventually, get_on, get_request, health_status, Options, TestBroker,
-    TestConnections, TestIdp, CLIENT_ID, CLIENT_SECRET,
+    bounded, bypass_request, eventually, get_on, get_request, health_status, Options, RedisServer,
+    TestBroker, TestConnections, TestIdp, CLIENT_ID, CLIENT_SECRET,
 };
 
 /// Bound on one Redis call in these brokers: generous, so a loaded CI
 /// machine does not look like a Redis outage.
 const TEST_REDIS_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// A `redis-server` of its own: no persistence, loopback only.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    async fn start() -> Self {
-        let port = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-            probe.local_addr().expect("addr").port()
-        };
-        Self::start_on(port).await
-    }
-
-    /// Starts `redis-server` on `port` and waits (bounded) until it answers.
-    async fn start_on(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
-            .args(["--port", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server runs (apt-get install redis-server)");
-        let server = Self {
-            port,
-            child: Some(child),
-        };
-        let answers = eventually(Duration::from_secs(10), async || {
-            server.try_connection().await.is_some()
-        })
-        .await;
-        assert!(answers, "redis-server on port {port} did not answer");
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn try_connection(&self) -> Option<MultiplexedConnection> {
-        let client = redis::Client::open(self.url()).ok()?;
-        let mut connection = tokio::time::timeout(
-            Duration::from_secs(1),
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        .ok()?
-        .ok()?;
-        let pong: String = redis::cmd("PING").query_async(&mut connection).await.ok()?;
-        (pong == "PONG").then_some(connection)
-    }
-
-    async fn connection(&self) -> MultiplexedConnection {
-        self.try_connection().await.expect("Redis answers")
-    }
-
-    /// Stops the server (as a crash would) and waits for it to exit.
-    async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
-        }
-    }
-
-    /// Every key in Redis.
-    async fn keys(&self) -> Vec<String> {
-        let mut connection = self.connection().await;
-        redis::cmd("KEYS")
-            .arg("*")
-            .query_async(&mut connection)
-            .await
-            .expect("KEYS")
-    }
-
-    /// The users' value keys in Redis now.
-    async fn user_keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self
-            .keys()
-            .await
-            .into_iter()
-            .filter(|key| key.starts_with("tokenbroker:u:"))
-            .collect();
-        keys.sort();
-        keys
-    }
-
-    async fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let mut connection = self.connection().await;
-        redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut connection)
-            .await
-            .expect("GET")
-    }
-
-    /// Every byte string stored under `key`: a string's value, or a hash's
-    /// fields and values.
-    async fn stored_bytes(&self, key: &str) -> Vec<Vec<u8>> {
-        let mut connection = self.connection().await;
-        let kind: String = redis::cmd("TYPE")
-            .arg(key)
-            .query_async(&mut connection)
-            .await
-            .expect("TYPE");
-        match kind.as_str() {
-            "string" => self.get(key).await.into_iter().collect(),
-            "hash" => redis::cmd("HGETALL")
-                .arg(key)
-                .query_async(&mut connection)
-                .await
-                .expect("HGETALL"),
-            "none" => Vec::new(),
-            other => panic!("the broker stores no {other} ({key})"),
-        }
-    }
-
-    async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) {
-        let mut connection = self.connection().await;
-        let mut command = redis::cmd("SET");
-        command.arg(key).arg(value);
-        if let Some(ttl) = ttl {
-            command.arg("PX").arg(ttl.as_millis() as u64);
-        }
-        let _: () = command.query_async(&mut connection).await.expect("SET");
-    }
-
-    async fn del(&self, key: &str) {
-        let mut connection = self.connection().await;
-        let _: i64 = redis::cmd("DEL")
-            .arg(key)
-            .query_async(&mut connection)
-            .await
-            .expect("DEL");
-    }
-}
 
 /// A cache key file (base64 of 32 bytes of `byte`) in `dir`.
 fn cache_key_file(dir: &Path, byte: u8) -> std::path::PathBuf {

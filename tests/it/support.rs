@@ -3,9 +3,11 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use redis::aio::MultiplexedConnection;
 use tokenbroker::audit::{AuditSettings, AuditTrail};
 use tokenbroker::auth0::{Auth0Settings, ClientCredential, OutboundLimits, SigningKeyFile};
 use tokenbroker::cache::CacheSettings;
@@ -26,6 +28,7 @@ pub use tokenbroker::testkit::{mtls_channel, mtls_client};
 use tokenbroker::testkit::{Credentials, HealthListener, StartedBroker, TestPki};
 use tokenbroker::tls::TlsFiles;
 use tokenbroker::tls::TlsStore;
+use tokio::process::{Child, Command};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::Status;
@@ -638,4 +641,163 @@ impl TestBroker {
     pub async fn stop(self) {
         let _ = self.server.stop(RPC_BOUND).await;
     }
+}
+
+/// A `redis-server` of its own: no persistence, loopback only.
+pub struct RedisServer {
+    pub port: u16,
+    /// `requirepass`, when the server was started with one.
+    password: Option<String>,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        Self::launch(free_port(), None).await
+    }
+
+    /// A server that requires `password` (in the URL as `redis://:password@`).
+    pub async fn start_with_password(password: &str) -> Self {
+        Self::launch(free_port(), Some(password.to_owned())).await
+    }
+
+    /// Starts `redis-server` on `port` and waits (bounded) until it answers.
+    pub async fn start_on(port: u16) -> Self {
+        Self::launch(port, None).await
+    }
+
+    async fn launch(port: u16, password: Option<String>) -> Self {
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+            .args(["--port", &port.to_string()]);
+        if let Some(password) = &password {
+            command.args(["--requirepass", password]);
+        }
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server runs (apt-get install redis-server)");
+        let server = Self {
+            port,
+            password,
+            child: Some(child),
+        };
+        let answers = eventually(Duration::from_secs(10), async || {
+            server.try_connection().await.is_some()
+        })
+        .await;
+        assert!(answers, "redis-server on port {port} did not answer");
+        server
+    }
+
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    pub async fn try_connection(&self) -> Option<MultiplexedConnection> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut connection = tokio::time::timeout(
+            Duration::from_secs(1),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let pong: String = redis::cmd("PING").query_async(&mut connection).await.ok()?;
+        (pong == "PONG").then_some(connection)
+    }
+
+    pub async fn connection(&self) -> MultiplexedConnection {
+        self.try_connection().await.expect("Redis answers")
+    }
+
+    /// Stops the server (as a crash would) and waits for it to exit.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Every key in Redis.
+    pub async fn keys(&self) -> Vec<String> {
+        let mut connection = self.connection().await;
+        redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut connection)
+            .await
+            .expect("KEYS")
+    }
+
+    /// The users' value keys in Redis now.
+    pub async fn user_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .keys()
+            .await
+            .into_iter()
+            .filter(|key| key.starts_with("tokenbroker:u:"))
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let mut connection = self.connection().await;
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .expect("GET")
+    }
+
+    /// Every byte string stored under `key`: a string's value, or a hash's
+    /// fields and values.
+    pub async fn stored_bytes(&self, key: &str) -> Vec<Vec<u8>> {
+        let mut connection = self.connection().await;
+        let kind: String = redis::cmd("TYPE")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .expect("TYPE");
+        match kind.as_str() {
+            "string" => self.get(key).await.into_iter().collect(),
+            "hash" => redis::cmd("HGETALL")
+                .arg(key)
+                .query_async(&mut connection)
+                .await
+                .expect("HGETALL"),
+            "none" => Vec::new(),
+            other => panic!("the broker stores no {other} ({key})"),
+        }
+    }
+
+    pub async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) {
+        let mut connection = self.connection().await;
+        let mut command = redis::cmd("SET");
+        command.arg(key).arg(value);
+        if let Some(ttl) = ttl {
+            command.arg("PX").arg(ttl.as_millis() as u64);
+        }
+        let _: () = command.query_async(&mut connection).await.expect("SET");
+    }
+
+    pub async fn del(&self, key: &str) {
+        let mut connection = self.connection().await;
+        let _: i64 = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .expect("DEL");
+    }
+}
+
+/// A loopback port nothing listens on now.
+fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    probe.local_addr().expect("addr").port()
 }

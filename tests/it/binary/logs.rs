@@ -15,7 +15,8 @@ use tonic::transport::Channel;
 use super::{terminate, ClientAuth, ServedBinary};
 use crate::support::{
     bypass_request, get_on, get_request, invalidate_on, list_on, mtls_channel, mtls_client,
-    public_key_pem, register_assertion_key, send_raw, write_connections, TestConnections,
+    public_key_pem, register_assertion_key, send_raw, write_connections, RedisServer,
+    TestConnections,
 };
 
 /// Every seeded user with each provider it has an identity for (or no token).
@@ -526,5 +527,88 @@ async fn callers_cannot_forge_or_inflate_log_lines_in_either_format() {
                 }
             }
         }
+    }
+}
+
+#[tokio::test]
+async fn fleet_logs_never_contain_a_token_a_refresh_token_or_the_redis_password() {
+    use base64::Engine;
+    const CALLER_ID: &str = "spiffe://test.example/ns/it/sa/fleet-logs";
+    const REDIS_PASSWORD: &str = "fleet-logs-redis-password-5c1a";
+    let credentials = Credentials {
+        client_id: "tokenbroker-fleet-logs",
+        client_secret: "fleet-logs-client-secret-93d2",
+    };
+    let emulator = credentials.start_emulator().await.expect("emulator starts");
+    emulator.set_idp_rotation(true);
+    let redis = RedisServer::start_with_password(REDIS_PASSWORD).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let connections = dir.path().join("connections.toml");
+    let refreshed = TestConnections {
+        refreshed_at_idp: vec!["google-oauth2"],
+        ..TestConnections::default()
+    };
+    write_connections(&connections, &refreshed, &emulator);
+    let cache_key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    let cache_key_file = dir.path().join("cache.key");
+    std::fs::write(&cache_key_file, format!("{cache_key}\n")).expect("write cache key");
+    let (connections, cache_key_file) = (
+        connections.display().to_string(),
+        cache_key_file.display().to_string(),
+    );
+    let mut served = ServedBinary::start_as(
+        &emulator,
+        ClientAuth::Secret(credentials),
+        &[CALLER_ID],
+        &format!(
+            "[[caller]]\nid = \"{CALLER_ID}\"\nproviders = [\"*\"]\ninvalidate = true\nbypass_cache = true\n"
+        ),
+        ("trace,h2=info,hyper=info,tower=info,rustls=info", "json"),
+        &[
+            ("TOKENBROKER_CONNECTIONS", &connections),
+            ("TOKENBROKER_REDIS_URL", &redis.url()),
+            ("TOKENBROKER_CACHE_KEY_FILE", &cache_key_file),
+        ],
+    );
+    let client_cert = served.client_certs.pop().expect("client cert");
+    let mut client = served.connect_when_listening(&client_cert).await;
+    // Profiles through Redis, a refresh with rotation (the rotated refresh
+    // token goes to Redis), invalidation and bypass_cache published.
+    let mut released = Vec::new();
+    for (user, provider) in [
+        (seed::GITHUB_USER, "github"),
+        (seed::STALE_GOOGLE_USER, "google-oauth2"),
+    ] {
+        let token = get_on(&mut client, get_request(user, provider))
+            .await
+            .expect("released");
+        released.push(token.access_token);
+    }
+    let _ = invalidate_on(&mut client, seed::STALE_GOOGLE_USER).await;
+    let _ = get_on(&mut client, bypass_request(seed::GITHUB_USER, "github")).await;
+    let _ = list_on(&mut client, seed::LINKED_USER).await;
+    drop(client);
+    let metrics = scrape_metrics(served.metrics_addr).await;
+    let status = terminate(&mut served.child).await;
+    assert!(status.success(), "serve exits cleanly on SIGTERM: {status}");
+    emulator.shutdown().await;
+
+    assert!(
+        metrics.contains("tokenbroker_fleet_shared 1"),
+        "the broker ran in shared mode:\n{metrics}"
+    );
+    assert!(
+        metrics.contains("tokenbroker_fleet_invalidations_total"),
+        "invalidations went through Redis:\n{metrics}"
+    );
+    let stdout = std::fs::read_to_string(&served.stdout_path).expect("read stdout");
+    let stderr = std::fs::read_to_string(&served.stderr_path).expect("read stderr");
+    let all = format!("{stdout}\n{stderr}\n{metrics}");
+    let leaked = seed::planted_secrets()
+        .into_iter()
+        .chain(released.iter().map(String::as_str))
+        .chain([REDIS_PASSWORD, cache_key.as_str(), "emu_mgmt_"]);
+    for secret in leaked {
+        assert!(!all.contains(secret), "leaked into the logs: {secret}");
     }
 }
