@@ -12,6 +12,15 @@
 //! written. A token is never encrypted, let alone sent, before its line is
 //! in the sink.
 //!
+//! New releases on a held connection join its hold, so a busy connection
+//! waits for its newest batch, not the one it first waited for. That wait is
+//! bounded: while its bytes are held the client receives nothing, so no
+//! stream of its completes and it can have at most its stream limit (256
+//! on the main listener) in flight; once they are all in, the newest batch
+//! is written within a batch cycle. (Making releases on a held connection
+//! wait for their own line instead was measured: 0.66–0.68× of the bare
+//! server against 0.71–0.73×, and a worse p99.)
+//!
 //! If a batch fails, every connection with a line in it (or in any batch
 //! since its oldest held line) is closed with an error: its responses, the
 //! token among them, never leave the process, and the caller sees
