@@ -25,18 +25,22 @@ async fn audited_broker(dir: &Path) -> (TestBroker, PathBuf) {
 
 /// [`audited_broker`] with `options` otherwise.
 async fn audited_broker_with(dir: &Path, options: Options) -> (TestBroker, PathBuf) {
+    let log = dir.join("audit.log");
+    (broker_auditing_to(dir, &log, options).await, log)
+}
+
+/// A broker writing its audit to `log` under the test key (in `dir`).
+async fn broker_auditing_to(dir: &Path, log: &Path, options: Options) -> TestBroker {
     let key_file = dir.join("audit.key");
     std::fs::write(&key_file, format!("{AUDIT_KEY_BASE64}\n")).expect("write key");
-    let log = dir.join("audit.log");
-    let broker = TestBroker::start_with(Options {
+    TestBroker::start_with(Options {
         audit: AuditSettings {
-            target: SinkTarget::File(log.clone()),
+            target: SinkTarget::File(log.to_owned()),
             key_file: Some(key_file),
         },
         ..options
     })
-    .await;
-    (broker, log)
+    .await
 }
 
 fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
@@ -249,21 +253,6 @@ fn audit_fifo(dir: &Path) -> (PathBuf, tokio::net::unix::pipe::Receiver) {
     (path, reader)
 }
 
-/// A broker auditing to the named pipe `fifo` under the test key.
-#[cfg(target_os = "linux")]
-async fn broker_auditing_to(dir: &Path, fifo: &Path) -> TestBroker {
-    let key_file = dir.join("audit.key");
-    std::fs::write(&key_file, format!("{AUDIT_KEY_BASE64}\n")).expect("write key");
-    TestBroker::start_with(Options {
-        audit: AuditSettings {
-            target: SinkTarget::File(fifo.to_owned()),
-            key_file: Some(key_file),
-        },
-        ..Options::default()
-    })
-    .await
-}
-
 /// Reads what the pipe holds now (bounded).
 #[cfg(target_os = "linux")]
 fn drain(reader: &tokio::net::unix::pipe::Receiver, into: &mut Vec<u8>) {
@@ -281,7 +270,7 @@ fn drain(reader: &tokio::net::unix::pipe::Receiver, into: &mut Vec<u8>) {
 async fn a_token_leaves_the_broker_only_after_its_audit_line_is_written() {
     let dir = tempfile::tempdir().expect("dir");
     let (fifo, reader) = audit_fifo(dir.path());
-    let broker = broker_auditing_to(dir.path(), &fifo).await;
+    let broker = broker_auditing_to(dir.path(), &fifo, Options::default()).await;
     let mut read = Vec::new();
     broker
         .get(seed::GITHUB_USER, "github")
@@ -353,7 +342,7 @@ async fn a_token_leaves_the_broker_only_after_its_audit_line_is_written() {
 async fn a_sink_that_breaks_under_a_working_broker_lets_no_token_out() {
     let dir = tempfile::tempdir().expect("dir");
     let (fifo, reader) = audit_fifo(dir.path());
-    let broker = broker_auditing_to(dir.path(), &fifo).await;
+    let broker = broker_auditing_to(dir.path(), &fifo, Options::default()).await;
     for _ in 0..3 {
         broker
             .get(seed::GITHUB_USER, "github")

@@ -375,16 +375,8 @@ async fn token_vault_logs_never_contain_an_assertion_a_subject_token_the_key_or_
     assert!(status.success(), "serve exits cleanly on SIGTERM: {status}");
     emulator.shutdown().await;
 
-    let stdout = std::fs::read_to_string(&served.stdout_path).expect("read stdout");
-    let stderr = std::fs::read_to_string(&served.stderr_path).expect("read stderr");
-    let all = format!("{stdout}\n{stderr}\n{metrics}");
-    let leaked = seed::planted_secrets()
-        .into_iter()
-        .chain(released.iter().map(String::as_str))
-        .chain([SIGNED_JWT_PREFIX, "emu_mgmt_", "ya29.emu_vault_"]);
-    for secret in leaked {
-        assert!(!all.contains(secret), "leaked into the logs: {secret}");
-    }
+    let also = [SIGNED_JWT_PREFIX, "emu_mgmt_", "ya29.emu_vault_"];
+    let stdout = assert_no_secret_in_output(&served, &metrics, &released, &also);
     assert!(
         stdout.contains("refused the broker's Token Vault exchange"),
         "the refused client is logged as an error"
@@ -601,14 +593,27 @@ async fn fleet_logs_never_contain_a_token_a_refresh_token_or_the_redis_password(
         metrics.contains("tokenbroker_fleet_invalidations_total"),
         "invalidations went through Redis:\n{metrics}"
     );
+    let also = [REDIS_PASSWORD, cache_key.as_str(), "emu_mgmt_"];
+    assert_no_secret_in_output(&served, &metrics, &released, &also);
+}
+
+/// Asserts that no planted secret, no token in `released` and nothing in
+/// `also` is in the binary's stdout, stderr or `metrics`; the stdout.
+fn assert_no_secret_in_output(
+    served: &ServedBinary,
+    metrics: &str,
+    released: &[String],
+    also: &[&str],
+) -> String {
     let stdout = std::fs::read_to_string(&served.stdout_path).expect("read stdout");
     let stderr = std::fs::read_to_string(&served.stderr_path).expect("read stderr");
     let all = format!("{stdout}\n{stderr}\n{metrics}");
     let leaked = seed::planted_secrets()
         .into_iter()
         .chain(released.iter().map(String::as_str))
-        .chain([REDIS_PASSWORD, cache_key.as_str(), "emu_mgmt_"]);
+        .chain(also.iter().copied());
     for secret in leaked {
         assert!(!all.contains(secret), "leaked into the logs: {secret}");
     }
+    stdout
 }
