@@ -253,6 +253,27 @@ fn audit_fifo(dir: &Path) -> (PathBuf, tokio::net::unix::pipe::Receiver) {
     (path, reader)
 }
 
+/// Fills the named pipe `fifo` (through a writing end of the test's own),
+/// so the broker's next audit write blocks until the test reads.
+#[cfg(target_os = "linux")]
+async fn fill(fifo: &Path) {
+    let filler = tokio::net::unix::pipe::OpenOptions::new()
+        .open_sender(fifo)
+        .expect("second writing end");
+    bounded("the pipe is writable", filler.writable())
+        .await
+        .expect("writable");
+    let junk = [b'#'; 4096];
+    let mut filled = 0;
+    for _ in 0..1024 {
+        match filler.try_write(&junk) {
+            Ok(written) => filled += written,
+            Err(_) => break,
+        }
+    }
+    assert!(filled >= 4096, "the pipe took {filled} bytes");
+}
+
 /// Reads what the pipe holds now (bounded).
 #[cfg(target_os = "linux")]
 fn drain(reader: &tokio::net::unix::pipe::Receiver, into: &mut Vec<u8>) {
@@ -278,21 +299,7 @@ async fn a_token_leaves_the_broker_only_after_its_audit_line_is_written() {
         .expect("a first release while the pipe has room");
 
     // Fill the pipe: the writer's next write blocks until the test reads.
-    let filler = tokio::net::unix::pipe::OpenOptions::new()
-        .open_sender(&fifo)
-        .expect("second writing end");
-    bounded("the pipe is writable", filler.writable())
-        .await
-        .expect("writable");
-    let junk = [b'#'; 4096];
-    let mut filled = 0;
-    for _ in 0..1024 {
-        match filler.try_write(&junk) {
-            Ok(written) => filled += written,
-            Err(_) => break,
-        }
-    }
-    assert!(filled >= 4096, "the pipe took {filled} bytes");
+    fill(&fifo).await;
     let release = tokio::spawn({
         let mut client = broker.client().await;
         async move {
@@ -334,6 +341,41 @@ async fn a_token_leaves_the_broker_only_after_its_audit_line_is_written() {
         line["released"][0]["token_hmac"],
         independent_fingerprint(&token.access_token)
     );
+    broker.stop().await;
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_hung_audit_write_closes_the_held_connection_then_releases_are_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (fifo, reader) = audit_fifo(dir.path());
+    let broker = broker_auditing_to(dir.path(), &fifo, Options::default()).await;
+    broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("a first release while the pipe has room");
+    fill(&fifo).await;
+    // The write of this release's line hangs: after 5 s the watchdog fails
+    // it and the connection holding the answer is closed, token unsent.
+    let held = broker
+        .get(seed::LINKED_USER, "github")
+        .await
+        .expect_err("no token while its line hangs");
+    assert!(
+        matches!(held.code(), Code::Unavailable | Code::Unknown),
+        "{held:?}"
+    );
+    assert!(!format!("{held:?}").contains("gho_"));
+    // The sink no longer writes well: the next release waits for its own
+    // line, gives up after 5 s and says why.
+    let refused = broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect_err("still hung");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let info = refused.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "AUDIT_UNAVAILABLE");
+    drop(reader);
     broker.stop().await;
 }
 
