@@ -548,7 +548,7 @@ impl Writer {
             if !written {
                 tracing::error!(
                     lines = taken.lines,
-                    "audit lines could not be written: their releases were refused (AUDIT_UNAVAILABLE)"
+                    "audit lines could not be written: their releases were refused (AUDIT_UNAVAILABLE) or their connections closed with the answers unsent"
                 );
             }
         }
