@@ -44,7 +44,8 @@ pub(super) struct UserSlot {
     /// Counts the user's invalidations: a kept token is stored only if none
     /// came since its fetch began.
     pub(super) generation: String,
-    /// A hash of the user's rotated refresh tokens, one field per connection.
+    /// A hash of the user's rotated refresh tokens, one field per
+    /// connection; dropped by invalidations like the tokens (see `tokens.rs`).
     pub(super) rotations: String,
 }
 
@@ -52,16 +53,13 @@ pub(super) struct UserSlot {
 /// user's hashes and a lock of its own.
 #[derive(Debug, Clone)]
 pub(super) struct TokenSlot {
-    /// The user's slot (its `kept` hash and `generation`).
+    /// The user's slot (its `kept` hash, `generation` and `rotations`).
     pub(super) user: UserSlot,
     /// This token's field in `user.kept`: kind and connection hash.
     pub(super) field: String,
     /// The fleet-wide single-flight lock of this token's fetch.
     pub(super) lock: String,
-    /// A hash of the user's rotated refresh tokens, one field per
-    /// connection; dropped by invalidations like the tokens (see `tokens.rs`).
-    pub(super) rotations: String,
-    /// This connection's field in `rotations`.
+    /// This connection's field in `user.rotations`.
     pub(super) rotation_field: String,
 }
 
@@ -104,7 +102,6 @@ impl FleetKeys {
             user: self.slot_named(&name),
             field: format!("{kind}:{connection}"),
             lock: format!("{KEY_PREFIX}kl:{{{name}}}:{kind}:{connection}"),
-            rotations: format!("{KEY_PREFIX}r:{{{name}}}"),
             rotation_field: connection.to_owned(),
         }
     }
@@ -233,7 +230,7 @@ mod tests {
         assert_ne!(keys(2).slot(&user).value, slot.value);
         assert_eq!(keys(1).slot(&user).value, slot.value, "stable");
         let token = keys(1).token_slot(user.as_str(), "idp", "google-oauth2");
-        for name in [&token.lock, &token.rotations, &token.user.kept] {
+        for name in [&token.lock, &token.user.rotations, &token.user.kept] {
             assert!(
                 name.contains(&slot.value["tokenbroker:u:".len()..]),
                 "one hash slot: {name}"

@@ -144,7 +144,7 @@ impl Fleet {
             script
                 .key(&slot.lock)
                 .key(&slot.user.generation)
-                .key(&slot.rotations)
+                .key(&slot.user.rotations)
                 .arg(&slot.field)
                 .arg(&slot.rotation_field)
                 .arg(&token)
@@ -239,7 +239,7 @@ impl TokenFill {
         script
             .key(&slot.lock)
             .key(&slot.user.generation)
-            .key(&slot.rotations)
+            .key(&slot.user.rotations)
             .arg(&slot.field)
             .arg(&slot.rotation_field)
             .arg(&self.lock.token)
@@ -344,7 +344,7 @@ fn token_context(slot: &TokenSlot) -> String {
 
 /// What a sealed rotation is bound to: its hash and field.
 fn rotation_context(slot: &TokenSlot) -> String {
-    format!("{}\n{}", slot.rotations, slot.rotation_field)
+    format!("{}\n{}", slot.user.rotations, slot.rotation_field)
 }
 
 #[derive(Serialize)]
