@@ -174,9 +174,9 @@ impl Batch {
             tokio::pin!(notified);
             // Registered before looking, so a finish in between is not missed.
             notified.as_mut().enable();
-            match self.outcome.load(Ordering::Acquire) {
-                PENDING => notified.await,
-                outcome => return outcome == WRITTEN,
+            match self.outcome() {
+                None => notified.await,
+                Some(written) => return written,
             }
         }
     }
@@ -535,6 +535,16 @@ impl Writer {
         })
     }
 
+    /// Tells the watchdog which batch is being written, from now.
+    fn watch_write(&self, batch: Option<&Arc<Batch>>) {
+        *self
+            .shared
+            .writing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) =
+            batch.map(|batch| (Instant::now(), batch.clone()));
+    }
+
     /// Writes one batch with one call, answers its lines, then its syncs.
     fn write(&mut self, bytes: &[u8], taken: Taken) {
         self.watch_write(Some(&taken.batch));
@@ -542,8 +552,6 @@ impl Writer {
         self.watch_write(None);
         if taken.lines > 0 {
             self.shared.lock().writing_well = written;
-        }
-        if taken.lines > 0 {
             stats::audit_lines(taken.lines, written);
             if !written {
                 tracing::error!(
@@ -559,18 +567,6 @@ impl Writer {
                 let _ = sync.send(synced);
             }
         }
-    }
-}
-
-impl Writer {
-    /// Tells the watchdog which batch is being written, from now.
-    fn watch_write(&self, batch: Option<&Arc<Batch>>) {
-        *self
-            .shared
-            .writing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) =
-            batch.map(|batch| (Instant::now(), batch.clone()));
     }
 }
 
