@@ -237,11 +237,21 @@ async fn a_sink_that_cannot_write_refuses_releases_and_no_token_leaves() {
     broker.stop().await;
 }
 
-/// A named pipe at `dir/audit.fifo` and its reading end, opened first so
-/// the broker's writer can open the other end.
+/// A broker auditing to a named pipe, and the pipe's reading end.
 #[cfg(target_os = "linux")]
-fn audit_fifo(dir: &Path) -> (PathBuf, tokio::net::unix::pipe::Receiver) {
-    let path = dir.join("audit.fifo");
+struct AuditPipe {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    reader: tokio::net::unix::pipe::Receiver,
+}
+
+/// A broker auditing to a named pipe (its reading end opened first, so the
+/// broker's writer can open the other), after one release whose line the
+/// pipe took: its sink writes well.
+#[cfg(target_os = "linux")]
+async fn broker_writing_well_to_a_pipe() -> (TestBroker, AuditPipe) {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("audit.fifo");
     let made = std::process::Command::new("mkfifo")
         .arg(&path)
         .status()
@@ -250,7 +260,17 @@ fn audit_fifo(dir: &Path) -> (PathBuf, tokio::net::unix::pipe::Receiver) {
     let reader = tokio::net::unix::pipe::OpenOptions::new()
         .open_receiver(&path)
         .expect("reading end");
-    (path, reader)
+    let broker = broker_auditing_to(dir.path(), &path, Options::default()).await;
+    broker
+        .get(seed::GITHUB_USER, "github")
+        .await
+        .expect("a first release while the pipe has room");
+    let pipe = AuditPipe {
+        _dir: dir,
+        path,
+        reader,
+    };
+    (broker, pipe)
 }
 
 /// Fills the named pipe `fifo` (through a writing end of the test's own),
@@ -289,17 +309,11 @@ fn drain(reader: &tokio::net::unix::pipe::Receiver, into: &mut Vec<u8>) {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_token_leaves_the_broker_only_after_its_audit_line_is_written() {
-    let dir = tempfile::tempdir().expect("dir");
-    let (fifo, reader) = audit_fifo(dir.path());
-    let broker = broker_auditing_to(dir.path(), &fifo, Options::default()).await;
+    let (broker, pipe) = broker_writing_well_to_a_pipe().await;
     let mut read = Vec::new();
-    broker
-        .get(seed::GITHUB_USER, "github")
-        .await
-        .expect("a first release while the pipe has room");
 
     // Fill the pipe: the writer's next write blocks until the test reads.
-    fill(&fifo).await;
+    fill(&pipe.path).await;
     let release = tokio::spawn({
         let mut client = broker.client().await;
         async move {
@@ -315,7 +329,7 @@ async fn a_token_leaves_the_broker_only_after_its_audit_line_is_written() {
 
     let answered = bounded("the held release", async {
         for _ in 0..1000 {
-            drain(&reader, &mut read);
+            drain(&pipe.reader, &mut read);
             if release.is_finished() {
                 break;
             }
@@ -324,7 +338,7 @@ async fn a_token_leaves_the_broker_only_after_its_audit_line_is_written() {
         release.await.expect("task")
     })
     .await;
-    drain(&reader, &mut read);
+    drain(&pipe.reader, &mut read);
     let token = answered
         .expect("released")
         .into_inner()
@@ -347,14 +361,8 @@ async fn a_token_leaves_the_broker_only_after_its_audit_line_is_written() {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_hung_audit_write_closes_the_held_connection_then_releases_are_refused() {
-    let dir = tempfile::tempdir().expect("dir");
-    let (fifo, reader) = audit_fifo(dir.path());
-    let broker = broker_auditing_to(dir.path(), &fifo, Options::default()).await;
-    broker
-        .get(seed::GITHUB_USER, "github")
-        .await
-        .expect("a first release while the pipe has room");
-    fill(&fifo).await;
+    let (broker, pipe) = broker_writing_well_to_a_pipe().await;
+    fill(&pipe.path).await;
     // The write of this release's line hangs: after 5 s the watchdog fails
     // it and the connection holding the answer is closed, token unsent.
     let held = broker
@@ -375,24 +383,22 @@ async fn a_hung_audit_write_closes_the_held_connection_then_releases_are_refused
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     let info = refused.get_details_error_info().expect("ErrorInfo");
     assert_eq!(info.reason, "AUDIT_UNAVAILABLE");
-    drop(reader);
+    drop(pipe.reader);
     broker.stop().await;
 }
 
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_sink_that_breaks_under_a_working_broker_lets_no_token_out() {
-    let dir = tempfile::tempdir().expect("dir");
-    let (fifo, reader) = audit_fifo(dir.path());
-    let broker = broker_auditing_to(dir.path(), &fifo, Options::default()).await;
-    for _ in 0..3 {
+    let (broker, pipe) = broker_writing_well_to_a_pipe().await;
+    for _ in 0..2 {
         broker
             .get(seed::GITHUB_USER, "github")
             .await
             .expect("released while the pipe is read");
     }
     // No reader any more: every write fails (EPIPE).
-    drop(reader);
+    drop(pipe.reader);
     // The first release after the break may already have been handed to its
     // connection: the connection is closed instead, and a tonic client
     // reports its transport error as UNKNOWN (gRPC's C and Go clients say
